@@ -47,16 +47,27 @@ from .message import (
     verify_integrity,
     verify_integrity_sha256,
 )
+from .responder import DEFAULT_SOFTWARE, MAX_RESPONSE_LENGTH, BindingResponder, ResponderCounters
+from .transaction import (
+    ClientTransaction,
+    ResponseReceived,
+    TransactionEvent,
+    TransactionTimedOut,
+)
 
 __all__ = [
     "BINDING",
+    "DEFAULT_SOFTWARE",
     "HEADER_LENGTH",
     "MAGIC_COOKIE",
     "MAX_MESSAGE_LENGTH",
+    "MAX_RESPONSE_LENGTH",
     "AlternateDomain",
     "AlternateServer",
     "Attribute",
     "AttributeType",
+    "BindingResponder",
+    "ClientTransaction",
     "ErrorCode",
     "Fingerprint",
     "MappedAddress",
@@ -70,8 +81,12 @@ __all__ = [
     "PasswordAlgorithms",
     "RawAttribute",
     "Realm",
+    "ResponderCounters",
+    "ResponseReceived",
     "Software",
     "StunDecodeError",
+    "TransactionEvent",
+    "TransactionTimedOut",
     "UnknownAttributes",
     "Userhash",
     "Username",

@@ -36,8 +36,8 @@ __all__ = [
     "Realm",
     "Software",
     "UnknownAttributes",
-    "Username",
     "Userhash",
+    "Username",
     "XorMappedAddress",
     "is_comprehension_required",
     "pack_attribute_value",
@@ -112,7 +112,7 @@ class MappedAddress(Attribute):
 
 @dataclass(frozen=True, slots=True)
 class XorMappedAddress(Attribute):
-    """XOR-MAPPED-ADDRESS (RFC 8489 §14.2): the reflexive address, xored so NATs don't rewrite it."""
+    """XOR-MAPPED-ADDRESS (RFC 8489 §14.2): the reflexive address, xored against NAT rewriting."""
 
     TYPE: ClassVar[int] = AttributeType.XOR_MAPPED_ADDRESS
     address: Endpoint
@@ -510,7 +510,9 @@ def _text(
 
     def unpack(value: bytes, transaction_id: bytes) -> Attribute:
         if len(value) > decode_max:
-            raise StunDecodeError(f"{name} is {len(value)} bytes, more than the {decode_max} allowed")
+            raise StunDecodeError(
+                f"{name} is {len(value)} bytes, more than the {decode_max} allowed"
+            )
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError as exc:

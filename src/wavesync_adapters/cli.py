@@ -1,0 +1,205 @@
+"""The ``wavesync`` command.
+
+Each subcommand is a thin program over an adapter; later issues add mediator,
+relay, server, client, demo and udt. Exit status: 0 on success, 1 when the
+network operation failed, 2 for a usage error (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from wavesync_proto import __version__
+from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.stun.transaction import DEFAULT_RC, DEFAULT_RM, DEFAULT_RTO
+
+from .blocking.stun import StunError, binding_request, serve_binding
+
+__all__ = ["main"]
+
+STUN_PORT = 3478  # RFC 8489 §18.6: the default port for STUN over UDP and TCP
+
+log = logging.getLogger("wavesync")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, json_logs: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("wavesync")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    try:
+        return parse_endpoint(text, default_port=STUN_PORT)
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def _common_options(*, top_level: bool) -> argparse.ArgumentParser:
+    # The options work before or after the subcommand. A subcommand's parser must not
+    # set defaults, or it would overwrite what was given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default="warning" if top_level else argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on stderr (default: warning)",
+    )
+    common.add_argument(
+        "--json-logs",
+        action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="log one JSON object per line",
+    )
+    return common
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = _common_options(top_level=False)
+    parser = argparse.ArgumentParser(
+        prog="wavesync",
+        description="Reach servers behind NAT: hole punching, reliable UDP, relays, HTTP tunnels.",
+        parents=[_common_options(top_level=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"wavesync {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    binding = commands.add_parser(
+        "stun-binding",
+        parents=[common],
+        help="ask a STUN server for this host's public (mapped) address",
+        description=(
+            "Send a STUN Binding request over UDP and print the mapped address the server saw."
+            " Retransmits on the RFC 8489 schedule: by default 7 requests at 0, 0.5, 1.5, 3.5,"
+            " 7.5, 15.5 and 31.5 s, giving up at 39.5 s."
+        ),
+    )
+    binding.add_argument(
+        "server", type=_endpoint, metavar="HOST[:PORT]", help="STUN server (port 3478)"
+    )
+    binding.add_argument(
+        "--rto",
+        type=_positive_float,
+        default=DEFAULT_RTO,
+        help=f"initial retransmission timeout in seconds (default {DEFAULT_RTO})",
+    )
+    binding.add_argument(
+        "--requests",
+        type=_positive_int,
+        default=DEFAULT_RC,
+        help=f"how many times to send the request, Rc (default {DEFAULT_RC})",
+    )
+    binding.add_argument(
+        "--final-wait",
+        type=_positive_int,
+        default=DEFAULT_RM,
+        help=f"wait this many RTOs after the last request, Rm (default {DEFAULT_RM})",
+    )
+
+    server = commands.add_parser(
+        "stun-server",
+        parents=[common],
+        help="answer STUN Binding requests on a UDP port",
+        description="Answer STUN Binding requests (RFC 8489) on UDP until interrupted.",
+    )
+    server.add_argument(
+        "--listen",
+        type=_endpoint,
+        default=("0.0.0.0", STUN_PORT),  # noqa: S104 - a server's default is every interface
+        metavar="HOST:PORT",
+        help="address to answer on (default 0.0.0.0:3478; port 0 picks a free one)",
+    )
+    return parser
+
+
+def _run_stun_binding(args: argparse.Namespace) -> int:
+    host, port = args.server
+    try:
+        result = binding_request(host, port, rto=args.rto, rc=args.requests, rm=args.final_wait)
+    except StunError as exc:
+        print(f"wavesync stun-binding: {exc}", file=sys.stderr)
+        return 1
+    log.info(
+        "%s answered after %d request(s) in %.1f ms",
+        format_endpoint(result.server),
+        result.attempts,
+        result.elapsed * 1000,
+    )
+    print(format_endpoint(result.mapped))
+    return 0
+
+
+def _run_stun_server(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def announce(bound: Endpoint) -> None:
+        # One line on stdout so scripts and tests learn the port chosen for port 0.
+        print(f"listening on udp {format_endpoint(bound)}", flush=True)
+
+    host, port = args.listen
+    try:
+        serve_binding(host, port, ready=announce, stop=stop)
+    except (StunError, OSError) as exc:
+        print(f"wavesync stun-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wavesync`` console script."""
+    args = _build_parser().parse_args(argv)
+    _configure_logging(args.log_level, args.json_logs)
+    runners = {"stun-binding": _run_stun_binding, "stun-server": _run_stun_server}
+    return runners[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
