@@ -59,7 +59,7 @@ def wavesync_daemon(
     finally:
         process.terminate()
         try:
-            process.wait(timeout=READY_TIMEOUT)
+            process.communicate(timeout=READY_TIMEOUT)  # reaps it and closes both pipes
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            process.communicate()

@@ -12,12 +12,29 @@ so it cannot be used to amplify a spoofed-source flood.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from .. import __version__
 from ..addresses import Endpoint
 from ..errors import LocalProtocolError
-from .attributes import Attribute, Fingerprint, Software, UnknownAttributes, XorMappedAddress
+from .attributes import (
+    Attribute,
+    AttributeType,
+    Fingerprint,
+    MappedAddress,
+    Software,
+    UnknownAttributes,
+    XorMappedAddress,
+    is_comprehension_required,
+    pack_attribute_value,
+)
+from .classic import (
+    CHANGE_REQUEST,
+    ClassicRequest,
+    encode_classic_response,
+    parse_classic_binding_request,
+)
 from .errors import StunDecodeError
 from .message import BINDING, Message, MessageClass, decode_message, encode_message, peek_header
 
@@ -30,6 +47,13 @@ DEFAULT_SOFTWARE = f"wavesync {__version__}"
 MAX_RESPONSE_LENGTH = 128
 # UNKNOWN-ATTRIBUTES lists at most this many types; the rest are dropped to stay small.
 _MAX_UNKNOWN_LISTED = 16
+# Classic attributes a plain Binding answer can honour: CHANGE-REQUEST (only with no
+# change flag set), USERNAME and MESSAGE-INTEGRITY (ignored: classic STUN has no
+# shared-secret exchange here, and the answer reveals only the sender's own address).
+_CLASSIC_UNDERSTOOD = frozenset(
+    (CHANGE_REQUEST, AttributeType.USERNAME, AttributeType.MESSAGE_INTEGRITY)
+)
+_NO_CHANGE = bytes(4)
 _WORST_CASE_SOURCE: Endpoint = ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535)
 
 
@@ -47,6 +71,7 @@ class BindingResponder:
     """Answers Binding requests with the observed source address (XOR-MAPPED-ADDRESS)."""
 
     def __init__(self, *, software: str | None = DEFAULT_SOFTWARE) -> None:
+        self._software_name = software
         self._software: tuple[Attribute, ...] = (Software(software),) if software else ()
         self.counters = ResponderCounters()
         # Refuse a configuration whose biggest possible answers would break the bound.
@@ -70,6 +95,14 @@ class BindingResponder:
     def handle_request(self, data: bytes, source: Endpoint) -> bytes | None:
         """The response to send back to ``source``, or ``None`` to stay silent."""
         header = peek_header(data)
+        if header is None:
+            try:
+                classic = parse_classic_binding_request(data)
+            except StunDecodeError:
+                self.counters.bad_requests += 1
+                return None
+            if classic is not None:
+                return self._respond_classic(classic, source)
         if header is None or header[0] is not MessageClass.REQUEST:
             # Not STUN, or a response/indication: answering those could loop or amplify.
             self.counters.ignored += 1
@@ -113,6 +146,47 @@ class BindingResponder:
         self.counters.answered += 1
         response = request.success_response(XorMappedAddress(source), *self._software)
         return encode_message(response, fingerprint=fingerprint)
+
+    def _respond_classic(self, request: ClassicRequest, source: Endpoint) -> bytes:
+        # RFC 3489 clients get MAPPED-ADDRESS (they do not know XOR-MAPPED-ADDRESS).
+        # CHANGE-REQUEST with no change flag set is honoured as a plain request; a
+        # request to answer from another address or port, or to answer to another
+        # address (RESPONSE-ADDRESS, a reflection vector), gets 420 (RFC 5780 §6.1).
+        refused = sorted(
+            {
+                attribute_type
+                for attribute_type, value in request.attributes
+                if (
+                    is_comprehension_required(attribute_type)
+                    and attribute_type not in _CLASSIC_UNDERSTOOD
+                )
+                or (attribute_type == CHANGE_REQUEST and value != _NO_CHANGE)
+            }
+        )[:_MAX_UNKNOWN_LISTED]
+        # RFC 3489 §11.2.10: the SERVER value itself is a multiple of 4 bytes (its
+        # parsers reject anything else), so pad inside the value, with spaces.
+        software: list[tuple[int, bytes]] = []
+        if self._software_name:
+            name = self._software_name.encode()
+            software.append((Software.TYPE, name + b" " * (-len(name) % 4)))
+        if refused:
+            self.counters.unknown_attributes += 1
+            if len(refused) % 2:
+                # RFC 3489 §11.2.8: an odd count repeats one type, to fill the 32-bit word.
+                refused.append(refused[-1])
+            error_code = bytes((0, 0, 4, 20)) + b"Unknown Attribute"
+            listed = struct.pack(f"!{len(refused)}H", *refused)
+            return encode_classic_response(
+                request,
+                [
+                    (AttributeType.ERROR_CODE, error_code),
+                    (AttributeType.UNKNOWN_ATTRIBUTES, listed),
+                ],
+                error=True,
+            )
+        self.counters.answered += 1
+        _, mapped = pack_attribute_value(MappedAddress(source), request.transaction_id[4:])
+        return encode_classic_response(request, [(MappedAddress.TYPE, mapped), *software])
 
     def _error(
         self,
