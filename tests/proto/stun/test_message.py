@@ -381,10 +381,11 @@ def test_encode_rejects_an_attribute_subclass_outside_the_table() -> None:
         encode_message(request(Homemade()))
 
 
-def test_encode_rejects_oversized_message() -> None:
-    message = request(*[RawAttribute(0x8FFF, bytes(1020))] * 64)
+def test_encode_rejects_oversized_message_and_attribute() -> None:
     with local_error("message exceeds the 65535-byte STUN length field"):
-        encode_message(message)
+        encode_message(request(*[RawAttribute(0x8FFF, bytes(1020))] * 64))
+    with local_error("attribute 0x8fff value exceeds 65535 bytes"):
+        encode_message(request(RawAttribute(0x8FFF, bytes(0x10000))))
 
 
 # --- peek_header and stream_message_length --------------------------------------------------
@@ -477,9 +478,7 @@ def test_new_transaction_id_rejects_a_short_source() -> None:
 
 
 def test_new_transaction_id_default_source() -> None:
-    transaction_id = new_transaction_id()
-    assert type(transaction_id) is bytes
-    assert len(transaction_id) == 12
+    assert len(new_transaction_id()) == 12
 
 
 def test_get_and_get_all() -> None:
