@@ -81,5 +81,5 @@ def long_term_key(
 
 
 def userhash(username: str, realm: str) -> bytes:
-    """RFC 8489 §14.4: ``SHA-256(username ":" realm)``, for the USERHASH attribute."""
-    return hashlib.sha256(f"{username}:{saslprep(realm)}".encode()).digest()
+    """RFC 8489 §14.4: ``SHA-256(username ":" realm)``, both prepared, for USERHASH."""
+    return hashlib.sha256(f"{saslprep(username)}:{saslprep(realm)}".encode()).digest()

@@ -126,7 +126,10 @@ class Message:
     #: Attributes in wire order. Attributes after MESSAGE-INTEGRITY other than
     #: MESSAGE-INTEGRITY-SHA256 and FINGERPRINT are dropped on decode (RFC 8489 §14.5).
     attributes: tuple[Attribute, ...] = ()
-    _wire: _WireInfo | None = field(default=None, compare=False, repr=False)
+    # Only the decoder sets this (init=False): a message built or copied with
+    # dataclasses.replace() must not inherit bytes it no longer matches, or
+    # verify_integrity would vouch for attributes nobody signed.
+    _wire: _WireInfo | None = field(default=None, init=False, compare=False, repr=False)
 
     def get(self, cls: type[_A]) -> _A | None:
         """The first attribute of class ``cls`` (RFC 8489 §14: later duplicates are ignored)."""
@@ -323,7 +326,9 @@ def stream_message_length(buffer: bytes | bytearray) -> int | None:
     return total
 
 
-def decode_message(data: bytes) -> Message:  # noqa: PLR0912, PLR0915 - flat for speed, as encode
+def decode_message(  # noqa: PLR0912, PLR0915 - flat for speed, as encode
+    data: bytes | bytearray | memoryview,
+) -> Message:
     """Parse exactly one STUN message; raise ``StunDecodeError`` for anything else.
 
     A FINGERPRINT, if present, is checked here (it is cheap and tells STUN from

@@ -134,6 +134,8 @@ def test_long_term_key_unknown_algorithm(algorithm: int) -> None:
 def test_userhash() -> None:
     assert userhash("alice", "example.org") == _sha256("alice:example.org")
     assert userhash("alice", "ex\u00adample.org") == _sha256("alice:example.org")
+    # RFC 8489 §14.4 prepares the username too.
+    assert userhash("al\u00adice", "example.org") == _sha256("alice:example.org")
 
 
 def test_userhash_rfc8489_appendix_b1() -> None:

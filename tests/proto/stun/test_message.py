@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import re
 import struct
@@ -495,8 +496,23 @@ def test_get_and_get_all() -> None:
 @pytest.mark.parametrize("wrap", [bytearray, memoryview])
 def test_buffer_input_decodes_like_bytes(wrap: type[bytearray] | type[memoryview]) -> None:
     data = rfc5769.SAMPLE_REQUEST
-    # decode_message is annotated ``bytes`` but documents and handles any buffer.
-    decoded = decode_message(cast(bytes, wrap(data)))
+    decoded = decode_message(wrap(data))
     assert decoded == decode_message(data)
     assert verify_integrity(decoded, rfc5769.SAMPLE_REQUEST_PASSWORD.encode())
     assert encode_message(decoded, pad_byte=b" ") == data
+
+
+def test_a_copy_with_other_attributes_does_not_inherit_the_verified_bytes() -> None:
+    # Regression: dataclasses.replace() used to carry the decoded wire bytes along, so
+    # verify_integrity vouched for a USERNAME that was never signed.
+    decoded = decode_message(rfc5769.SAMPLE_REQUEST)
+    key = rfc5769.SAMPLE_REQUEST_PASSWORD.encode()
+    assert verify_integrity(decoded, key)
+    forged = dataclasses.replace(
+        decoded,
+        attributes=tuple(
+            Username("mallory") if isinstance(a, Username) else a for a in decoded.attributes
+        ),
+    )
+    assert not verify_integrity(forged, key)
+    assert not verify_integrity(dataclasses.replace(decoded, attributes=()), key)
