@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..errors import LocalProtocolError
+from .attribute_codecs import PACKERS, UNPACKERS, pack_attribute_value
 from .attributes import (
     MAGIC_COOKIE,
-    PACKERS,
-    UNPACKERS,
     Attribute,
     AttributeType,
     ErrorCode,
@@ -33,7 +32,6 @@ from .attributes import (
     MessageIntegritySha256,
     RawAttribute,
     is_comprehension_required,
-    pack_attribute_value,
 )
 from .errors import StunDecodeError
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..addresses import Endpoint
 from ..errors import LocalProtocolError
+from .attribute_codecs import pack_attribute_value
 from .attributes import (
     Attribute,
     AttributeType,
@@ -27,7 +28,6 @@ from .attributes import (
     UnknownAttributes,
     XorMappedAddress,
     is_comprehension_required,
-    pack_attribute_value,
 )
 from .classic import (
     CHANGE_REQUEST,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -32,11 +35,16 @@ from wavesync_proto.stun import (
     Userhash,
     Username,
     XorMappedAddress,
+    attribute_codecs,
     decode_message,
     encode_message,
     is_comprehension_required,
 )
-from wavesync_proto.stun.attributes import pack_attribute_value, unpack_attribute_value
+from wavesync_proto.stun.attribute_codecs import (
+    pack_attribute_value,
+    register_attribute,
+    unpack_attribute_value,
+)
 
 TID = bytes(range(12))  # 000102030405060708090a0b
 
@@ -496,3 +504,58 @@ def test_parse_endpoint_errors(text: str, message: str) -> None:
 def test_format_endpoint() -> None:
     assert format_endpoint(("192.0.2.1", 32853)) == "192.0.2.1:32853"
     assert format_endpoint(("2001:db8::1", 5)) == "[2001:db8::1]:5"
+
+
+# --- register_attribute --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Example(Attribute):
+    TYPE: ClassVar[int] = 0xC0DE
+    value: bytes
+
+
+def _unpack_example(value: bytes, transaction_id: bytes) -> Attribute:
+    return _Example(value)
+
+
+def _pack_example(attribute: Attribute, transaction_id: bytes) -> bytes:
+    assert isinstance(attribute, _Example)
+    return attribute.value
+
+
+@pytest.fixture
+def codec_table() -> Iterator[None]:
+    """Registration is process-wide: put the table back so other tests see the stock one."""
+    unpackers, packers = dict(attribute_codecs.UNPACKERS), dict(attribute_codecs.PACKERS)
+    yield
+    attribute_codecs.UNPACKERS.clear()
+    attribute_codecs.UNPACKERS.update(unpackers)
+    attribute_codecs.PACKERS.clear()
+    attribute_codecs.PACKERS.update(packers)
+
+
+@pytest.mark.usefixtures("codec_table")
+def test_registered_attributes_join_the_codec() -> None:
+    register_attribute(_Example, 0xC0DE, _unpack_example, _pack_example)
+    message = Message(
+        message_class=MessageClass.INDICATION,
+        method=0x108,
+        transaction_id=TID,
+        attributes=(_Example(b"abc"),),
+    )
+    assert decode_message(encode_message(message)) == message
+
+
+@pytest.mark.usefixtures("codec_table")
+@pytest.mark.parametrize(
+    ("cls", "type_code", "error"),
+    [
+        (_Example, 0x0020, "attribute type 0x0020 is already registered"),
+        (Software, 0xC0DF, "Software is already registered"),
+        (_Example, 0x10000, "outside 0..0xFFFF"),
+    ],
+)
+def test_registration_clashes_are_refused(cls: type[Attribute], type_code: int, error: str) -> None:
+    with pytest.raises(LocalProtocolError, match=error):
+        register_attribute(cls, type_code, _unpack_example, _pack_example)
