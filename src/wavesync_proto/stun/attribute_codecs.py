@@ -43,8 +43,10 @@ __all__ = [
     "Packer",
     "Unpacker",
     "pack_attribute_value",
+    "pack_xor_address",
     "register_attribute",
     "unpack_attribute_value",
+    "unpack_xor_address",
 ]
 
 _MAGIC_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
@@ -129,16 +131,21 @@ def _pack_plain_address(name: str, address: Endpoint) -> bytes:
     return _ADDRESS_HEADER.pack(family, port) + packed
 
 
-def _unpack_xor_mapped(value: bytes, transaction_id: bytes) -> Attribute:
-    family, port, packed = _unpack_address_fields("XOR-MAPPED-ADDRESS", value)
+def unpack_xor_address(name: str, value: bytes, transaction_id: bytes) -> Endpoint:
+    """Read the XOR-MAPPED-ADDRESS layout (RFC 8489 §14.2); ``name`` is for error messages."""
+    family, port, packed = _unpack_address_fields(name, value)
     if family == FAMILY_IPV4:
         raw = int.from_bytes(packed, "big") ^ _XOR_IPV4
         host = "%d.%d.%d.%d" % (raw >> 24, (raw >> 16) & 255, (raw >> 8) & 255, raw & 255)  # noqa: UP031
     else:
         mask = int.from_bytes(_MAGIC_COOKIE_BYTES + transaction_id, "big")
         host = unpack_ipv6((int.from_bytes(packed, "big") ^ mask).to_bytes(16, "big"))
+    return host, port ^ _XOR_PORT
+
+
+def _unpack_xor_mapped(value: bytes, transaction_id: bytes) -> Attribute:
     attribute = _new_attribute(XorMappedAddress)
-    _set_xor_address(attribute, (host, port ^ _XOR_PORT))
+    _set_xor_address(attribute, unpack_xor_address("XOR-MAPPED-ADDRESS", value, transaction_id))
     return attribute
 
 
@@ -147,8 +154,13 @@ _set_xor_address = _slot_setter(XorMappedAddress, "address")
 
 def _pack_xor_mapped(attribute: Attribute, transaction_id: bytes) -> bytes:
     assert isinstance(attribute, XorMappedAddress)
-    host, port = attribute.address
-    _check_port("XOR-MAPPED-ADDRESS", port)
+    return pack_xor_address("XOR-MAPPED-ADDRESS", attribute.address, transaction_id)
+
+
+def pack_xor_address(name: str, address: Endpoint, transaction_id: bytes) -> bytes:
+    """Write the XOR-MAPPED-ADDRESS layout (RFC 8489 §14.2); ``name`` is for error messages."""
+    host, port = address
+    _check_port(name, port)
     family, packed = pack_host(host)
     if family == FAMILY_IPV4:
         xored = (int.from_bytes(packed, "big") ^ _XOR_IPV4).to_bytes(4, "big")
