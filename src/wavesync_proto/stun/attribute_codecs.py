@@ -262,32 +262,22 @@ def _pack_password_algorithm(attribute: Attribute, transaction_id: bytes) -> byt
     return _pack_algorithm_entry(attribute.algorithm, attribute.parameters)
 
 
-def _userhash_codec() -> tuple[Unpacker, Packer]:
+def _fixed_length_codec(
+    cls: type[Userhash | MessageIntegrity], name: str, size: int
+) -> tuple[Unpacker, Packer]:
     def unpack(value: bytes, transaction_id: bytes) -> Attribute:
-        if len(value) != 32:
-            raise StunDecodeError(f"USERHASH must be 32 bytes, not {len(value)}")
-        return Userhash(value)
+        if len(value) != size:
+            raise StunDecodeError(f"{name} must be {size} bytes, not {len(value)}")
+        return cls(value)
 
     def pack(attribute: Attribute, transaction_id: bytes) -> bytes:
-        assert isinstance(attribute, Userhash)
-        if len(attribute.value) != 32:
-            raise LocalProtocolError(f"USERHASH must be 32 bytes, not {len(attribute.value)}")
-        return attribute.value
+        assert isinstance(attribute, cls)
+        data = attribute.value if isinstance(attribute, Userhash) else attribute.hmac
+        if len(data) != size:
+            raise LocalProtocolError(f"{name} must be {size} bytes, not {len(data)}")
+        return data
 
     return unpack, pack
-
-
-def _unpack_integrity(value: bytes, transaction_id: bytes) -> Attribute:
-    if len(value) != 20:
-        raise StunDecodeError(f"MESSAGE-INTEGRITY must be 20 bytes, not {len(value)}")
-    return MessageIntegrity(value)
-
-
-def _pack_integrity(attribute: Attribute, transaction_id: bytes) -> bytes:
-    assert isinstance(attribute, MessageIntegrity)
-    if len(attribute.hmac) != 20:
-        raise LocalProtocolError(f"MESSAGE-INTEGRITY must be 20 bytes, not {len(attribute.hmac)}")
-    return attribute.hmac
 
 
 def _unpack_integrity_sha256(value: bytes, transaction_id: bytes) -> Attribute:
@@ -388,7 +378,10 @@ _TABLE: dict[int, tuple[type[Attribute], Unpacker, Packer]] = {
             max_chars=None,
         ),
     ),
-    AttributeType.MESSAGE_INTEGRITY: (MessageIntegrity, _unpack_integrity, _pack_integrity),
+    AttributeType.MESSAGE_INTEGRITY: (
+        MessageIntegrity,
+        *_fixed_length_codec(MessageIntegrity, "MESSAGE-INTEGRITY", 20),
+    ),
     AttributeType.ERROR_CODE: (ErrorCode, _unpack_error_code, _pack_error_code),
     AttributeType.UNKNOWN_ATTRIBUTES: (
         UnknownAttributes,
@@ -407,7 +400,7 @@ _TABLE: dict[int, tuple[type[Attribute], Unpacker, Packer]] = {
         _unpack_password_algorithm,
         _pack_password_algorithm,
     ),
-    AttributeType.USERHASH: (Userhash, *_userhash_codec()),
+    AttributeType.USERHASH: (Userhash, *_fixed_length_codec(Userhash, "USERHASH", 32)),
     AttributeType.XOR_MAPPED_ADDRESS: (XorMappedAddress, _unpack_xor_mapped, _pack_xor_mapped),
     AttributeType.PASSWORD_ALGORITHMS: (
         PasswordAlgorithms,

@@ -303,6 +303,18 @@ def peek_header(data: bytes) -> tuple[MessageClass, int, bytes] | None:
     return message_class, method, transaction_id
 
 
+def _read_header(data: bytes | bytearray) -> tuple[int, int, bytes]:
+    """``(type, length, transaction id)`` of a header that can start a STUN message."""
+    message_type, length, cookie, transaction_id = _HEADER.unpack_from(data)
+    if message_type & 0xC000:
+        raise StunDecodeError("the two leading bits of a STUN message must be zero")
+    if cookie != MAGIC_COOKIE:
+        raise StunDecodeError(f"magic cookie is 0x{cookie:08x}, not 0x{MAGIC_COOKIE:08x}")
+    if length & 3:
+        raise StunDecodeError(f"message length {length} is not a multiple of 4")
+    return message_type, length, transaction_id
+
+
 def stream_message_length(buffer: bytes | bytearray) -> int | None:
     """Over TCP, STUN messages delimit themselves by the length field (RFC 8489 §6.2.2).
 
@@ -313,15 +325,7 @@ def stream_message_length(buffer: bytes | bytearray) -> int | None:
     """
     if len(buffer) < HEADER_LENGTH:
         return None
-    message_type, length, cookie, _ = _HEADER.unpack_from(buffer)
-    if message_type & 0xC000:
-        raise StunDecodeError("the two leading bits of a STUN message must be zero")
-    if cookie != MAGIC_COOKIE:
-        raise StunDecodeError(f"magic cookie is 0x{cookie:08x}, not 0x{MAGIC_COOKIE:08x}")
-    if length & 3:
-        raise StunDecodeError(f"message length {length} is not a multiple of 4")
-    total: int = HEADER_LENGTH + length
-    return total
+    return HEADER_LENGTH + _read_header(buffer)[1]
 
 
 def decode_message(  # noqa: PLR0912, PLR0915 - flat for speed, as encode
@@ -338,13 +342,7 @@ def decode_message(  # noqa: PLR0912, PLR0915 - flat for speed, as encode
     size = len(data)
     if size < HEADER_LENGTH:
         raise StunDecodeError(f"message is {size} bytes, shorter than the 20-byte header")
-    message_type, length, cookie, transaction_id = _HEADER.unpack_from(data)
-    if message_type & 0xC000:
-        raise StunDecodeError("the two leading bits of a STUN message must be zero")
-    if cookie != MAGIC_COOKIE:
-        raise StunDecodeError(f"magic cookie is 0x{cookie:08x}, not 0x{MAGIC_COOKIE:08x}")
-    if length & 3:
-        raise StunDecodeError(f"message length {length} is not a multiple of 4")
+    message_type, length, transaction_id = _read_header(data)
     if HEADER_LENGTH + length != size:
         raise StunDecodeError(
             f"header says {length} bytes of attributes, the message has {size - HEADER_LENGTH}"
