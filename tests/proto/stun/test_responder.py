@@ -25,6 +25,10 @@ from wavesync_proto.stun import (
 )
 
 TID = b"responder-tx"
+# Attribute types nothing in wavesync registers, not even the mediator's 0x4001..
+# and 0xC001.. (registration is process-wide, so these tests must not collide).
+UNASSIGNED_REQUIRED = 0x7E00
+UNASSIGNED_OPTIONAL = 0xFE00
 
 
 def request(*attributes: RawAttribute | Username, method: int = BINDING) -> Message:
@@ -61,23 +65,27 @@ def test_fingerprint_in_the_request_gets_fingerprint_in_the_response() -> None:
 
 def test_unknown_comprehension_required_attributes_get_420() -> None:
     responder = BindingResponder(software=None)
-    data = encode_message(request(RawAttribute(0x4001, b"x"), RawAttribute(0xC001, b"optional")))
+    data = encode_message(
+        request(
+            RawAttribute(UNASSIGNED_REQUIRED, b"x"), RawAttribute(UNASSIGNED_OPTIONAL, b"optional")
+        )
+    )
     response = answer(responder, data, ("192.0.2.1", 1))
     assert response.message_class is MessageClass.ERROR
     assert response.attributes == (
         ErrorCode(420, "Unknown Attribute"),
-        UnknownAttributes((0x4001,)),
+        UnknownAttributes((UNASSIGNED_REQUIRED,)),
     )
     assert responder.counters.unknown_attributes == 1
 
 
 def test_the_420_list_is_capped_to_keep_the_answer_small() -> None:
     responder = BindingResponder()
-    many = tuple(RawAttribute(0x4000 + i, b"") for i in range(200))
+    many = tuple(RawAttribute(UNASSIGNED_REQUIRED + i, b"") for i in range(200))
     response = answer(responder, encode_message(request(*many)), ("2001:db8::1", 1))
     listed = response.get(UnknownAttributes)
     assert listed is not None
-    assert listed.types == tuple(range(0x4000, 0x4010))
+    assert listed.types == tuple(range(UNASSIGNED_REQUIRED, UNASSIGNED_REQUIRED + 16))
 
 
 def test_a_request_with_broken_attributes_gets_400() -> None:
