@@ -57,6 +57,7 @@ MAX_MESSAGE_LENGTH = HEADER_LENGTH + 0xFFFC
 FINGERPRINT_XOR = 0x5354554E
 
 _HEADER = struct.Struct("!HHI12s")
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 _ATTRIBUTE_HEADER = struct.Struct("!HH")
 _FINGERPRINT_VALUE = struct.Struct("!I")
 _INTEGRITY_SHA1_LENGTH = 20
@@ -320,10 +321,17 @@ def stream_message_length(buffer: bytes | bytearray) -> int | None:
 
     Returns the total length of the message at the start of ``buffer`` once its
     header is there, or ``None`` while fewer than 20 bytes have arrived. Raises
-    ``StunDecodeError`` if the header cannot start a STUN message, so a stream
-    of garbage is rejected after 20 bytes instead of being buffered.
+    ``StunDecodeError`` as soon as the bytes so far cannot start a STUN message
+    (the leading bits from the first byte, the magic cookie from the fifth on), so
+    a peer speaking another protocol is refused on its first short write instead
+    of being buffered until an idle timeout.
     """
     if len(buffer) < HEADER_LENGTH:
+        if buffer and buffer[0] & 0xC0:
+            raise StunDecodeError("the two leading bits of a STUN message must be zero")
+        seen = bytes(buffer[4:8])
+        if seen != _COOKIE_BYTES[: len(seen)]:
+            raise StunDecodeError(f"bytes 4..{3 + len(seen)} are not the magic cookie")
         return None
     return HEADER_LENGTH + _read_header(buffer)[1]
 

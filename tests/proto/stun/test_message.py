@@ -420,6 +420,17 @@ def test_stream_message_length_rejects_garbage() -> None:
         stream_message_length(header(0x0001, 5))
 
 
+def test_stream_message_length_rejects_garbage_before_a_whole_header() -> None:
+    # A peer speaking another protocol is refused on its first short write.
+    with decode_error("the two leading bits of a STUN message must be zero"):
+        stream_message_length(b"G")
+    with decode_error("bytes 4..5 are not the magic cookie"):
+        stream_message_length(header(0x0001, 0, cookie=0)[:6])
+    # Every proper prefix of a real header is still just "not yet".
+    data = rfc5769.SAMPLE_REQUEST
+    assert all(stream_message_length(data[:n]) is None for n in range(20))
+
+
 # --- responses, transaction ids, accessors --------------------------------------------------
 
 

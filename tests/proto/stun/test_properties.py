@@ -338,8 +338,15 @@ def test_stream_message_length_on_arbitrary_bytes(data: bytes) -> None:
     try:
         length = stream_message_length(data)
     except StunDecodeError:
-        assert len(data) >= HEADER_LENGTH
+        # Refused only if no STUN header starts with these bytes (checked on what is there).
+        assert (
+            data[0] & 0xC0
+            or data[4:8] != MAGIC_COOKIE.to_bytes(4, "big")[: len(data[4:8])]
+            or (len(data) >= HEADER_LENGTH and int.from_bytes(data[2:4], "big") % 4)
+        )
         return
+    # Accepted: the bytes so far are consistent with a STUN header.
+    assert not data or not data[0] & 0xC0
     if len(data) < HEADER_LENGTH:
         assert length is None
     else:
