@@ -10,17 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
+
+import anyio
 
 from wavesync_proto import __version__
 from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
 from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.mediator.service import MediatorService
+from wavesync_proto.mediator.systems import format_system_entry, parse_systems
 from wavesync_proto.stun.transaction import DEFAULT_RC, DEFAULT_RM, DEFAULT_RTO
 
+from .anyio.mediator import MediatorDaemon
 from .blocking.stun import StunError, binding_request, serve_binding
 
 __all__ = ["main"]
@@ -151,7 +159,83 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to answer on (default 0.0.0.0:3478; port 0 picks a free one)",
     )
+    keygen = commands.add_parser(
+        "keygen",
+        parents=[common],
+        help="print a new system id and key as a systems.toml entry",
+        description=(
+            "Generate a system: a random RFC 4122 UUID and a 256-bit key, printed as a"
+            " [[system]] entry to append to the mediator's systems file."
+        ),
+    )
+    keygen.add_argument("--name", help="a label stored with the entry")
+
+    mediator = commands.add_parser(
+        "mediator",
+        parents=[common],
+        help="run the mediator: STUN over UDP and TCP on one port",
+        description=(
+            "Run the mediator: servers register over TCP, clients ask to be connected over"
+            " UDP and TCP, and plain STUN Binding requests are answered on both."
+        ),
+    )
+    mediator.add_argument(
+        "--listen",
+        type=_endpoint,
+        default=("0.0.0.0", STUN_PORT),  # noqa: S104 - a server's default is every interface
+        metavar="HOST:PORT",
+        help="address for both UDP and TCP (default 0.0.0.0:3478; port 0 picks a free one)",
+    )
+    mediator.add_argument(
+        "--systems", type=Path, required=True, metavar="FILE", help="systems.toml (see keygen)"
+    )
+    mediator.add_argument(
+        "--relay-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a relay to offer clients (repeatable)",
+    )
     return parser
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    # 32 bytes of the OS's randomness, URL-safe base64: ASCII, no quoting needed in TOML.
+    key = secrets.token_urlsafe(32)
+    print(format_system_entry(uuid.uuid4(), key, args.name), end="")
+    return 0
+
+
+def _run_mediator(args: argparse.Namespace) -> int:
+    try:
+        systems = parse_systems(args.systems.read_text(encoding="utf-8"))
+    except (OSError, LocalProtocolError) as exc:
+        print(f"wavesync mediator: {exc}", file=sys.stderr)
+        return 1
+    service = MediatorService(
+        systems=systems, relay_urls=tuple(args.relay_url), nonce_secret=secrets.token_bytes(32)
+    )
+    daemon = MediatorDaemon(service)
+    host, port = args.listen
+
+    async def run() -> None:
+        async with anyio.create_task_group() as group:
+            bound = await group.start(daemon.serve, host, port)
+            print(f"mediator listening on udp+tcp {format_endpoint(bound)}", flush=True)
+            log.info("%d system(s) loaded from %s", len(systems), args.systems)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    group.cancel_scope.cancel()
+                    break
+
+    try:
+        anyio.run(run)
+    except OSError as exc:
+        print(f"wavesync mediator: {exc}", file=sys.stderr)
+        return 1
+    log.info("mediator stopped: %s", service.counters)
+    return 0
 
 
 def _run_stun_binding(args: argparse.Namespace) -> int:
@@ -197,7 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wavesync`` console script."""
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.json_logs)
-    runners = {"stun-binding": _run_stun_binding, "stun-server": _run_stun_server}
+    runners = {
+        "keygen": _run_keygen,
+        "mediator": _run_mediator,
+        "stun-binding": _run_stun_binding,
+        "stun-server": _run_stun_server,
+    }
     return runners[args.command](args)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.daemons import wavesync_daemon
+from tests.daemons import run_wavesync, wavesync_daemon
 
 STUN_CLIENT = shutil.which("stun")
 READY = r"listening on udp 127\.0\.0\.1:(?P<port>\d+)"
@@ -52,3 +53,19 @@ def test_stun_client_nat_type_discovery_sees_an_open_internet_on_loopback() -> N
     with wavesync_daemon("stun-server", "--listen", "127.0.0.1:0", ready=READY) as (_, ready):
         output = run_stun_client(f"127.0.0.1:{ready['port']}")
     assert "Primary: Open" in output
+
+
+def test_stun_client_gets_its_mapped_address_from_the_mediator(tmp_path: Path) -> None:
+    # The mediator answers plain Binding (RFC 8489 and RFC 3489) on its one port too.
+    systems = tmp_path / "systems.toml"
+    systems.write_text(run_wavesync("keygen").stdout, encoding="utf-8")
+    source_port = free_udp_port()
+    with wavesync_daemon(
+        "mediator", "--listen", "127.0.0.1:0", "--systems", str(systems),
+        ready=r"mediator listening on udp\+tcp 127\.0\.0\.1:(?P<port>\d+)",
+    ) as (_, ready):  # fmt: skip
+        output = run_stun_client(f"127.0.0.1:{ready['port']}", "1", "-v", "-p", str(source_port))
+        discovery = run_stun_client(f"127.0.0.1:{ready['port']}")
+    assert f"MappedAddress = 127.0.0.1:{source_port}" in output
+    assert "problem" not in output
+    assert "Primary: Open" in discovery

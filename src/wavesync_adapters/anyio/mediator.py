@@ -1,0 +1,223 @@
+"""The mediator daemon on anyio: STUN over UDP and TCP on one port, driven by ``MediatorService``.
+
+Thin by design: this module moves datagrams, TCP bytes and time between the
+operating system and the service, and carries out the service's actions. It
+makes no protocol decision (who is online, what to answer, when to give up).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.mediator.service import (
+    Action,
+    CloseTcp,
+    MediatorService,
+    SendDatagram,
+    SendTcp,
+)
+
+__all__ = ["MediatorDaemon"]
+
+log = logging.getLogger("wavesync.mediator")
+
+# Outgoing messages queued per TCP peer before the peer counts as too slow and is dropped.
+_OUTBOX_MESSAGES = 1024
+# How long a closing peer may take to drain what was queued for it (an error answer).
+_DRAIN_SECONDS = 5.0
+_RECEIVE_BYTES = 65536
+_UDP_BIND_ATTEMPTS = 20
+
+
+@dataclass
+class _Peer:
+    outbox: MemoryObjectSendStream[bytes]
+    scope: anyio.CancelScope
+    remote: Endpoint
+    closed_by_service: bool = False
+
+
+class MediatorDaemon:
+    """Runs a ``MediatorService`` on a UDP socket and a TCP listener sharing one port."""
+
+    def __init__(
+        self, service: MediatorService, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.service = service
+        self._clock = clock or anyio.current_time
+        self._peers: dict[Hashable, _Peer] = {}
+        self._peer_ids = itertools.count(1)
+        self._udp: anyio.abc.UDPSocket | None = None
+        # Created in serve(): an anyio Event needs a running event loop.
+        self._timer_changed: anyio.Event | None = None
+        self._sleeping_until = math.inf
+        self.bound: Endpoint | None = None
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind ``host:port`` (UDP and TCP) and serve until cancelled."""
+        self._timer_changed = anyio.Event()
+        listener, udp = await self._bind(host, port)
+        self._udp = udp
+        async with listener, udp, anyio.create_task_group() as group:
+            group.start_soon(listener.serve, self._serve_tcp_peer, group)
+            group.start_soon(self._receive_datagrams, udp)
+            group.start_soon(self._run_timers)
+            assert self.bound is not None
+            log.info("mediator on udp+tcp %s", format_endpoint(self.bound))
+            task_status.started(self.bound)
+
+    async def _bind(
+        self, host: str, port: int
+    ) -> tuple[anyio.abc.Listener[anyio.abc.SocketStream], anyio.abc.UDPSocket]:
+        # UDP and TCP must share the port number: clients are told one address.
+        # With port 0, take the TCP port the kernel picked and claim it for UDP,
+        # retrying if another process holds that UDP port.
+        for _ in range(_UDP_BIND_ATTEMPTS if port == 0 else 1):
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            try:
+                udp = await anyio.create_udp_socket(local_host=host, local_port=bound_port)
+            except OSError:
+                await listener.aclose()
+                if port != 0:
+                    raise
+                continue
+            local = udp.extra(anyio.abc.SocketAttribute.local_address)
+            self.bound = (str(local[0]), int(local[1]))
+            return listener, udp
+        raise OSError(
+            f"no port free for both UDP and TCP on {host} after {_UDP_BIND_ATTEMPTS} tries"
+        )
+
+    # --- carrying out the service's decisions ---------------------------------------------
+
+    async def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendTcp):
+                peer = self._peers.get(action.peer)
+                if peer is None:
+                    continue
+                try:
+                    peer.outbox.send_nowait(action.data)
+                except anyio.WouldBlock:
+                    log.info(
+                        "dropping %s: it reads slower than we answer", format_endpoint(peer.remote)
+                    )
+                    peer.closed_by_service = True
+                    peer.scope.cancel()
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass
+            elif isinstance(action, CloseTcp):
+                peer = self._peers.get(action.peer)
+                if peer is not None:
+                    log.debug("closing %s: %s", format_endpoint(peer.remote), action.reason)
+                    peer.closed_by_service = True
+                    peer.outbox.close()  # the writer drains what is queued, then closes
+            elif isinstance(action, SendDatagram):
+                await self._send_datagram(action.address, action.data)
+        # Wake the timer task only when the service now needs it sooner than planned.
+        deadline = self.service.get_timer()
+        if (
+            deadline is not None
+            and deadline < self._sleeping_until
+            and self._timer_changed is not None
+        ):
+            self._timer_changed.set()
+
+    async def _send_datagram(self, address: Endpoint, data: bytes) -> None:
+        udp = self._udp
+        if udp is None:
+            return
+        try:
+            await udp.send((data, address))
+        except OSError as exc:
+            log.debug("could not send to %s: %s", format_endpoint(address), exc)
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    async def _receive_datagrams(self, udp: anyio.abc.UDPSocket) -> None:
+        while True:
+            try:
+                data, source = await udp.receive()
+            except (ConnectionResetError, OSError) as exc:
+                # ICMP errors for earlier answers surface here on some systems: not fatal.
+                log.debug("udp receive error: %s", exc)
+                continue
+            endpoint = (str(source[0]), int(source[1]))
+            await self._apply(self.service.datagram_received(data, endpoint, self._clock()))
+
+    async def _serve_tcp_peer(self, stream: anyio.abc.SocketStream) -> None:
+        remote_address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        remote = (str(remote_address[0]), int(remote_address[1]))
+        handle = next(self._peer_ids)
+        send, receive = anyio.create_memory_object_stream[bytes](_OUTBOX_MESSAGES)
+        peer = _Peer(outbox=send, scope=anyio.CancelScope(), remote=remote)
+        self._peers[handle] = peer
+        log.debug("tcp peer %d from %s", handle, format_endpoint(remote))
+        try:
+            with peer.scope:
+                await self._apply(self.service.tcp_connected(handle, remote, self._clock()))
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._write_tcp, stream, receive, group.cancel_scope)
+                    await self._read_tcp(handle, stream)
+                    group.cancel_scope.cancel()
+        finally:
+            del self._peers[handle]
+            send.close()
+            receive.close()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+                if not peer.closed_by_service:
+                    await self._apply(self.service.tcp_closed(handle, self._clock()))
+            log.debug("tcp peer %d closed", handle)
+
+    async def _read_tcp(self, handle: int, stream: anyio.abc.SocketStream) -> None:
+        while True:
+            try:
+                data = await stream.receive(_RECEIVE_BYTES)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            await self._apply(self.service.tcp_data_received(handle, data, self._clock()))
+
+    async def _write_tcp(
+        self,
+        stream: anyio.abc.SocketStream,
+        outbox: MemoryObjectReceiveStream[bytes],
+        peer_scope: anyio.CancelScope,
+    ) -> None:
+        try:
+            async for data in outbox:
+                await stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        # The outbox was closed: the service asked to close this peer once drained.
+        with anyio.move_on_after(_DRAIN_SECONDS, shield=True):
+            await stream.aclose()
+        peer_scope.cancel()
+
+    async def _run_timers(self) -> None:
+        while True:
+            deadline = self.service.get_timer()
+            self._sleeping_until = math.inf if deadline is None else deadline
+            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            assert self._timer_changed is not None
+            with anyio.move_on_after(delay):
+                await self._timer_changed.wait()
+            self._timer_changed = anyio.Event()
+            self._sleeping_until = -math.inf  # awake: nobody needs to wake us
+            await self._apply(self.service.handle_timer(self._clock()))
