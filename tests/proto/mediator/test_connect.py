@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import struct
 import uuid
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator import (
@@ -89,8 +86,11 @@ def error(transaction_id: bytes, code: int = 404, reason: str = "Server Offline"
 
 
 def events(request: ConnectRequest) -> list[ConnectEvent]:
-    found = []
-    while (event := request.next_event()) is not None:
+    found: list[ConnectEvent] = []
+    for _ in range(2):  # one event per request: a second means a bug, a third is not looked for
+        event = request.next_event()
+        if event is None:
+            break
         found.append(event)
     return found
 
@@ -263,11 +263,15 @@ def timeout_reason(request: ConnectRequest, now: float) -> ConnectFailed:
 def test_the_overall_timeout_says_what_happened_to_each_copy() -> None:
     request = new_request(timeout=10.0)
     now = 0.0
-    while (timer := request.get_timer()) is not None and timer < 10.0:
+    for _ in range(20):  # bounded: a timer that does not move must fail, not hang
         request.datagrams_to_send(now)
         request.handle_timer(now)
+        timer = request.get_timer()
+        if timer is None or timer >= 10.0:
+            break
         now = timer
-    request.datagrams_to_send(now)
+    else:
+        pytest.fail(f"the timer never reached the deadline: {request.get_timer()}")
     assert now == 7.5
     assert request.get_timer() == 10.0
     request.handle_timer(9.99)
@@ -436,72 +440,3 @@ def test_misuse_is_refused_up_front(
             rto=rto,
             random_bytes=source,
         )
-
-
-# --- properties --------------------------------------------------------------------------
-
-
-def framed(message_type: int, transaction_id: bytes, body: bytes) -> bytes:
-    body += bytes(-len(body) % 4)
-    return struct.pack("!HHI12s", message_type, len(body), MAGIC_COOKIE, transaction_id) + body
-
-
-STUN_ISH = st.builds(
-    framed,
-    st.sampled_from([0x0112, 0x0102, 0x0103]) | st.integers(0, 0x3FFF),
-    st.sampled_from([UDP_TID, TCP_TID, b"x" * 12]),
-    st.binary(max_size=80),
-)
-
-
-@pytest.mark.property
-@given(
-    inputs=st.lists(
-        st.tuples(
-            st.sampled_from(["udp", "tcp", "time", "lost"]), st.binary(max_size=64) | STUN_ISH
-        ),
-        max_size=30,
-    )
-)
-def test_arbitrary_input_never_raises_and_gives_at_most_one_event(
-    inputs: list[tuple[str, bytes]],
-) -> None:
-    request = new_request()
-    now = 0.0
-    for kind, data in inputs:
-        now += 0.5
-        if kind == "udp":
-            request.datagram_received(data, now)
-        elif kind == "tcp":
-            request.tcp_data_received(data, now)
-        elif kind == "lost":
-            request.tcp_connection_lost(now)
-        else:
-            request.handle_timer(now)
-        request.datagrams_to_send(now)
-        assert request.buffered < MAX_CONNECT_MESSAGE
-    assert len(events(request)) == (1 if request.done else 0)
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
-
-
-@pytest.mark.property
-@given(cuts=st.lists(st.integers(min_value=0), max_size=20), answer_ok=st.booleans())
-def test_any_chunking_of_the_tcp_answer_gives_the_same_event(
-    cuts: list[int], answer_ok: bool
-) -> None:
-    foreign = Message(message_class=MessageClass.INDICATION, method=0x105, transaction_id=TCP_TID)
-    answer = success(TCP_TID) if answer_ok else error(TCP_TID)
-    stream = encode_message(foreign) + answer
-    whole = new_request()
-    whole.tcp_data_received(stream, 1.0)
-    chunked = new_request()
-    for chunk in split(stream, cuts):
-        chunked.tcp_data_received(chunk, 1.0)
-    expected = events(whole)
-    assert len(expected) == 1
-    assert events(chunked) == expected
-    assert chunked.dropped_messages == whole.dropped_messages == 1

@@ -1,21 +1,21 @@
-"""ListenSession driven in memory against hand-built mediator answers and a hand-moved clock."""
+"""ListenSession's handshake and misuse, driven in memory with hand-built mediator answers.
+
+The helpers here (sessions with predictable ids and jitter, the mediator's answers) are
+shared by test_listen_registered.py (keep-alives, back-off, connection requests and acks)
+and test_listen_properties.py (hypothesis).
+"""
 
 from __future__ import annotations
 
-import itertools
 import random
 import struct
 import uuid
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator import (
-    ConnectionAck,
-    ConnectionAckResponse,
     ConnectionRequested,
     ConnectionUpdate,
     Listen,
@@ -24,12 +24,11 @@ from wavesync_proto.mediator import (
     NonceIssuer,
     credential_key,
 )
-from wavesync_proto.mediator.auth import challenge_attributes, verify_ack, verify_listen
+from wavesync_proto.mediator.auth import challenge_attributes, verify_listen
 from wavesync_proto.mediator.listen import (
     MAX_LISTEN_MESSAGE,
     MAX_PENDING_EVENTS,
     ClientUdpEndpointLearned,
-    ConnectionRequestReceived,
     ListenEvent,
     ListenSession,
     ListenState,
@@ -41,14 +40,12 @@ from wavesync_proto.stun import (
     BINDING,
     MAGIC_COOKIE,
     Attribute,
-    ErrorCode,
     Message,
     MessageClass,
     Nonce,
     PasswordAlgorithmId,
     PasswordAlgorithms,
     Realm,
-    TransactionTimedOut,
     Username,
     XorMappedAddress,
     decode_message,
@@ -129,10 +126,13 @@ def sent_one(session: ListenSession) -> Message:
 
 
 def events(session: ListenSession) -> list[ListenEvent]:
-    found = []
-    while (event := session.next_event()) is not None:
+    found: list[ListenEvent] = []
+    for _ in range(MAX_PENDING_EVENTS + 8):  # the queue is bounded, so is this loop
+        event = session.next_event()
+        if event is None:
+            return found
         found.append(event)
-    return found
+    pytest.fail("more events queued than MAX_PENDING_EVENTS allows")
 
 
 def state_of(session: ListenSession) -> ListenState:
@@ -367,170 +367,6 @@ def test_answers_to_other_transactions_during_the_handshake_are_dropped() -> Non
     assert state_of(session) is ListenState.AUTHENTICATING
 
 
-# --- keep-alives, loss and back-off -----------------------------------------------------
-
-
-def test_keepalives_follow_the_interval_and_any_answer_keeps_the_session() -> None:
-    session = registered_session(now=100.0)
-    assert session.get_timer() == 130.0
-    session.handle_timer(129.9)
-    assert session.data_to_send() == b""
-    session.handle_timer(130.0)
-    assert session.data_to_send() == binding(3)
-    assert session.get_timer() == 140.0  # the answer's deadline
-    session.data_received(binding(3, MessageClass.SUCCESS, XorMappedAddress(PUBLIC)), 131.0)
-    assert session.get_timer() == 160.0
-    session.handle_timer(160.0)
-    assert session.data_to_send() == binding(4)
-    # An error response is still the mediator answering: the session is alive.
-    session.data_received(binding(4, MessageClass.ERROR, ErrorCode(400, "Bad Request")), 161.0)
-    session.handle_timer(190.0)
-    assert session.data_to_send() == binding(5)
-    assert session.registered
-    assert session.dropped_messages == 0
-
-
-def test_a_missed_keepalive_answer_loses_the_session_and_reconnects_with_back_off() -> None:
-    session = registered_session(now=100.0)
-    session.handle_timer(130.0)
-    assert session.data_to_send() == binding(3)
-    session.data_received(binding(9, MessageClass.SUCCESS), 131.0)  # not our keep-alive
-    assert session.dropped_messages == 1
-    session.handle_timer(139.9)
-    assert not session.should_close()
-    session.handle_timer(140.0)
-    assert session.should_close()
-    session.connection_lost(140.5)
-    retry_at = 140.5 + 1.0 * jitter(1)[0]  # the registration reset the back-off
-    assert events(session) == [
-        SessionLost(reason="no keep-alive answer within 10.0 s", retry_at=retry_at)
-    ]
-    assert session.public_endpoint is None
-    with pytest.raises(LocalProtocolError, match="no connection"):
-        session.data_received(binding(3, MessageClass.SUCCESS), 140.6)  # too late: it is gone
-    assert session.get_timer() == retry_at
-    session.handle_timer(retry_at)
-    assert session.should_connect(retry_at)
-    session.connection_made(retry_at)
-    assert sent_one(session) == decode_message(encode_message(LISTEN.to_stun(tid(4))))
-
-
-def test_connect_failures_back_off_exponentially_with_jitter_up_to_the_cap() -> None:
-    session = new_session(initial=1.0, max=10.0)
-    now, delays = 0.0, []
-    for _ in range(6):
-        assert session.should_connect(now)
-        session.connection_lost(now)  # the adapter could not connect
-        (lost,) = events(session)
-        assert isinstance(lost, SessionLost)
-        assert lost.reason == "could not connect to the mediator"
-        delays.append(lost.retry_at - now)
-        now = lost.retry_at
-    bases = [1, 2, 4, 8, 10, 10]
-    assert delays == [pytest.approx(b * j) for b, j in zip(bases, jitter(6), strict=True)]
-
-
-def test_a_successful_registration_resets_the_back_off() -> None:
-    session = new_session()
-    now = 0.0
-    for _ in range(3):
-        session.connection_lost(now)
-        (lost,) = events(session)
-        assert isinstance(lost, SessionLost)
-        now = lost.retry_at
-    drive(session, challenge, accept, now=now)
-    session.connection_lost(now + 50.0)
-    assert events(session)[-1] == SessionLost(
-        reason="connection to the mediator lost", retry_at=now + 50.0 + jitter(4)[3]
-    )
-
-
-# --- connection requests ----------------------------------------------------------------
-
-
-def test_connection_requested_and_updated_become_events() -> None:
-    session = registered_session()
-    client_tcp, client_udp = ("198.51.100.9", 5555), ("2001:db8::9", 7)
-    requested = ConnectionRequested(connect_session_id=SESSION_ID, client_tcp_endpoint=client_tcp)
-    update = ConnectionUpdate(connect_session_id=SESSION_ID, client_udp_endpoint=client_udp)
-    session.data_received(indication(requested) + indication(update), 1.0)
-    assert events(session) == [
-        ConnectionRequestReceived(
-            connect_session_id=SESSION_ID, client_udp_endpoint=None, client_tcp_endpoint=client_tcp
-        ),
-        ClientUdpEndpointLearned(connect_session_id=SESSION_ID, client_udp_endpoint=client_udp),
-    ]
-
-
-def test_unusable_messages_on_a_registered_session_are_counted_and_dropped() -> None:
-    session = registered_session()
-    ack = ConnectionAck(connect_session_id=SESSION_ID, server_id=SERVER)
-    broken = bytearray(encode_message(ack.to_stun(tid(9))))
-    broken[-20:-16] = b"\x40\x02\x00\x0c"  # SERVER-ID claims 12 bytes: framed, but undecodable
-    session.data_received(
-        encode_message(stun(MessageClass.INDICATION, MediatorMethod.CONNECTION_REQUESTED, tid(9)))
-        + encode_message(stun(MessageClass.INDICATION, 0x1FF, tid(9)))  # an unknown indication
-        + encode_message(LISTEN.to_stun(tid(9)))  # a request, which a server is never sent
-        + bytes(broken),
-        1.0,
-    )
-    assert session.dropped_messages == 4
-    assert events(session) == []
-    assert session.registered
-    # Events pile up only while nobody reads them, and then only up to a bound.
-    update = indication(ConnectionUpdate(connect_session_id=SESSION_ID, client_udp_endpoint=PUBLIC))
-    session.data_received(update * (MAX_PENDING_EVENTS + 3), 1.0)
-    assert session.dropped_messages == 4 + 3
-    assert len(events(session)) == MAX_PENDING_EVENTS
-
-
-def signed_ack_answer(*, key: bytes | None = KEY, method: int = 0x104) -> Message:
-    answer = stun(MessageClass.SUCCESS, method, tid(3), XorMappedAddress(("203.0.113.7", 61000)))
-    return decode_message(encode_message(answer, integrity_sha256_key=key))
-
-
-def test_connection_ack_is_signed_verifiable_and_outlives_the_session() -> None:
-    session = registered_session()
-    transaction = session.connection_ack(SESSION_ID, 5.0)
-    (datagram,) = transaction.messages_to_send(5.0)
-    assert transaction.messages_to_send(5.4) == []
-    assert transaction.messages_to_send(5.5) == [datagram]  # RFC 8489 retransmission
-    request = decode_message(datagram)
-    assert request.transaction_id == tid(3)
-    assert verify_ack(request, key_for=lambda name: KEY if name == str(SERVER) else None) == KEY
-    assert ConnectionAck.from_stun(request) == ConnectionAck(
-        connect_session_id=SESSION_ID, server_id=SERVER
-    )
-    answer = signed_ack_answer()
-    assert transaction.receive_response(answer, 5.6)
-    expected = ConnectionAckResponse(server_udp_endpoint=("203.0.113.7", 61000))
-    assert session.ack_response(answer) == expected
-    # An ack for a request that came just before the session dropped still goes out.
-    session.connection_lost(6.0)
-    late = session.connection_ack(SESSION_ID, 7.0)
-    assert verify_ack(decode_message(late.request), key_for=lambda _: KEY) == KEY
-    late.handle_timer(7.0 + 39.5)
-    assert isinstance(late.next_event(), TransactionTimedOut)
-
-
-def test_ack_answers_that_are_not_signed_successes_are_refused() -> None:
-    fresh = new_session()
-    with pytest.raises(LocalProtocolError, match="before the first successful registration"):
-        fresh.connection_ack(SESSION_ID, 0.0)
-    assert fresh.ack_response(signed_ack_answer()) is None  # no key to check it with
-    session = registered_session()
-    error = stun(MessageClass.ERROR, 0x104, tid(3), ErrorCode(404, "Unknown Session"))
-    empty = stun(MessageClass.SUCCESS, 0x104, tid(3))
-    for message in (
-        signed_ack_answer(key=credential_key("x", REALM, "y")),
-        signed_ack_answer(key=None),
-        signed_ack_answer(method=MediatorMethod.LISTEN),
-        decode_message(encode_message(error, integrity_sha256_key=KEY)),
-        decode_message(encode_message(empty, integrity_sha256_key=KEY)),
-    ):
-        assert session.ack_response(message) is None
-
-
 # --- framing and misuse -----------------------------------------------------------------
 
 
@@ -587,71 +423,3 @@ def test_bad_configuration_is_refused_up_front(options: dict[str, object], messa
     }
     with pytest.raises(LocalProtocolError, match=message):
         ListenSession(**arguments)  # type: ignore[arg-type]
-
-
-# --- properties ------------------------------------------------------------------------
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
-
-
-def run_stream(chunks: list[bytes]) -> tuple[list[ListenEvent], bytes, int]:
-    session = new_session()
-    session.connection_made(0.0)
-    for chunk in chunks:
-        session.data_received(chunk, 0.0)
-    return events(session), session.data_to_send(), session.dropped_messages
-
-
-@pytest.mark.property
-@given(cuts=st.lists(st.integers(min_value=0), max_size=30))
-def test_any_chunking_of_a_valid_stream_gives_the_same_events(cuts: list[int]) -> None:
-    # The mediator's side of a whole session; CountingBytes makes the ids match.
-    stream = (
-        challenge(LISTEN.to_stun(tid(1)))
-        + accept(LISTEN.to_stun(tid(2)))
-        + indication(ConnectionRequested(connect_session_id=SESSION_ID, client_udp_endpoint=PUBLIC))
-        + binding(9, MessageClass.SUCCESS)  # a stray answer: dropped either way
-        + indication(ConnectionUpdate(connect_session_id=SESSION_ID, client_udp_endpoint=LOCAL))
-    )
-    whole = run_stream([stream])
-    kinds = [Registered, ConnectionRequestReceived, ClientUdpEndpointLearned]
-    assert [type(e) for e in whole[0]] == kinds
-    assert run_stream(split(stream, cuts)) == whole
-
-
-def framed(message_type: int, transaction_id: bytes, body: bytes) -> bytes:
-    """A STUN header that frames correctly around an arbitrary (padded) body."""
-    body += bytes(-len(body) % 4)
-    return struct.pack("!HHI12s", message_type, len(body), MAGIC_COOKIE, transaction_id) + body
-
-
-# Bytes that reach past the framing into decoding and dispatch, not only the header check.
-STUN_ISH = st.builds(
-    framed,
-    st.sampled_from([0x0111, 0x0101, 0x0115, 0x0103, 0x0105, 0x0001]) | st.integers(0, 0x3FFF),
-    st.sampled_from([tid(1), tid(2), tid(3), b"x" * 12]),
-    st.binary(max_size=80),
-)
-
-
-@pytest.mark.property
-@given(registered=st.booleans(), chunks=st.lists(st.binary(max_size=64) | STUN_ISH, max_size=20))
-def test_arbitrary_bytes_never_raise_and_the_buffer_stays_bounded(
-    registered: bool, chunks: list[bytes]
-) -> None:
-    session = registered_session() if registered else new_session()
-    if not registered:
-        session.connection_made(0.0)
-    for now, chunk in enumerate(chunks):
-        session.data_received(chunk, float(now))
-        assert session.buffered < MAX_LISTEN_MESSAGE
-        session.handle_timer(float(now))
-        session.data_to_send()
-        events(session)
-        if session.should_close():
-            session.connection_lost(float(now))
-            assert isinstance(events(session)[-1], SessionLost)
-            break

@@ -158,8 +158,8 @@ def test_tcp_messages_are_split_by_their_length_whatever_the_chunking() -> None:
 def test_tcp_garbage_closes_the_connection() -> None:
     h = Harness.create()
     h.connect_peer("c1", CLIENT_TCP)
-    assert h.tcp("c1", b"GET / HTTP/1.1\r\n") == []  # not 20 bytes yet: cannot tell
-    actions = h.tcp("c1", b"Host: example\r\n\r\n")
+    # Refused on the first short write: 'G' cannot start a STUN message.
+    actions = h.tcp("c1", b"GET / HTTP/1.1\r\n")
     assert actions == [
         CloseTcp(
             peer="c1",
