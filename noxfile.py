@@ -56,3 +56,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, each printing wavesync side by side with its reference."""
     _install(session, "bench")
     session.run("python", "bench/stun_codec.py", *session.posargs)
+    session.run("python", "bench/mediator.py")

@@ -22,3 +22,21 @@ def test_stun_codec_bench_runs_and_reports_every_message() -> None:
         line for line in result.stdout.splitlines() if line.startswith(("binding", "RFC", "all"))
     ]
     assert len(rows) == 7
+
+
+def test_mediator_bench_runs_and_reports_every_row() -> None:
+    result = subprocess.run(  # noqa: S603 - our own script
+        [sys.executable, str(BENCH / "mediator.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(("registration", "handshake", "Binding", "service memory"))
+    ]
+    assert len(rows) == 8
+    assert "targets:" in result.stdout
