@@ -36,7 +36,9 @@ def test_mediator_bench_runs_and_reports_every_row() -> None:
     rows = [
         line
         for line in result.stdout.splitlines()
-        if line.startswith(("registration", "handshake", "Binding", "service memory"))
+        if line.startswith(
+            ("registration", "handshake", "daemon capacity", "Binding", "service memory")
+        )
     ]
-    assert len(rows) == 8
+    assert len(rows) == 9
     assert "targets:" in result.stdout
