@@ -335,16 +335,7 @@ def _text(
 
     def pack(attribute: Attribute, transaction_id: bytes) -> bytes:
         assert isinstance(attribute, cls)
-        text = attribute.value
-        if max_chars is not None and len(text) > max_chars:
-            raise LocalProtocolError(f"{name} must be fewer than {max_chars + 1} characters")
-        try:
-            encoded = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise LocalProtocolError(f"{name} is not encodable as UTF-8") from None
-        if len(encoded) > encode_max:
-            raise LocalProtocolError(f"{name} is {len(encoded)} bytes, more than {encode_max}")
-        return encoded
+        return _encode_text(name, attribute.value, max_bytes=encode_max, max_chars=max_chars)
 
     return unpack, pack
 
