@@ -9,36 +9,30 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_stun_codec_bench_runs_and_reports_every_message() -> None:
+def run_bench(script: str, *args: str) -> str:
+    """Run ``bench/SCRIPT ARGS``; its stdout, once it has exited cleanly."""
     result = subprocess.run(  # noqa: S603 - our own script
-        [sys.executable, str(BENCH / "stun_codec.py"), "--iterations", "20", "--repeats", "1"],
+        [sys.executable, str(BENCH / script), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    rows = [
-        line for line in result.stdout.splitlines() if line.startswith(("binding", "RFC", "all"))
-    ]
-    assert len(rows) == 7
+    return result.stdout
+
+
+def rows_starting(output: str, *prefixes: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(prefixes)]
+
+
+def test_stun_codec_bench_runs_and_reports_every_message() -> None:
+    output = run_bench("stun_codec.py", "--iterations", "20", "--repeats", "1")
+    assert len(rows_starting(output, "binding", "RFC", "all")) == 7
 
 
 def test_mediator_bench_runs_and_reports_every_row() -> None:
-    result = subprocess.run(  # noqa: S603 - our own script
-        [sys.executable, str(BENCH / "mediator.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith(
-            ("registration", "handshake", "daemon capacity", "Binding", "service memory")
-        )
-    ]
-    assert len(rows) == 9
-    assert "targets:" in result.stdout
+    output = run_bench("mediator.py", "--quick")
+    prefixes = ("registration", "handshake", "daemon capacity", "Binding", "service memory")
+    assert len(rows_starting(output, *prefixes)) == 9
+    assert "targets:" in output
