@@ -34,7 +34,6 @@ import argparse
 import gc
 import os
 import platform
-import random
 import sys
 import time
 import tracemalloc
@@ -45,6 +44,14 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
+from mediator_fixture import (
+    LOOPBACK_LIMITS,
+    new_service,
+    new_session,
+    server_address,
+    server_id,
+)
+from mediator_load import RawLoad, raw_load_in_process
 from wavesync_adapters.anyio.mediator import MediatorDaemon
 from wavesync_proto import __version__
 from wavesync_proto.addresses import Endpoint
@@ -55,12 +62,6 @@ from wavesync_proto.mediator.service_types import SendDatagram, SendTcp
 from wavesync_proto.stun import BINDING, Message, MessageClass, decode_message, encode_message
 from wavesync_proto.stun.transaction import ClientTransaction
 
-SYSTEM_ID = uuid.UUID("5e000000-0000-4000-8000-00000000005e")
-SYSTEM_KEY = "bench-system-key-0123456789"
-NONCE_SECRET = b"bench-nonce-secret-0000000000000"
-#: Over loopback every client is 127.0.0.1: a limit no run can reach stands in for one
-#: source IP per client (the sans-I/O pass keeps the default limit and distinct IPs).
-LOOPBACK_LIMITS = MediatorLimits(rate_limit_per_second=1e9, rate_limit_burst=1_000_000_000)
 #: A UDP connect copy is padded to 576 bytes; the echo reference sends as much.
 ECHO_SIZE = 576
 #: A loopback round trip that has not come back after this long is resent.
@@ -69,34 +70,9 @@ TARGET_HANDSHAKES = 5000
 TARGET_SERVERS = 10_000
 
 
-def server_id(number: int) -> uuid.UUID:
-    return uuid.UUID(int=(0x51 << 120) | number)
-
-
-def server_address(number: int) -> Endpoint:
-    """A distinct public address per server (198.18.0.0/15, the benchmarking range)."""
-    return (f"198.{18 + (number >> 16 & 1)}.{number >> 8 & 255}.{number & 255}", 40000)
-
-
 def client_address(number: int) -> Endpoint:
     """A distinct source IP per client (10.0.0.0/8), so the per-source limit is per client."""
     return (f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}", 50000)
-
-
-def new_service(limits: MediatorLimits) -> MediatorService:
-    return MediatorService(
-        systems={SYSTEM_ID: SYSTEM_KEY}, nonce_secret=NONCE_SECRET, limits=limits
-    )
-
-
-def new_session(number: int, now: float) -> ListenSession:
-    return ListenSession(
-        system_id=SYSTEM_ID,
-        server_id=server_id(number),
-        system_key=SYSTEM_KEY,
-        now=now,
-        rng=random.Random(number),  # noqa: S311 - back-off jitter, seeded to repeat runs
-    )
 
 
 # --- 1 and 2: the sans-I/O core, driven in memory ------------------------------------------
@@ -416,11 +392,14 @@ class LoopbackResult:
     second_process: Load
     #: CPU seconds this process (the daemon alone) spent while the 2nd process ran its load.
     daemon_cpu: float
+    raw: RawLoad
     echo: float
     binding: float
 
 
-async def loopback(servers: int, handshakes: int, clients: int) -> LoopbackResult:
+async def loopback(
+    servers: int, handshakes: int, clients: int, raw_handshakes: int, raw_clients: int
+) -> LoopbackResult:
     service = new_service(LOOPBACK_LIMITS)
     daemon = MediatorDaemon(service)
     async with anyio.create_task_group() as group:
@@ -432,6 +411,8 @@ async def loopback(servers: int, handshakes: int, clients: int) -> LoopbackResul
         # Only the daemon runs here meanwhile: its CPU per handshake is its capacity on
         # one core, whatever the load process (or the machine's other jobs) can drive.
         daemon_cpu = time.process_time() - cpu
+        # The same daemon under the raw-socket load (mediator_load.py), fresh server ids.
+        raw = await raw_load_in_process(mediator, servers, raw_handshakes, raw_clients, 2 * servers)
 
         echo = await group.start(echo_server)
         payload = bytes(ECHO_SIZE)
@@ -457,7 +438,7 @@ async def loopback(servers: int, handshakes: int, clients: int) -> LoopbackResul
             clients, lambda: round_trips(mediator, binding_request, budget, binding_answer)
         )
         group.cancel_scope.cancel()
-    return LoopbackResult(same_process, second_process, daemon_cpu, echo_time, binding_time)
+    return LoopbackResult(same_process, second_process, daemon_cpu, raw, echo_time, binding_time)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -475,15 +456,17 @@ def met(value: float, target: float) -> str:
     return "met" if value >= target else "NOT met"
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one report, top to bottom
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--servers", type=int, default=10_000, help="registered in memory")
     parser.add_argument("--handshakes", type=int, default=20_000, help="in memory")
     parser.add_argument("--loopback-servers", type=int, default=200)
     parser.add_argument("--loopback-handshakes", type=int, default=5000, help="per loopback row")
     parser.add_argument("--clients", type=int, default=32, help="concurrent loopback clients")
+    parser.add_argument("--raw-handshakes", type=int, default=20_000, help="raw-load row")
+    parser.add_argument("--raw-clients", type=int, default=32, help="raw-load client sockets")
     parser.add_argument("--quick", action="store_true", help="tiny counts, for the smoke test")
-    # The second process of the "load in a 2nd process" row; not for direct use.
+    # The second process of the "machines in 2nd process" row; not for direct use.
     parser.add_argument("--load-for", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--first-server", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -494,6 +477,7 @@ def main() -> int:
     if args.quick:
         args.servers, args.handshakes = 50, 100
         args.loopback_servers, args.loopback_handshakes, args.clients = 5, 40, 4
+        args.raw_handshakes, args.raw_clients = 100, 4
 
     print(f"wavesync {__version__} mediator, Python {platform.python_version()}, anyio asyncio")
     print(
@@ -502,9 +486,12 @@ def main() -> int:
     )
     print(
         f"loopback: {args.loopback_servers} servers over TCP, {args.loopback_handshakes}"
-        f" round trips per row, {args.clients} concurrent clients, rate limit raised"
-        " (all clients are 127.0.0.1);\n          reference: raw UDP echo of"
-        f" {ECHO_SIZE} bytes, same clients, same event loop\n"
+        f" round trips per row ({args.raw_handshakes} raw), {args.clients} concurrent clients"
+        f" ({args.raw_clients} raw), rate limit raised (all clients are 127.0.0.1);\n"
+        "          machines: the load runs ListenSession/ConnectRequest on anyio;"
+        " raw: bench/mediator_load.py\n          (raw sockets, templates, fresh ids and"
+        " HMACs, every answer checked); the daemon is the same;\n"
+        f"          reference: raw UDP echo of {ECHO_SIZE} bytes, same clients, same event loop\n"
     )
     print(f"{'measure':46} {'count':>7} {'wavesync/s':>12} {'reference/s':>12} {'ratio':>7}")
 
@@ -518,8 +505,15 @@ def main() -> int:
     row("handshake, sans-I/O, service calls only", args.handshakes, args.handshakes / times.service)
     del service, sessions
 
-    result = anyio.run(loopback, args.loopback_servers, args.loopback_handshakes, args.clients)
-    one, two = result.same_process, result.second_process
+    result = anyio.run(
+        loopback,
+        args.loopback_servers,
+        args.loopback_handshakes,
+        args.clients,
+        args.raw_handshakes,
+        args.raw_clients,
+    )
+    one, two, raw = result.same_process, result.second_process, result.raw
     lh = args.loopback_handshakes
     echo = lh / result.echo
     row(
@@ -527,11 +521,15 @@ def main() -> int:
         args.loopback_servers,
         args.loopback_servers / one.registration,
     )
-    row("handshake over loopback UDP", lh, lh / one.handshakes, echo)
-    row("handshake over loopback, load in 2nd process", lh, lh / two.handshakes)
+    row("handshake, loopback, machines, one process", lh, lh / one.handshakes, echo)
+    row("handshake, loopback, machines in 2nd process", lh, lh / two.handshakes)
     # Conservative: the CPU includes registering the 2nd process's servers too.
     capacity = lh / result.daemon_cpu
-    row("daemon capacity: handshakes per CPU-second", lh, capacity)
+    row("daemon capacity, machines load, per CPU-second", lh, capacity)
+    raw_rate = raw.handshakes / raw.seconds
+    row("handshake, loopback, raw load in 2nd process", raw.handshakes, raw_rate, echo)
+    raw_capacity = raw.handshakes / raw.daemon_cpu
+    row("daemon capacity, raw load, per CPU-second", raw.handshakes, raw_capacity)
     row("Binding over loopback UDP", lh, lh / result.binding, echo)
 
     bytes_per_server = service_bytes_per_server(args.servers)
@@ -541,22 +539,32 @@ def main() -> int:
     for name, load in (("one process", one), ("2nd process", two)):
         counts = load.counts
         print(
-            f"\nloopback handshakes, {name}: {counts.succeeded} with the server's UDP endpoint,"
-            f" {counts.without_udp} without it (ack late), {counts.failed} failed,"
+            f"\nloopback handshakes, machines, {name}: {counts.succeeded} with the server's UDP"
+            f" endpoint, {counts.without_udp} without it (ack late), {counts.failed} failed,"
             f" {counts.udp_resends} connect resends",
             end="",
         )
-    print(f"\nsans-I/O timer firings during the handshakes: {times.timer_firings}")
+    print(
+        f"\nloopback handshakes, raw load: {raw.succeeded} checked, {raw.problems};"
+        f" {raw.acks_verified} ack answers verified; load process CPU"
+        f" {raw.load_cpu / raw.handshakes * 1e6:.0f} µs, daemon CPU"
+        f" {raw.daemon_cpu / raw.handshakes * 1e6:.0f} µs per handshake;"
+        f" {args.loopback_servers} servers registered (ListenSession) in {raw.registration:.2f} s"
+    )
+    print(f"sans-I/O timer firings during the handshakes: {times.timer_firings}")
     sans_io = args.handshakes / times.whole
+    raw_verdict = met(raw_rate, TARGET_HANDSHAKES) if raw.valid else "VOID (failures above)"
     print(
         f"targets: ≥{TARGET_HANDSHAKES} handshakes/s: sans-I/O {met(sans_io, TARGET_HANDSHAKES)},"
-        f" loopback one process {met(lh / one.handshakes, TARGET_HANDSHAKES)},"
-        f" 2nd process {met(lh / two.handshakes, TARGET_HANDSHAKES)},"
-        f" daemon capacity {met(capacity, TARGET_HANDSHAKES)};"
+        f" loopback raw load (wall clock) {raw_verdict},"
+        f" machines one process {met(lh / one.handshakes, TARGET_HANDSHAKES)},"
+        f" machines 2nd process {met(lh / two.handshakes, TARGET_HANDSHAKES)},"
+        f" daemon capacity {met(min(capacity, raw_capacity), TARGET_HANDSHAKES)};"
         f" ≥{TARGET_SERVERS:,} servers: {met(args.servers, TARGET_SERVERS)}"
         f" ({args.servers:,} registered, {bytes_per_server * args.servers / 2**20:.1f} MiB)"
     )
     assert one.counts.failed == two.counts.failed == 0, (one.counts, two.counts)
+    assert raw.valid, raw
     return 0
 
 

@@ -34,5 +34,8 @@ def test_stun_codec_bench_runs_and_reports_every_message() -> None:
 def test_mediator_bench_runs_and_reports_every_row() -> None:
     output = run_bench("mediator.py", "--quick")
     prefixes = ("registration", "handshake", "daemon capacity", "Binding", "service memory")
-    assert len(rows_starting(output, *prefixes)) == 9
+    assert len(rows_starting(output, *prefixes)) == 11
+    assert len(rows_starting(output, "handshake, loopback, raw load")) == 1
+    # The raw load checked every answer: any failure voids its figure.
     assert "targets:" in output
+    assert "VOID" not in output
