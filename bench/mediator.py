@@ -17,15 +17,21 @@ Issue target: ≥5000 handshakes/s and ≥10,000 registered servers. One run mea
 3. The same over loopback: ``MediatorDaemon`` on anyio (asyncio backend) in this process,
    servers registered over real TCP, K concurrent clients over real UDP sockets. Every
    client shares 127.0.0.1, so the per-source rate limit is raised out of the way there.
-   Clients, servers and the daemon share one event loop and one core, so this is the cost
-   of all three parties, not of the mediator alone; a second row runs the same servers and
-   clients in another Python process (``--load-for``, internal), the daemon staying here.
+   "machines" rows: servers and clients run ``ListenSession`` / ``ConnectRequest`` on
+   anyio, first on this event loop (the cost of all three parties), then in another Python
+   process (``--load-for``, internal). That load costs as much CPU per handshake as the
+   mediator, so the "raw load" row runs ``mediator_load.py`` instead: the same servers
+   registered through ``ListenSession``, then template connects and freshly signed acks
+   over raw sockets, every answer checked (see its docstring). Its wall-clock rate is what
+   the issue's target is about; any failure voids it. "daemon capacity" rows divide the
+   handshakes by the CPU seconds this process (the daemon alone) spent meanwhile.
 4. Reference, side by side: raw UDP echo round trips over the same loopback, with the same
    K clients on the same event loop (a ceiling for any request/answer over this adapter),
    and the daemon's STUN Binding round trip (one datagram each way through the service).
 
     python bench/mediator.py [--servers N] [--handshakes M] [--loopback-servers S]
-                             [--loopback-handshakes L] [--clients K] [--quick]
+                             [--loopback-handshakes L] [--clients K]
+                             [--raw-handshakes R] [--raw-clients C] [--quick]
 """
 
 from __future__ import annotations
