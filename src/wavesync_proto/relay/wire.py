@@ -114,14 +114,19 @@ class StandbyCredentials:
 
     def verify(self, key: str, relay_host: str) -> bool:
         """Whether the signature was made with ``key`` for a relay called ``relay_host``."""
-        expected = _signature(
-            key,
-            system_id=self.system_id,
-            server_id=self.server_id,
-            unix_time=self.unix_time,
-            nonce=self.nonce,
-            relay_host=relay_host,
-        )
+        try:
+            expected = _signature(
+                key,
+                system_id=self.system_id,
+                server_id=self.server_id,
+                unix_time=self.unix_time,
+                nonce=self.nonce,
+                relay_host=relay_host,
+            )
+        except UnicodeError:
+            # relay_host is the peer's Host header: a name IDNA cannot encode ("a..b", a
+            # 64-letter label) cannot have been signed, and must not raise out of the relay.
+            return False
         return hmac.compare_digest(expected, self.signature)
 
 

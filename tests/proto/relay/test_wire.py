@@ -118,6 +118,14 @@ def test_signing_refuses_misuse(changes: dict[str, object], message: str) -> Non
         signed(**changes)
 
 
+def test_a_host_that_idna_cannot_encode_never_verifies() -> None:
+    # Host headers come from the peer: one IDNA refuses ("a..b", a 64-letter label) must
+    # be a failed check, not an exception out of the service.
+    credentials = signed()
+    for host in ("a..b", "x" * 64 + ".example", "\xe9.."):
+        assert not credentials.verify(KEY_A, host)
+
+
 # --- header parsing ---------------------------------------------------------------------------
 
 
