@@ -79,11 +79,14 @@ class RequestReader:
 
     def __init__(self, *, max_request_bytes: int) -> None:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_request_bytes)
+        self._max_request_bytes = max_request_bytes
+        self._received = 0
         self._request: StandbyRequest | ClientRequest | None = None
 
     def feed(self, data: bytes) -> StandbyRequest | ClientRequest | None:
         """The request once its last byte is in, else None; ``RequestError`` if not ours."""
         self._http.receive_data(data)
+        self._received += len(data)
         while True:
             try:
                 event = self._http.next_event()
@@ -96,6 +99,10 @@ class RequestReader:
             elif isinstance(event, h11.Data):
                 raise RequestError(400, "relay requests have no body")
             elif isinstance(event, h11.EndOfMessage | h11.PAUSED):
+                # h11 bounds only a head still incomplete; one that arrived whole in one
+                # read is measured here, so the limit does not depend on read sizes.
+                if self._received - len(self.trailing_data) > self._max_request_bytes:
+                    raise RequestError(431, "request head too large")
                 return self._request
             elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - feed never sees EOF
                 return None
@@ -122,7 +129,10 @@ def _interpret(request: h11.Request) -> StandbyRequest | ClientRequest:
     try:
         if target == STANDBY_PATH:
             credentials = StandbyCredentials.from_headers(headers)
-            return StandbyRequest(credentials=credentials, host=headers["host"])
+            host = headers.get("host")
+            if host is None:  # HTTP/1.0 may leave it out
+                raise RequestError(400, "a standby request needs the Host header it signed")
+            return StandbyRequest(credentials=credentials, host=host)
         return _client_request(headers)
     except RequestError:
         raise

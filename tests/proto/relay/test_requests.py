@@ -208,6 +208,16 @@ def test_an_oversized_head_is_431_before_it_ends() -> None:
     assert caught.value.status == 431
 
 
+def test_an_oversized_head_that_arrives_whole_is_431_too() -> None:
+    # h11 measures only incomplete heads; the limit must not depend on how reads split.
+    data = request_bytes(CONNECT_PATH, [("Wavesync-Server", str(SERVER_1)), ("X-Pad", "p" * LIMIT)])
+    assert refusal(data).status == 431
+    # Early tunnel bytes after a small head do not count against the head.
+    machine = reader()
+    assert machine.feed(connect_request(SERVER_1) + b"e" * (4 * LIMIT)) is not None
+    assert len(machine.trailing_data) == 4 * LIMIT
+
+
 @pytest.mark.parametrize("name", ["Wavesync-Server", "wavesync-server", "WAVESYNC-SERVER"])
 def test_a_repeated_wavesync_header_is_400(name: str) -> None:
     # Even when both copies agree: a second copy is a sign of a confused or hostile proxy.
@@ -253,6 +263,16 @@ def test_a_standby_request_with_bad_credentials_is_400() -> None:
     error = refusal(data)
     assert error.status == 400
     assert "wavesync-nonce" in str(error)
+
+
+def test_a_standby_request_without_a_host_is_400() -> None:
+    # HTTP/1.0 lets a request leave Host out; the signature covers it, so it must be there.
+    data = standby_request(SERVER_1, nonce=NONCE)
+    data = data.replace(b"HTTP/1.1", b"HTTP/1.0").replace(f"Host: {RELAY_HOST}\r\n".encode(), b"")
+    assert b"Host" not in data
+    error = refusal(data)
+    assert error.status == 400
+    assert "Host" in str(error)
 
 
 @pytest.mark.parametrize(
