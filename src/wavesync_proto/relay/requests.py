@@ -95,14 +95,14 @@ class RequestReader:
             if event is h11.NEED_DATA:
                 return None
             if isinstance(event, h11.Request):
-                self._request = _interpret(event)
-            elif isinstance(event, h11.Data):
-                raise RequestError(400, "relay requests have no body")
-            elif isinstance(event, h11.EndOfMessage | h11.PAUSED):
                 # h11 bounds only a head still incomplete; one that arrived whole in one
                 # read is measured here, so the limit does not depend on read sizes.
                 if self._received - len(self.trailing_data) > self._max_request_bytes:
                     raise RequestError(431, "request head too large")
+                self._request = _interpret(event)
+            elif isinstance(event, h11.Data):
+                raise RequestError(400, "relay requests have no body")
+            elif isinstance(event, h11.EndOfMessage | h11.PAUSED):
                 return self._request
             elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - feed never sees EOF
                 return None

@@ -159,6 +159,7 @@ class Answer:
 
 def parse_answer(data: bytes) -> Answer:
     """Read one complete answer; fails the test if it is not exactly one HTTP/1.1 answer."""
+    assert data, "no answer at all"  # (h11 would take b"" for the end of the stream)
     http = h11.Connection(h11.CLIENT)
     http.send(
         h11.Request(
@@ -382,9 +383,20 @@ class Harness:
         )
         return self.send(handle, data)
 
-    def idle_standby(self, handle: ConnectionHandle, server_id: uuid.UUID) -> None:
+    def idle_standby(
+        self,
+        handle: ConnectionHandle,
+        server_id: uuid.UUID,
+        *,
+        system_id: uuid.UUID | None = None,
+        key: str | None = None,
+        unix_time: int | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
         """A standby connection that the relay accepted and holds idle."""
-        self.standby(handle, server_id)
+        self.standby(
+            handle, server_id, system_id=system_id, key=key, unix_time=unix_time, nonce=nonce
+        )
         answer = self.answer(handle)
         assert answer.status == 101, answer
         assert answer.trailing == b""
@@ -402,9 +414,13 @@ class Harness:
         self.connect(handle, remote)
         return self.send(handle, connect_request(server_id, system_id) + early)
 
-    def ready(self, standby: ConnectionHandle, after: bytes = b"") -> StartSplice:
-        """Answer the OPEN ``standby`` got with READY (and ``after`` in the same read)."""
-        session = self.opened(standby).session_id
+    def ready(
+        self, standby: ConnectionHandle, after: bytes = b"", *, session: bytes | None = None
+    ) -> StartSplice:
+        """Answer the OPEN ``standby`` got (read here unless ``session`` is given) with
+        READY, and ``after`` in the same read; return the splice that follows."""
+        if session is None:
+            session = self.opened(standby).session_id
         actions = self.send(standby, ready_line(session) + after)
         [splice] = [a for a in actions if isinstance(a, StartSplice)]
         assert splice.session_id == session
