@@ -335,7 +335,10 @@ class RelayService:
         key = self._systems.get(credentials.system_id)
         if key is None:
             return f"unknown system {credentials.system_id}"
-        host_name = request.host.rsplit(":", 1)[0].strip("[]").lower()
+        host = request.host.lower()
+        # "[v6]" and "[v6]:port" are bracketed: a plain rsplit on ":" would cut into "[v6]".
+        bracketed = host.startswith("[")
+        host_name = host[1:].partition("]")[0] if bracketed else host.rsplit(":", 1)[0]
         if self._host_names is not None and host_name not in self._host_names:
             return f"signed for {host_name!r}, which is not this relay"
         if not credentials.verify(key, request.host):

@@ -140,6 +140,8 @@ def test_a_refused_request_does_not_burn_its_nonce() -> None:
         ("RELAY.Example:443", True),
         ("relay-2.example:8443", False),
         ("[2001:db8::1]:8443", True),
+        ("[2001:db8::1]", True),
+        ("[2001:DB8::1]", True),
         ("[2001:db8::2]:8443", False),
         ("2001:db8::1", False),  # not a valid Host: IPv6 needs brackets
     ],
