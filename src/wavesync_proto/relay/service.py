@@ -358,7 +358,10 @@ class RelayService:
         now: float,
     ) -> list[Action]:
         limits = self.limits
-        if len(self._active_sessions) + self._pairing >= limits.max_active_sessions:
+        # A waiting client becomes a session as soon as a standby connection comes, and
+        # nothing stops it then: so it holds its place under the session limit from now on.
+        claimed = len(self._active_sessions) + self._pairing + self._pools.waiting_total
+        if claimed >= limits.max_active_sessions:
             self.counters.clients_refused_limits += 1
             return self._refuse(connection, 503, "the relay carries all it may", _RETRY_AFTER)
         if len(trailing) > limits.max_early_bytes:

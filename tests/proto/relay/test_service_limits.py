@@ -303,6 +303,24 @@ def test_sessions_are_bounded() -> None:
     assert h.service.counters.sessions_active == 2
 
 
+def test_waiting_clients_count_against_the_session_limit() -> None:
+    # However many standby connections arrive later, no more sessions start than allowed.
+    h = Harness.create(RelayLimits(max_active_sessions=2, pair_timeout=100.0, open_timeout=100.0))
+    h.idle_standby("s0", SERVER_1)
+    h.lose("s0")  # SERVER_1 known, with no standby connection
+    h.client("c1", SERVER_1)
+    h.client("c2", SERVER_1)
+    h.client("c3", SERVER_1)
+    assert h.refused("c3").status == 503
+    for index in range(1, 4):
+        h.standby(f"s{index}", SERVER_1)
+    for index in range(1, 3):
+        [line] = control_lines(h.answer(f"s{index}").trailing)
+        h.ready(f"s{index}", session=line.session_id)  # type: ignore[union-attr]
+    assert h.service.counters.sessions_active == 2
+    assert h.service.idle_standby(SERVER_1) == 1
+
+
 def test_waiting_clients_are_bounded() -> None:
     h = Harness.create(RelayLimits(max_waiting_clients=2))
     h.idle_standby("s0", SERVER_1)
