@@ -55,13 +55,7 @@ class RelayPools:
     def add_idle(
         self, server_id: uuid.UUID, system_id: uuid.UUID, standby: ConnectionHandle
     ) -> None:
-        pool = self._servers.get(server_id)
-        if pool is None:
-            pool = self._servers[server_id] = _ServerPool(system_id)
-            self._systems.setdefault(system_id, {})[server_id] = None
-        elif pool.system_id != system_id:
-            # The service refuses a server id another system holds (409) before this.
-            raise LocalProtocolError(f"server {server_id} belongs to another system")
+        pool = self._pool(server_id, system_id)
         pool.idle[standby] = None
         self.idle_total += 1
         self._fading.discard(server_id)
@@ -141,25 +135,32 @@ class RelayPools:
                 del self._system_waiting[system_id]
         self.waiting_total -= 1
 
-    def pop_waiting(self, server_id: uuid.UUID, now: float) -> ConnectionHandle | None:
-        """The client that has waited longest for this server (by id, then by system)."""
+    def pop_waiting(
+        self, server_id: uuid.UUID, system_id: uuid.UUID, now: float
+    ) -> ConnectionHandle | None:
+        """The client that has waited longest for this server (by id, then by system).
+
+        ``system_id`` is the server's: a server not seen before has no pool yet, and its
+        first standby connection is still what the clients of its system wait for.
+        """
         pool = self._servers.get(server_id)
-        if pool is None:
-            return None
-        for client in pool.waiting:
-            del pool.waiting[client]
-            self.waiting_total -= 1
-            self._maybe_fading(server_id, pool, now)
-            return client
-        waiting = self._system_waiting.get(pool.system_id)
+        if pool is not None:
+            for client in pool.waiting:
+                del pool.waiting[client]
+                self.waiting_total -= 1
+                self._maybe_fading(server_id, pool, now)
+                return client
+        waiting = self._system_waiting.get(system_id)
         if not waiting:
             return None
         for client in waiting:
             del waiting[client]
             break
         if not waiting:
-            del self._system_waiting[pool.system_id]
+            del self._system_waiting[system_id]
         self.waiting_total -= 1
+        # The server just offered a connection: it is known, and alive as of now.
+        self._maybe_fading(server_id, self._pool(server_id, system_id), now)
         return client
 
     # --- forgetting servers -------------------------------------------------------------------
@@ -174,6 +175,16 @@ class RelayPools:
             self._forget(server_id)
             forgotten += 1
         return forgotten
+
+    def _pool(self, server_id: uuid.UUID, system_id: uuid.UUID) -> _ServerPool:
+        pool = self._servers.get(server_id)
+        if pool is None:
+            pool = self._servers[server_id] = _ServerPool(system_id)
+            self._systems.setdefault(system_id, {})[server_id] = None
+        elif pool.system_id != system_id:
+            # The service refuses a server id another system holds (409) before this.
+            raise LocalProtocolError(f"server {server_id} belongs to another system")
+        return pool
 
     def _maybe_fading(self, server_id: uuid.UUID, pool: _ServerPool, now: float) -> None:
         if not pool.idle and not pool.waiting:

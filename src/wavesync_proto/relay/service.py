@@ -320,7 +320,7 @@ class RelayService:
             ]
         )
         actions: list[Action] = [SendBytes(connection=connection, data=accepted)]
-        client = self._pools.pop_waiting(server_id, now)
+        client = self._pools.pop_waiting(server_id, system_id, now)
         if client is not None:
             actions += self._open(connection, state, client, now)
         else:

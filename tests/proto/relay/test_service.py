@@ -237,6 +237,42 @@ def test_clients_that_named_the_server_go_before_clients_that_named_its_system()
     assert h.splices[session_id(3)].client == "by-system"
 
 
+def test_a_new_server_of_a_system_serves_the_clients_waiting_for_the_system() -> None:
+    h = Harness.create(PATIENT)
+    h.idle_standby("s1", SERVER_1)
+    h.client("c1", system_id=SYSTEM_A)
+    h.ready("s1")
+    h.client("c2", system_id=SYSTEM_A)  # system A is known: c2 waits
+    assert h.service.counters.clients_waiting == 1
+    # SERVER_2, never seen before, joins system A: its first standby connection is
+    # the one c2 is waiting for.
+    h.standby("s2", SERVER_2)
+    [line] = control_lines(h.answer("s2").trailing)
+    assert isinstance(line, Open)
+    assert h.service.counters.clients_waiting == 0
+    h.send("s2", ready_line(line.session_id))
+    assert h.splices[line.session_id].client == "c2"
+    assert server_of(h.splices[line.session_id]) == str(SERVER_2)
+
+
+def test_a_server_whose_connections_all_go_to_waiting_clients_stays_known() -> None:
+    # Its pool is never idle, but it keeps offering connections: it is alive, not fading.
+    h = Harness.create(RelayLimits(known_server_ttl=60.0, pair_timeout=5.0, open_timeout=5.0))
+    h.idle_standby("s0", SERVER_1)
+    h.client("c0", system_id=SYSTEM_A)
+    h.ready("s0")
+    for round_ in range(1, 10):
+        h.advance(10.0)
+        h.client(f"c{round_}", system_id=SYSTEM_A)
+        h.standby(f"s{round_}", SERVER_1)
+        [line] = control_lines(h.answer(f"s{round_}").trailing)
+        assert isinstance(line, Open)
+        h.ready(f"s{round_}", session=line.session_id)
+    h.client("by-id", SERVER_1)
+    assert h.read("by-id") == b""  # waits for the next one rather than 404
+    assert h.service.counters.clients_waiting == 1
+
+
 # --- targeting --------------------------------------------------------------------------------
 
 
