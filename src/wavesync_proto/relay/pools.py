@@ -27,6 +27,9 @@ class _ServerPool:
     idle: dict[ConnectionHandle, None] = field(default_factory=dict)
     #: Clients that named this server and wait for a standby connection, first come first.
     waiting: dict[ConnectionHandle, None] = field(default_factory=dict)
+    #: When a standby connection of the server last left the pool or was handed over:
+    #: ``known_server_ttl`` runs from here, not from when the last client stopped waiting.
+    last_seen: float = 0.0
 
 
 class RelayPools:
@@ -66,6 +69,7 @@ class RelayPools:
         if pool is None or pool.idle.pop(standby, 0) is not None:
             return False
         self.idle_total -= 1
+        pool.last_seen = now
         self._maybe_fading(server_id, pool, now)
         return True
 
@@ -76,6 +80,7 @@ class RelayPools:
             return None
         standby, _ = pool.idle.popitem()
         self.idle_total -= 1
+        pool.last_seen = now
         self._maybe_fading(server_id, pool, now)
         return standby
 
@@ -148,6 +153,7 @@ class RelayPools:
             for client in pool.waiting:
                 del pool.waiting[client]
                 self.waiting_total -= 1
+                pool.last_seen = now
                 self._maybe_fading(server_id, pool, now)
                 return client
         waiting = self._system_waiting.get(system_id)
@@ -160,7 +166,9 @@ class RelayPools:
             del self._system_waiting[system_id]
         self.waiting_total -= 1
         # The server just offered a connection: it is known, and alive as of now.
-        self._maybe_fading(server_id, self._pool(server_id, system_id), now)
+        pool = self._pool(server_id, system_id)
+        pool.last_seen = now
+        self._maybe_fading(server_id, pool, now)
         return client
 
     # --- forgetting servers -------------------------------------------------------------------
@@ -187,8 +195,15 @@ class RelayPools:
         return pool
 
     def _maybe_fading(self, server_id: uuid.UUID, pool: _ServerPool, now: float) -> None:
-        if not pool.idle and not pool.waiting:
-            self._fading.touch(server_id, now)
+        if pool.idle or pool.waiting:
+            return
+        if now - pool.last_seen >= self._fading.timeout:
+            # Its time ran out while clients waited for it. Starting the ttl over when the
+            # last one leaves would let clients that retry a dead server keep it known
+            # (and keep waiting for it instead of trying another path) forever.
+            self._forget(server_id)
+        else:
+            self._fading.touch(server_id, pool.last_seen)
 
     def _forget(self, server_id: uuid.UUID) -> None:
         pool = self._servers.pop(server_id)

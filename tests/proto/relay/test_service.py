@@ -331,6 +331,44 @@ def test_an_unknown_server_or_system_is_404(server_id: object, system_id: object
     assert h.service.idle_standby(SERVER_1) == 1  # untouched
 
 
+def test_a_known_server_with_no_standby_makes_the_client_wait_until_it_is_forgotten() -> None:
+    limits = RelayLimits(known_server_ttl=60.0, pair_timeout=5.0)
+    h = Harness.create(limits)
+    h.idle_standby("s1", SERVER_1)
+    h.advance(1.0)
+    h.lose("s1")
+    h.advance(10.0)
+    h.client("c1", SERVER_1)
+    assert h.read("c1") == b""
+    assert h.service.counters.clients_waiting == 1
+    h.advance(5.0)
+    answer = h.refused("c1")
+    assert answer.status == 503
+    assert answer.headers["retry-after"] == "1"
+    # 60 s after its last standby connection went, the server is forgotten: 404.
+    h.advance(60.0 - 15.0)
+    h.client("c2", SERVER_1)
+    assert h.refused("c2").status == 404
+
+
+def test_a_server_is_forgotten_on_time_however_often_clients_ask_for_it() -> None:
+    # Clients retrying a dead server must not keep it "known" (and themselves waiting
+    # instead of moving on to another path) forever.
+    limits = RelayLimits(known_server_ttl=60.0, pair_timeout=5.0)
+    h = Harness.create(limits)
+    h.idle_standby("s1", SERVER_1)
+    h.lose("s1")
+    statuses = []
+    for attempt in range(40):
+        h.client(f"c{attempt}", SERVER_1)
+        h.advance(6.0)
+        statuses.append(h.refused(f"c{attempt}").status)
+    assert statuses[:10] == [503] * 10
+    assert statuses[-10:] == [404] * 10
+    # Forgotten within one wait after the ttl: the first 404 comes at 66 s at the latest.
+    assert statuses.index(404) <= 11
+
+
 # --- keep-alives and age ----------------------------------------------------------------------
 
 
