@@ -72,6 +72,8 @@ class UpgradeExchange:
 
     def feed(self, data: bytes) -> Switched | Refused | None:
         """The answer once it is complete; RemoteProtocolError for anything that is not HTTP."""
+        if not data:
+            return None  # to h11 an empty read means end of file: that is connection_closed()
         self._http.receive_data(data)
         while True:
             try:

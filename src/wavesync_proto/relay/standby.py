@@ -145,12 +145,7 @@ class StandbyConnection:
             if answer is None:
                 return []
             if isinstance(answer, Refused):
-                self._state, self._deadline = _State.ENDED, None
-                return [
-                    StandbyRefused(
-                        status=answer.status, reason=answer.reason, retry_after=answer.retry_after
-                    )
-                ]
+                return self._refused(answer)
             return self._accepted(answer, now)
         if self._state is _State.IDLE:
             self._control += data
@@ -166,10 +161,7 @@ class StandbyConnection:
         if self._state is _State.REQUESTING:
             refused = self._exchange.connection_closed()
             if refused is not None:
-                self._state, self._deadline = _State.ENDED, None
-                return [
-                    StandbyRefused(status=refused.status, reason=refused.reason, retry_after=None)
-                ]
+                return self._refused(refused)
             return self._end("the relay closed the connection before answering")
         return self._end("the relay closed the standby connection")
 
@@ -229,6 +221,14 @@ class StandbyConnection:
             client_address=control.client_address,
             first_bytes=first_bytes,
         )
+
+    def _refused(self, answer: Refused) -> list[StandbyEvent]:
+        self._state, self._deadline = _State.ENDED, None
+        return [
+            StandbyRefused(
+                status=answer.status, reason=answer.reason, retry_after=answer.retry_after
+            )
+        ]
 
     def _end(self, reason: str) -> list[StandbyEvent]:
         self._state, self._deadline = _State.ENDED, None
