@@ -1,7 +1,7 @@
 """The ``wavesync`` command.
 
-Each subcommand is a thin program over an adapter; later issues add mediator,
-relay, server, client, demo and udt. Exit status: 0 on success, 1 when the
+Each subcommand is a thin program over an adapter; later issues add server,
+client, demo and udt. Exit status: 0 on success, 1 when the
 network operation failed, 2 for a usage error (argparse's convention).
 """
 
@@ -15,9 +15,10 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import anyio
 
@@ -26,9 +27,11 @@ from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.service import MediatorService
 from wavesync_proto.mediator.systems import format_system_entry, parse_systems
+from wavesync_proto.relay import RelayLimits, RelayService
 from wavesync_proto.stun.transaction import DEFAULT_RC, DEFAULT_RM, DEFAULT_RTO
 
 from .anyio.mediator import MediatorDaemon
+from .anyio.relay import RelayDaemon
 from .blocking.stun import StunError, binding_request, serve_binding
 
 __all__ = ["main"]
@@ -196,7 +199,70 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a relay to offer clients (repeatable)",
     )
+    relay = commands.add_parser(
+        "relay",
+        parents=[common],
+        help="run the relay: standby pools of servers, clients paired to them",
+        description=(
+            "Run the relay: servers keep idle standby connections to it, clients ask for a"
+            " server (or any server of a system) and get one of them as a tunnel; the relay"
+            " then copies bytes both ways without looking inside."
+        ),
+    )
+    relay.add_argument(
+        "--listen", type=_relay_endpoint, required=True, metavar="HOST:PORT", help="TCP address"
+    )
+    relay.add_argument(
+        "--systems", type=Path, required=True, metavar="FILE", help="systems.toml (see keygen)"
+    )
+    relay.add_argument(
+        "--host-name",
+        action="append",
+        metavar="NAME",
+        help=(
+            "a name servers reach this relay by (repeatable); when given, standby requests"
+            " signed for any other name are refused"
+        ),
+    )
+    relay.add_argument(
+        "--standby-count",
+        type=_positive_int,
+        default=RelayLimits.standby_count,
+        help=f"standby connections to ask of each server (default {RelayLimits.standby_count})",
+    )
     return parser
+
+
+def _relay_endpoint(text: str) -> tuple[str, int]:
+    try:
+        return parse_endpoint(text)
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _load_systems(command: str, path: Path) -> dict[uuid.UUID, str] | None:
+    try:
+        return dict(parse_systems(path.read_text(encoding="utf-8")))
+    except (OSError, LocalProtocolError) as exc:
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
+        return None
+
+
+async def _serve_until_signal(
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    host: str,
+    port: int,
+    ready: Callable[[Endpoint], str],
+) -> None:
+    """Run a daemon's ``serve`` and print its ready line; stop on SIGTERM or SIGINT."""
+    async with anyio.create_task_group() as group:
+        bound = await group.start(serve, host, port)
+        print(ready(bound), flush=True)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                group.cancel_scope.cancel()
+                break
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -207,10 +273,8 @@ def _run_keygen(args: argparse.Namespace) -> int:
 
 
 def _run_mediator(args: argparse.Namespace) -> int:
-    try:
-        systems = parse_systems(args.systems.read_text(encoding="utf-8"))
-    except (OSError, LocalProtocolError) as exc:
-        print(f"wavesync mediator: {exc}", file=sys.stderr)
+    systems = _load_systems("mediator", args.systems)
+    if systems is None:
         return 1
     service = MediatorService(
         systems=systems, relay_urls=tuple(args.relay_url), nonce_secret=secrets.token_bytes(32)
@@ -218,23 +282,43 @@ def _run_mediator(args: argparse.Namespace) -> int:
     daemon = MediatorDaemon(service)
     host, port = args.listen
 
-    async def run() -> None:
-        async with anyio.create_task_group() as group:
-            bound = await group.start(daemon.serve, host, port)
-            print(f"mediator listening on udp+tcp {format_endpoint(bound)}", flush=True)
-            log.info("%d system(s) loaded from %s", len(systems), args.systems)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping on %s", signal.Signals(signum).name)
-                    group.cancel_scope.cancel()
-                    break
-
+    log.info("%d system(s) loaded from %s", len(systems), args.systems)
     try:
-        anyio.run(run)
+        anyio.run(
+            _serve_until_signal,
+            daemon.serve,
+            host,
+            port,
+            lambda bound: f"mediator listening on udp+tcp {format_endpoint(bound)}",
+        )
     except OSError as exc:
         print(f"wavesync mediator: {exc}", file=sys.stderr)
         return 1
     log.info("mediator stopped: %s", service.counters)
+    return 0
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    systems = _load_systems("relay", args.systems)
+    if systems is None:
+        return 1
+    limits = RelayLimits(standby_count=args.standby_count)
+    service = RelayService(systems, limits=limits, host_names=args.host_name)
+    daemon = RelayDaemon(service)
+    host, port = args.listen
+    log.info("%d system(s) loaded from %s", len(systems), args.systems)
+    try:
+        anyio.run(
+            _serve_until_signal,
+            daemon.serve,
+            host,
+            port,
+            lambda bound: f"relay listening on tcp {format_endpoint(bound)}",
+        )
+    except OSError as exc:
+        print(f"wavesync relay: {exc}", file=sys.stderr)
+        return 1
+    log.info("relay stopped: %s", service.counters)
     return 0
 
 
@@ -284,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = {
         "keygen": _run_keygen,
         "mediator": _run_mediator,
+        "relay": _run_relay,
         "stun-binding": _run_stun_binding,
         "stun-server": _run_stun_server,
     }

@@ -1,0 +1,280 @@
+"""The relay daemon on anyio: accepts TCP connections, runs ``RelayService``, splices pairs.
+
+Thin by design: this module moves bytes and time between the sockets and the
+service, and carries out its actions. It makes no protocol decision (who is
+authentic, who is paired with whom, when to give up): the service does.
+
+It works on raw non-blocking sockets with ``anyio.wait_readable``/``wait_writable``
+rather than anyio streams, so that a paired session can be handed to
+``os.splice`` and its bytes never pass through Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.relay import (
+    Action,
+    CloseConnection,
+    RelayService,
+    SendBytes,
+    StartSplice,
+)
+
+from ._splice import splice_sockets
+
+__all__ = ["RelayDaemon"]
+
+log = logging.getLogger("wavesync.relay")
+
+_RECEIVE_BYTES = 65536
+# Connections accepted per wake-up of the listener before other tasks get their turn.
+_ACCEPT_BATCH = 64
+# A closing connection's peer gets this long to read our last answer before the close.
+_DRAIN_SECONDS = 2.0
+_LISTEN_BACKLOG = 4096
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    remote: Endpoint
+    #: Cancels a wait for input (the connection is being spliced or closed).
+    wait_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: The service let go of this connection (closed it, or handed it to a splice).
+    released: bool = False
+    closing: bool = False
+    #: Set when the connection's own task no longer touches the socket.
+    idle: anyio.Event = field(default_factory=anyio.Event)
+    spliced: anyio.Event | None = None
+
+
+class RelayDaemon:
+    """Runs a ``RelayService`` on one TCP listening socket."""
+
+    def __init__(
+        self,
+        service: RelayService,
+        *,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self._clock = clock or anyio.current_time
+        self._wall_clock = wall_clock
+        self._connections: dict[Hashable, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._group: anyio.abc.TaskGroup | None = None
+        self._timer_changed: anyio.Event | None = None
+        self._sleeping_until = math.inf
+        self.bound: Endpoint | None = None
+        #: Bytes carried by spliced sessions that have ended, per direction.
+        self.bytes_client_to_server = 0
+        self.bytes_server_to_client = 0
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve until cancelled."""
+        self._timer_changed = anyio.Event()
+        listener = await _listen(host, port)
+        with listener:
+            local = listener.getsockname()
+            self.bound = (str(local[0]), int(local[1]))
+            async with anyio.create_task_group() as group:
+                self._group = group
+                group.start_soon(self._run_timers)
+                group.start_soon(self._accept, listener)
+                log.info("relay on tcp %s", format_endpoint(self.bound))
+                task_status.started(self.bound)
+
+    # --- carrying out the service's decisions ---------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendBytes):
+                connection = self._connections.get(action.connection)
+                if connection is not None and not connection.closing:
+                    self._send_now(connection, action.data)
+            elif isinstance(action, CloseConnection):
+                connection = self._connections.get(action.connection)
+                if connection is not None:
+                    log.debug("closing %s: %s", format_endpoint(connection.remote), action.reason)
+                    self._start_closing(connection)
+            elif isinstance(action, StartSplice):
+                self._start_splice(action)
+        deadline = self.service.get_timer()
+        if deadline is not None and deadline < self._sleeping_until and self._timer_changed:
+            self._timer_changed.set()
+
+    def _send_now(self, connection: _Connection, data: bytes) -> None:
+        # Everything the relay itself says is small (answers, PING, OPEN) and fits the
+        # kernel's send buffer of a connection that reads at all; one that does not
+        # read is dropped rather than given a queue to grow.
+        try:
+            sent = connection.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the reading task sees the error and reports the loss
+        if sent < len(data):
+            log.info("dropping %s: it does not read", format_endpoint(connection.remote))
+            connection.closing = True
+            connection.wait_scope.cancel()
+
+    def _start_closing(self, connection: _Connection) -> None:
+        connection.released = connection.closing = True
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_WR)
+        connection.wait_scope.cancel()
+
+    def _start_splice(self, action: StartSplice) -> None:
+        client = self._connections[action.client]
+        server = self._connections[action.server]
+        done = anyio.Event()
+        for connection in (client, server):
+            connection.released = True
+            connection.spliced = done
+            connection.wait_scope.cancel()
+        assert self._group is not None
+        self._group.start_soon(self._splice, action, client, server, done)
+
+    async def _splice(
+        self, action: StartSplice, client: _Connection, server: _Connection, done: anyio.Event
+    ) -> None:
+        try:
+            # Each connection's own task may still be inside a wait on its socket.
+            await client.idle.wait()
+            await server.idle.wait()
+            result = await splice_sockets(
+                client.sock, server.sock, to_client=action.to_client, to_server=action.to_server
+            )
+        finally:
+            client.sock.close()
+            server.sock.close()
+            done.set()
+        self.bytes_client_to_server += result.client_to_server
+        self.bytes_server_to_client += result.server_to_client
+        log.debug(
+            "session %s ended (%s): %d bytes to the server, %d to the client",
+            action.session_id.hex(),
+            result.ending,
+            result.client_to_server,
+            result.server_to_client,
+        )
+        self.service.splice_ended(action.session_id, self._clock())
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        assert self._group is not None
+        while True:
+            await anyio.wait_readable(listener)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # out of file descriptors, a reset in the backlog
+                    log.warning("accept failed: %s", exc)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._group.start_soon(self._serve_connection, sock, (address[0], address[1]))
+
+    async def _serve_connection(self, sock: socket.socket, remote: Endpoint) -> None:
+        handle = next(self._ids)
+        connection = _Connection(sock=sock, remote=remote)
+        self._connections[handle] = connection
+        try:
+            self._apply(self.service.connection_made(handle, remote, self._clock()))
+            await self._read(handle, connection)
+        finally:
+            del self._connections[handle]
+            if not connection.released:
+                self._apply(self.service.connection_lost(handle, self._clock()))
+            connection.idle.set()
+            if connection.spliced is None:
+                sock.close()
+        if connection.spliced is not None:
+            await connection.spliced.wait()  # the splice task owns the socket now
+
+    async def _read(self, handle: int, connection: _Connection) -> None:
+        sock, service = connection.sock, self.service
+        while not connection.released and not connection.closing:
+            try:
+                data = sock.recv(_RECEIVE_BYTES)
+            except BlockingIOError:
+                # A scope per wait (a scope is entered once): _apply cancels it when the
+                # connection is released or closed while we sleep.
+                connection.wait_scope = anyio.CancelScope()
+                with connection.wait_scope:
+                    await anyio.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            now, unix_time = self._clock(), self._wall_clock()
+            self._apply(service.data_received(handle, data, now, unix_time=unix_time))
+        if connection.closing and connection.spliced is None:
+            await _drain(sock)
+
+    async def _run_timers(self) -> None:
+        while True:
+            deadline = self.service.get_timer()
+            self._sleeping_until = math.inf if deadline is None else deadline
+            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            assert self._timer_changed is not None
+            with anyio.move_on_after(delay):
+                await self._timer_changed.wait()
+            self._timer_changed = anyio.Event()
+            self._sleeping_until = -math.inf  # awake: nobody needs to wake us
+            self._apply(self.service.handle_timer(self._clock()))
+
+
+async def _drain(sock: socket.socket) -> None:
+    """Read and discard until EOF or a short deadline, so the close is not a reset.
+
+    Closing a socket with unread input makes the kernel send RST, and a RST can
+    destroy the error answer the peer has not read yet.
+    """
+    with anyio.move_on_after(_DRAIN_SECONDS):
+        while True:
+            try:
+                if not sock.recv(_RECEIVE_BYTES):
+                    return
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+            except OSError:
+                return
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setblocking(False)
+        listener.bind(address)
+        listener.listen(_LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
