@@ -122,7 +122,9 @@ def _interpret(request: h11.Request) -> StandbyRequest | ClientRequest:
     headers = _header_dict(request)
     if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
         raise RequestError(400, "relay requests have no body")
-    upgrade = [token.strip() for token in headers.get("upgrade", "").split(",")]
+    # "recipients SHOULD use case-insensitive comparison when matching each protocol-name"
+    # (RFC 9110 §7.8); UPGRADE_PROTOCOL is written in lower case.
+    upgrade = [token.strip().lower() for token in headers.get("upgrade", "").split(",")]
     connection = [token.strip().lower() for token in headers.get("connection", "").split(",")]
     if UPGRADE_PROTOCOL not in upgrade or "upgrade" not in connection:
         raise RequestError(426, f"send Connection: Upgrade and Upgrade: {UPGRADE_PROTOCOL}")

@@ -135,6 +135,19 @@ def test_upgrade_tokens_are_matched_in_lists() -> None:
     assert reader().feed(data) is not None
 
 
+def test_the_upgrade_token_is_matched_without_regard_to_case() -> None:
+    data = request_bytes(
+        CONNECT_PATH,
+        [
+            ("Connection", "Upgrade"),
+            ("Upgrade", UPGRADE_PROTOCOL.upper()),
+            ("Wavesync-Server", str(SERVER_1)),
+        ],
+        upgrade=False,
+    )
+    assert reader().feed(data) is not None
+
+
 def test_an_http_1_0_client_request_is_served() -> None:
     data = raw_request(
         f"GET {CONNECT_PATH} HTTP/1.0\nConnection: Upgrade\nUpgrade: {UPGRADE_PROTOCOL}\n"
@@ -172,7 +185,7 @@ def test_a_method_other_than_get_is_405(method: str) -> None:
         [("Upgrade", UPGRADE_PROTOCOL)],
         [("Connection", "keep-alive"), ("Upgrade", UPGRADE_PROTOCOL)],
         [("Connection", "Upgrade"), ("Upgrade", "websocket")],
-        [("Connection", "Upgrade"), ("Upgrade", UPGRADE_PROTOCOL.upper())],
+        [("Connection", "Upgrade"), ("Upgrade", "wavesync-relay/2")],
     ],
 )
 def test_a_request_without_our_upgrade_is_426(headers: list[tuple[str, str]]) -> None:
