@@ -208,6 +208,15 @@ garbage_operations = st.one_of(
         st.integers(0, 2),
         st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=1),
     ),
+    # A standby request with any Host header (signed for another, so never accepted).
+    st.tuples(
+        st.just("host"),
+        st.one_of(
+            st.text("a.:[]1-", min_size=1, max_size=80),  # empty and odd labels, brackets
+            st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=80),
+        ),
+        st.integers(0, 2),
+    ),
     # A client request for any target, with any early bytes.
     st.tuples(st.just("client"), st.integers(0, len(TARGETS) - 1), st.binary(max_size=80)),
     # Anything to a live connection, whatever stage it is at.
@@ -222,7 +231,7 @@ garbage_operations = st.one_of(
 
 def run_garbage(driver: Driver, operation: tuple[object, object, object]) -> None:
     kind, first, second = operation
-    if kind in ("fresh", "standby", "client"):
+    if kind in ("fresh", "standby", "host", "client"):
         new_connection(driver, kind, first, second)
     elif kind in ("bytes", "ready", "lose"):
         assert isinstance(first, int)
@@ -247,6 +256,18 @@ def new_connection(driver: Driver, kind: object, first: object, second: object) 
         assert isinstance(second, list)
         signed = standby_request(SERVERS[first], nonce=h.next_nonce(), unix_time=int(h.unix_time))
         remote, data = REMOTES[3], mutate(signed, second, None)
+    elif kind == "host":
+        assert isinstance(first, str)
+        assert isinstance(second, int)
+        nonce = h.next_nonce()
+        signed = standby_request(
+            SERVERS[second],
+            nonce=nonce,
+            host=first,
+            signed_host="relay",
+            unix_time=int(h.unix_time),
+        )
+        remote, data = REMOTES[3], signed
     else:
         assert isinstance(first, int)
         assert isinstance(second, bytes)
