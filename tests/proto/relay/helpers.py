@@ -57,6 +57,9 @@ SERVER_ADDRESS: Endpoint = ("198.51.100.1", 40001)
 CLIENT_ADDRESS: Endpoint = ("203.0.113.9", 61001)
 CLIENT_V6_ADDRESS: Endpoint = ("2001:db8::9", 61002)
 
+#: Limits under which nothing times out in the middle of a test that is not about timeouts.
+PATIENT = RelayLimits(open_timeout=1000.0, pair_timeout=1000.0)
+
 #: The harness's monotonic clock starts here, its wall clock at UNIX_START.
 START = 1000.0
 UNIX_START = 1_700_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wavesync_proto.errors import RemoteProtocolError
-from wavesync_proto.relay import CONNECT_PATH, STANDBY_PATH, UPGRADE_PROTOCOL
+from wavesync_proto.relay import CONNECT_PATH, UPGRADE_PROTOCOL
 from wavesync_proto.relay.requests import (
     ClientRequest,
     RequestError,
@@ -336,7 +336,3 @@ def test_an_error_response_carries_its_reason_as_text_and_closes(status: int, te
     assert answer.headers["connection"] == "close"
     assert answer.headers["retry-after"] == "1"
     assert answer.headers["content-type"] == "text/plain; charset=utf-8"
-
-
-def test_paths_are_distinct() -> None:
-    assert STANDBY_PATH != CONNECT_PATH

@@ -1,14 +1,16 @@
-"""RelayService: who may offer standby connections, and every bound answered with a clear error."""
+"""RelayService: who may offer standby connections, how long they live, and every bound."""
 
 from __future__ import annotations
 
 import pytest
 
 from wavesync_proto.relay import CloseConnection, RelayLimits, StartSplice
+from wavesync_proto.relay.wire import Open, Ping
 
 from .helpers import (
     KEY_A,
     KEY_B,
+    PATIENT,
     RELAY_HOST,
     SERVER_1,
     SERVER_2,
@@ -19,7 +21,6 @@ from .helpers import (
     Harness,
     connect_request,
     control_lines,
-    ready_line,
     request_bytes,
     standby_request,
 )
@@ -401,4 +402,66 @@ def test_a_pairing_client_whose_wait_runs_out_closes_its_standby() -> None:
     assert CloseConnection(connection="s1", reason="its client gave up waiting") in actions
     assert h.refused("c1").status == 503
     assert h.service.connection_count() == 0
-    assert ready_line(b"\x00" * 16)  # (the READY would have been too late)
+
+
+# --- keep-alives and age ----------------------------------------------------------------------
+
+
+def test_idle_standby_connections_are_pinged_every_keepalive_interval() -> None:
+    h = Harness.create(PATIENT)
+    h.idle_standby("s1", SERVER_1)
+    h.advance(19.5)
+    assert h.read("s1") == b""
+    h.advance(0.5)
+    assert h.lines("s1") == [Ping()]
+    h.advance(60.0)
+    assert h.lines("s1") == [Ping(), Ping(), Ping()]
+    assert h.service.counters.pings_sent == 4
+
+
+def test_only_idle_standby_connections_are_pinged() -> None:
+    h = Harness.create(PATIENT)
+    h.idle_standby("idle", SERVER_1)
+    h.idle_standby("opening", SERVER_1)
+    h.client("c1", SERVER_1)  # takes the newest: "opening"
+    assert isinstance(h.opened("opening"), Open)
+    h.client("waiting", SERVER_1)  # takes "idle"
+    assert isinstance(h.opened("idle"), Open)
+    h.client("c3", SERVER_1)  # waits
+    h.advance(100.0)
+    assert h.read("opening") == h.read("idle") == b""
+    assert h.read("c1") == h.read("waiting") == h.read("c3") == b""
+    assert h.service.counters.pings_sent == 0
+
+
+def test_a_spliced_standby_connection_is_not_pinged() -> None:
+    h = Harness.create()
+    h.idle_standby("s1", SERVER_1)
+    h.advance(15.0)
+    h.client("c1", SERVER_1)
+    h.ready("s1")
+    h.advance(100.0)  # the harness fails any write to a spliced connection
+    assert h.service.counters.pings_sent == 0
+    assert h.service.get_timer() is not None  # the nonce and the fading server remain
+
+
+def test_standby_connections_are_closed_at_their_max_age() -> None:
+    h = Harness.create(RelayLimits(standby_max_age=600.0))
+    h.idle_standby("s1", SERVER_1)
+    h.advance(300.0)
+    h.idle_standby("s2", SERVER_1)
+    h.advance(299.5)
+    assert "s1" not in h.closed
+    h.advance(0.5)
+    assert h.closed["s1"] == "standby reached its age"
+    assert "s2" not in h.closed
+    assert h.service.counters.standby_expired == 1
+    assert h.service.counters.standby_idle == 1
+    h.advance(300.0)
+    assert h.closed["s2"] == "standby reached its age"
+    assert h.service.idle_standby(SERVER_1) == 0
+    assert h.service.counters.standby_idle == 0
+    # The agent replaces expired connections: the server is still known meanwhile.
+    h.client("c1", SERVER_1)
+    assert h.read("c1") == b""
+    assert h.service.counters.clients_waiting == 1
