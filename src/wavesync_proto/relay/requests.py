@@ -85,6 +85,8 @@ class RequestReader:
 
     def feed(self, data: bytes) -> StandbyRequest | ClientRequest | None:
         """The request once its last byte is in, else None; ``RequestError`` if not ours."""
+        if not data:
+            return None  # to h11 an empty read means end of file, after which it reads nothing
         self._http.receive_data(data)
         self._received += len(data)
         while True:

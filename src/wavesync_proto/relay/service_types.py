@@ -82,7 +82,8 @@ class RelayLimits:
     max_standby_per_server: int = 64
     #: Idle standby connections over all servers.
     max_standby_total: int = 100_000
-    #: Spliced sessions at once; a client beyond this gets 503.
+    #: Spliced sessions at once, counting clients waiting or being paired (each may
+    #: become one); a client beyond this gets 503.
     max_active_sessions: int = 10_000
     #: Clients waiting for a standby connection at once.
     max_waiting_clients: int = 10_000

@@ -148,6 +148,10 @@ def sign_standby(
         raise LocalProtocolError("a standby nonce is 16 random bytes")
     if unix_time < 0:
         raise LocalProtocolError("unix_time must not be negative")
+    try:
+        relay_host.lower().encode("idna")
+    except UnicodeError:
+        raise LocalProtocolError(f"not a host name IDNA can encode: {relay_host!r}") from None
     nonce_hex = nonce.hex()
     return StandbyCredentials(
         system_id=system_id,

@@ -14,6 +14,7 @@ import pytest
 
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.relay.client import RelayConnect, RelayFailed, RelayPaired, RelayRedirected
+from wavesync_proto.relay.requests import ClientRequest, RequestReader
 from wavesync_proto.relay.service import RelayService
 from wavesync_proto.relay.service_types import SendBytes, StartSplice
 from wavesync_proto.relay.standby import (
@@ -265,3 +266,25 @@ def test_connect_needs_exactly_one_target() -> None:
         RelayConnect(relay_host=HOST, now=0.0, server_id=SERVER, system_id=SYSTEM)
     with pytest.raises(LocalProtocolError):
         RelayConnect(relay_host=HOST, now=0.0, server_id=SERVER, timeout=0)
+
+
+def test_a_host_idna_cannot_encode_is_a_local_error_when_signing() -> None:
+    with pytest.raises(LocalProtocolError):
+        StandbyConnection(
+            key=KEY,
+            system_id=SYSTEM,
+            server_id=SERVER,
+            relay_host="a..b",
+            unix_time=UNIX,
+            nonce=b"n" * 16,
+            now=0.0,
+        )
+
+
+def test_an_empty_read_is_not_the_end_of_a_request() -> None:
+    reader = RequestReader(max_request_bytes=8192)
+    client = RelayConnect(relay_host=HOST, now=0.0, server_id=SERVER)
+    request = client.data_to_send()
+    assert reader.feed(request[:10]) is None
+    assert reader.feed(b"") is None
+    assert reader.feed(request[10:]) == ClientRequest(server_id=SERVER, system_id=None)
