@@ -16,6 +16,7 @@ from .service_types import (
     SendBytes,
     StartSplice,
 )
+from .standby_pool import OpenStandby, PoolState, StandbyPool
 from .wire import CONNECT_PATH, STANDBY_PATH, UPGRADE_PROTOCOL, StandbyCredentials, sign_standby
 
 __all__ = [
@@ -25,11 +26,14 @@ __all__ = [
     "Action",
     "CloseConnection",
     "ConnectionHandle",
+    "OpenStandby",
+    "PoolState",
     "RelayCounters",
     "RelayLimits",
     "RelayService",
     "SendBytes",
     "StandbyCredentials",
+    "StandbyPool",
     "StartSplice",
     "sign_standby",
 ]
