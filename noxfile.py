@@ -57,3 +57,4 @@ def bench(session: nox.Session) -> None:
     _install(session, "bench")
     session.run("python", "bench/stun_codec.py", *session.posargs)
     session.run("python", "bench/mediator.py")
+    session.run("python", "bench/relay.py")

@@ -39,3 +39,12 @@ def test_mediator_bench_runs_and_reports_every_row() -> None:
     # The raw load checked every answer: any failure voids its figure.
     assert "targets:" in output
     assert "VOID" not in output
+
+
+def test_relay_bench_runs_and_reports_every_row() -> None:
+    output = run_bench("relay.py", "--quick")
+    # The squid rows are printed either way: figures, or why they were skipped.
+    assert len(rows_starting(output, "throughput: ")) == 3
+    assert len(rows_starting(output, "pairing: ")) == 4
+    assert len(rows_starting(output, "memory: ")) == 3
+    assert len(rows_starting(output, "targets:")) == 1
