@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import secrets
 import signal
 import sys
@@ -265,6 +266,23 @@ async def _serve_until_signal(
                 break
 
 
+def _raise_open_file_limit() -> None:
+    """Let the relay use every file descriptor the system allows it.
+
+    Each idle standby connection is one descriptor and each spliced session six (two
+    sockets, two pipes of two ends); the usual soft limit of 1,024 would cap a relay
+    at a few hundred sessions long before any of its own limits.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+    log.info("open-file limit: %d", hard)
+
+
 def _run_keygen(args: argparse.Namespace) -> int:
     # 32 bytes of the OS's randomness, URL-safe base64: ASCII, no quoting needed in TOML.
     key = secrets.token_urlsafe(32)
@@ -302,6 +320,7 @@ def _run_relay(args: argparse.Namespace) -> int:
     systems = _load_systems("relay", args.systems)
     if systems is None:
         return 1
+    _raise_open_file_limit()
     limits = RelayLimits(standby_count=args.standby_count)
     service = RelayService(systems, limits=limits, host_names=args.host_name)
     daemon = RelayDaemon(service)

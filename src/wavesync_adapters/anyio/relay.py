@@ -18,7 +18,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 import anyio.abc
@@ -151,8 +151,16 @@ class RelayDaemon:
             connection.released = True
             connection.spliced = done
             connection.wait_scope.cancel()
+        # Write the client's 101 (and any early bytes) now rather than when the splice
+        # task runs: that is a few event-loop turns later, behind whatever else is ready,
+        # and the client's pairing time is what the relay exists to keep short.
+        to_client = _send_what_fits(client.sock, action.to_client)
+        to_server = _send_what_fits(server.sock, action.to_server)
+        self.bytes_server_to_client += len(action.to_client) - len(to_client)
+        self.bytes_client_to_server += len(action.to_server) - len(to_server)
+        rest = replace(action, to_client=to_client, to_server=to_server)
         assert self._group is not None
-        self._group.start_soon(self._splice, action, client, server, done)
+        self._group.start_soon(self._splice, rest, client, server, done)
 
     async def _splice(
         self, action: StartSplice, client: _Connection, server: _Connection, done: anyio.Event
@@ -246,6 +254,16 @@ class RelayDaemon:
             self._timer_changed = anyio.Event()
             self._sleeping_until = -math.inf  # awake: nobody needs to wake us
             self._apply(self.service.handle_timer(self._clock()))
+
+
+def _send_what_fits(sock: socket.socket, data: bytes) -> bytes:
+    """Write what the socket takes without waiting; return the rest."""
+    if not data:
+        return data
+    try:
+        return data[sock.send(data) :]
+    except OSError:
+        return data  # full, or broken: the splice finds out and ends the session
 
 
 async def _drain(sock: socket.socket) -> None:
