@@ -4,7 +4,7 @@ This module owns the bytes of a UDT datagram: the 16-byte header, the fields of
 a data packet, and the control information of each control type. It does not
 know what a packet means to a connection (handshake states, windows, timers,
 which socket a destination id names): that is the connection's and the
-multiplexer's. docs/udt-wire.md has the layout of every packet and says which
+multiplexer's. docs/protocol.md §4 has the layout of every packet and says which
 facts come from libudt 4.11's source and captures, and which from the draft.
 
 Every field is network byte order. libudt builds a control body as host-order
