@@ -32,7 +32,7 @@ from wavesync_proto.relay import (
     StartSplice,
 )
 
-from ._splice import splice_sockets
+from ._splice import PipePool, splice_sockets
 
 __all__ = ["RelayDaemon"]
 
@@ -82,6 +82,8 @@ class RelayDaemon:
         #: Bytes carried by spliced sessions that have ended, per direction.
         self.bytes_client_to_server = 0
         self.bytes_server_to_client = 0
+        #: The pipes spliced sessions borrow while bytes flow.
+        self.pipes = PipePool()
 
     async def serve(
         self,
@@ -93,7 +95,7 @@ class RelayDaemon:
         """Listen on ``host:port`` and serve until cancelled."""
         self._timer_changed = anyio.Event()
         listener = await _listen(host, port)
-        with listener:
+        with listener, contextlib.closing(self.pipes):
             local = listener.getsockname()
             self.bound = (str(local[0]), int(local[1]))
             async with anyio.create_task_group() as group:
@@ -170,7 +172,11 @@ class RelayDaemon:
             await client.idle.wait()
             await server.idle.wait()
             result = await splice_sockets(
-                client.sock, server.sock, to_client=action.to_client, to_server=action.to_server
+                client.sock,
+                server.sock,
+                to_client=action.to_client,
+                to_server=action.to_server,
+                pipes=self.pipes,
             )
         finally:
             client.sock.close()
