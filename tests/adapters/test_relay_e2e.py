@@ -9,6 +9,7 @@ wait is bounded by ``fail_after`` so a broken exchange fails instead of hanging.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -195,3 +196,31 @@ async def test_the_relay_is_not_an_open_proxy(
     # in any form of request is refused, and the connection is closed after it.
     answer = await anyio.to_thread.run_sync(relay_answer, relay, request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_relay_reports_its_counters_on_sigterm(tmp_path: Path) -> None:
+    entry = run_wavesync("keygen")
+    systems = tmp_path / "systems.toml"
+    systems.write_text(entry.stdout, encoding="utf-8")
+    [(system_id, key)] = parse_systems(entry.stdout).items()
+    with wavesync_daemon(
+        "relay", "--listen", "127.0.0.1:0", "--systems", str(systems), "--log-level", "info",
+        ready=READY,
+    ) as (process, ready):  # fmt: skip
+        private = Relay(("127.0.0.1", int(ready["port"])), system_id, key)
+        async with running_agent(private) as agent:
+            with anyio.fail_after(WAIT):
+                await agent.wait_for_idle(7)
+                tunnel = await open_relay_stream(private.address, system_id=system_id)
+                async with tunnel.stream:
+                    assert await round_trip(tunnel.stream, b"counted") == b"counted"
+        process.terminate()
+        _, log = await anyio.to_thread.run_sync(lambda: process.communicate(timeout=WAIT))
+    assert process.returncode == 0
+    assert "stopping on SIGTERM" in log
+    assert "clients_paired=1" in log
+    # Seven, and maybe the one replacing the taken one (the agent stops at once).
+    accepted = re.search(r"standby_accepted=(\d+)", log)
+    assert accepted is not None
+    assert int(accepted[1]) in (7, 8)

@@ -69,8 +69,12 @@ class RelayDaemon:
         *,
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        report_interval: float = 60.0,
     ) -> None:
+        """``report_interval``: seconds between info-level log lines of the service's
+        counters (only when something changed)."""
         self.service = service
+        self._report_interval = report_interval
         self._clock = clock or anyio.current_time
         self._wall_clock = wall_clock
         self._connections: dict[Hashable, _Connection] = {}
@@ -102,6 +106,7 @@ class RelayDaemon:
                 self._group = group
                 group.start_soon(self._run_timers)
                 group.start_soon(self._accept, listener)
+                group.start_soon(self._report)
                 log.info("relay on tcp %s", format_endpoint(self.bound))
                 task_status.started(self.bound)
 
@@ -248,6 +253,23 @@ class RelayDaemon:
             self._apply(service.data_received(handle, data, now, unix_time=unix_time))
         if connection.closing and connection.spliced is None:
             await _drain(sock)
+
+    async def _report(self) -> None:
+        last = ""
+        while True:
+            await anyio.sleep(self._report_interval)
+            counters = self.service.counters
+            line = (
+                f"{counters.standby_idle} standby idle, {counters.clients_waiting} clients"
+                f" waiting, {counters.sessions_active} sessions active; so far"
+                f" {counters.standby_accepted} standby accepted, {counters.clients_paired}"
+                f" clients paired, {counters.clients_not_found} not found,"
+                f" {counters.clients_timed_out} timed out, {counters.standby_auth_failures}"
+                f" standby auth failures"
+            )
+            if line != last:
+                log.info("relay: %s", line)
+                last = line
 
     async def _run_timers(self) -> None:
         while True:
