@@ -297,23 +297,9 @@ def _run_mediator(args: argparse.Namespace) -> int:
     service = MediatorService(
         systems=systems, relay_urls=tuple(args.relay_url), nonce_secret=secrets.token_bytes(32)
     )
-    daemon = MediatorDaemon(service)
-    host, port = args.listen
-
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
-    try:
-        anyio.run(
-            _serve_until_signal,
-            daemon.serve,
-            host,
-            port,
-            lambda bound: f"mediator listening on udp+tcp {format_endpoint(bound)}",
-        )
-    except OSError as exc:
-        print(f"wavesync mediator: {exc}", file=sys.stderr)
-        return 1
-    log.info("mediator stopped: %s", service.counters)
-    return 0
+    daemon = MediatorDaemon(service)
+    return _run_daemon("mediator", "udp+tcp", daemon.serve, args.listen, service.counters)
 
 
 def _run_relay(args: argparse.Namespace) -> int:
@@ -323,21 +309,35 @@ def _run_relay(args: argparse.Namespace) -> int:
     _raise_open_file_limit()
     limits = RelayLimits(standby_count=args.standby_count)
     service = RelayService(systems, limits=limits, host_names=args.host_name)
-    daemon = RelayDaemon(service)
-    host, port = args.listen
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
+    daemon = RelayDaemon(service)
+    return _run_daemon("relay", "tcp", daemon.serve, args.listen, service.counters)
+
+
+def _run_daemon(
+    command: str,
+    transports: str,
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    listen: Endpoint,
+    counters: object,
+) -> int:
+    """Serve until SIGTERM/SIGINT; exit status 1 when the address cannot be bound.
+
+    ``counters`` is the service's (live) counters object, logged when it stops.
+    """
+    host, port = listen
     try:
         anyio.run(
             _serve_until_signal,
-            daemon.serve,
+            serve,
             host,
             port,
-            lambda bound: f"relay listening on tcp {format_endpoint(bound)}",
+            lambda bound: f"{command} listening on {transports} {format_endpoint(bound)}",
         )
     except OSError as exc:
-        print(f"wavesync relay: {exc}", file=sys.stderr)
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
         return 1
-    log.info("relay stopped: %s", service.counters)
+    log.info("%s stopped: %s", command, counters)
     return 0
 
 

@@ -1,15 +1,17 @@
-"""Small anyio helpers the adapter's programs share: name resolution and UDP sockets."""
+"""Small anyio helpers the adapter's programs share: name resolution, UDP sockets, timers."""
 
 from __future__ import annotations
 
+import math
 import socket
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
 
 from wavesync_proto.addresses import Endpoint
 
-__all__ = ["open_udp_for", "resolve", "sleep_until_or"]
+__all__ = ["ServiceTimer", "open_udp_for", "resolve", "sleep_until_or"]
 
 
 async def resolve(endpoint: Endpoint) -> Endpoint:
@@ -39,3 +41,42 @@ async def sleep_until_or(wake: anyio.Event, deadline: float | None) -> None:
     delay = None if deadline is None else max(0.0, deadline - anyio.current_time())
     with anyio.move_on_after(delay):
         await wake.wait()
+
+
+class ServiceTimer:
+    """Runs a sans-I/O service's ``handle_timer`` when its ``get_timer`` says, on anyio's clock.
+
+    The daemon calls ``changed()`` after every input it feeds the service: the timer
+    task is woken only when the service now wants it sooner than it planned to sleep,
+    so a busy daemon does not pay a task switch per input.
+    """
+
+    def __init__(
+        self,
+        get_timer: Callable[[], float | None],
+        handle_timer: Callable[[float], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self._get_timer = get_timer
+        self._handle_timer = handle_timer
+        self._clock = clock
+        self._wake: anyio.Event | None = None
+        self._sleeping_until = math.inf
+
+    def changed(self) -> None:
+        """The service's deadline may have moved earlier: wake the timer task if so."""
+        deadline = self._get_timer()
+        if deadline is not None and deadline < self._sleeping_until and self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Sleep until each deadline (or an earlier one), handle it; until cancelled."""
+        while True:
+            deadline = self._get_timer()
+            self._sleeping_until = math.inf if deadline is None else deadline
+            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            self._wake = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+            self._sleeping_until = -math.inf  # awake: nobody needs to wake us
+            self._handle_timer(self._clock())

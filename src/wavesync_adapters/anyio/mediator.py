@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import socket
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from wavesync_proto.mediator.service import (
     SendDatagram,
     SendTcp,
 )
+
+from ._net import ServiceTimer
 
 __all__ = ["MediatorDaemon"]
 
@@ -62,9 +63,11 @@ class MediatorDaemon:
         self._udp: socket.socket | None = None
         #: Datagrams dropped because the socket's send buffer was full.
         self.udp_send_drops = 0
-        # Created in serve(): an anyio Event needs a running event loop.
-        self._timer_changed: anyio.Event | None = None
-        self._sleeping_until = math.inf
+        self._timer = ServiceTimer(
+            service.get_timer,
+            lambda now: self._apply(service.handle_timer(now)),
+            self._clock,
+        )
         self.bound: Endpoint | None = None
 
     async def serve(
@@ -75,7 +78,6 @@ class MediatorDaemon:
         task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Bind ``host:port`` (UDP and TCP) and serve until cancelled."""
-        self._timer_changed = anyio.Event()
         listener, udp = await self._bind(host, port)
         self._udp = udp
         with udp:
@@ -90,7 +92,7 @@ class MediatorDaemon:
         async with listener, anyio.create_task_group() as group:
             group.start_soon(listener.serve, self._serve_tcp_peer, group)
             group.start_soon(self._receive_datagrams, udp)
-            group.start_soon(self._run_timers)
+            group.start_soon(self._timer.run)
             assert self.bound is not None
             log.info("mediator on udp+tcp %s", format_endpoint(self.bound))
             task_status.started(self.bound)
@@ -144,14 +146,7 @@ class MediatorDaemon:
                     peer.outbox.close()  # the writer drains what is queued, then closes
             elif isinstance(action, SendDatagram):
                 self._send_datagram(action.address, action.data)
-        # Wake the timer task only when the service now needs it sooner than planned.
-        deadline = self.service.get_timer()
-        if (
-            deadline is not None
-            and deadline < self._sleeping_until
-            and self._timer_changed is not None
-        ):
-            self._timer_changed.set()
+        self._timer.changed()
 
     def _send_datagram(self, address: Endpoint, data: bytes) -> None:
         udp = self._udp
@@ -235,18 +230,6 @@ class MediatorDaemon:
         with anyio.move_on_after(_DRAIN_SECONDS, shield=True):
             await stream.aclose()
         peer_scope.cancel()
-
-    async def _run_timers(self) -> None:
-        while True:
-            deadline = self.service.get_timer()
-            self._sleeping_until = math.inf if deadline is None else deadline
-            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
-            assert self._timer_changed is not None
-            with anyio.move_on_after(delay):
-                await self._timer_changed.wait()
-            self._timer_changed = anyio.Event()
-            self._sleeping_until = -math.inf  # awake: nobody needs to wake us
-            self._apply(self.service.handle_timer(self._clock()))
 
 
 async def _open_udp(host: str, port: int) -> socket.socket:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import socket
 import time
 from collections.abc import Callable, Hashable
@@ -32,6 +31,7 @@ from wavesync_proto.relay import (
     StartSplice,
 )
 
+from ._net import ServiceTimer
 from ._splice import PipePool, splice_sockets
 
 __all__ = ["RelayDaemon"]
@@ -80,8 +80,11 @@ class RelayDaemon:
         self._connections: dict[Hashable, _Connection] = {}
         self._ids = itertools.count(1)
         self._group: anyio.abc.TaskGroup | None = None
-        self._timer_changed: anyio.Event | None = None
-        self._sleeping_until = math.inf
+        self._timer = ServiceTimer(
+            service.get_timer,
+            lambda now: self._apply(service.handle_timer(now)),
+            self._clock,
+        )
         self.bound: Endpoint | None = None
         #: Bytes carried by spliced sessions that have ended, per direction.
         self.bytes_client_to_server = 0
@@ -97,14 +100,13 @@ class RelayDaemon:
         task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` and serve until cancelled."""
-        self._timer_changed = anyio.Event()
         listener = await _listen(host, port)
         with listener, contextlib.closing(self.pipes):
             local = listener.getsockname()
             self.bound = (str(local[0]), int(local[1]))
             async with anyio.create_task_group() as group:
                 self._group = group
-                group.start_soon(self._run_timers)
+                group.start_soon(self._timer.run)
                 group.start_soon(self._accept, listener)
                 group.start_soon(self._report)
                 log.info("relay on tcp %s", format_endpoint(self.bound))
@@ -125,9 +127,7 @@ class RelayDaemon:
                     self._start_closing(connection)
             elif isinstance(action, StartSplice):
                 self._start_splice(action)
-        deadline = self.service.get_timer()
-        if deadline is not None and deadline < self._sleeping_until and self._timer_changed:
-            self._timer_changed.set()
+        self._timer.changed()
 
     def _send_now(self, connection: _Connection, data: bytes) -> None:
         # Everything the relay itself says is small (answers, PING, OPEN) and fits the
@@ -270,18 +270,6 @@ class RelayDaemon:
             if line != last:
                 log.info("relay: %s", line)
                 last = line
-
-    async def _run_timers(self) -> None:
-        while True:
-            deadline = self.service.get_timer()
-            self._sleeping_until = math.inf if deadline is None else deadline
-            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
-            assert self._timer_changed is not None
-            with anyio.move_on_after(delay):
-                await self._timer_changed.wait()
-            self._timer_changed = anyio.Event()
-            self._sleeping_until = -math.inf  # awake: nobody needs to wake us
-            self._apply(self.service.handle_timer(self._clock()))
 
 
 def _send_what_fits(sock: socket.socket, data: bytes) -> bytes:
