@@ -6,7 +6,7 @@ It does not know sockets, clocks or the data-transfer phase (``UdtConnection``'s
 draws no randomness: socket ids, initial sequence numbers and the cookie secret come in.
 
 Every transition of ``UdtHandshake`` is in ``_TRANSITIONS``; ``UdtListener`` keeps no
-state per request at all (SYN cookies). docs/udt-handshake.md describes the exchanges,
+state per request at all (SYN cookies). docs/protocol.md §4.6 describes the exchanges,
 the timers, and where this module and libudt 4.11 differ.
 """
 

@@ -4,7 +4,7 @@ This module owns what a listening UDT socket answers to connection requests (UDT
 core.cpp ``CUDT::listen(sockaddr*, CPacket&)`` and ``CUDT::connect(peer, hs)``, api.cpp
 ``newConnection``). It does not keep the accepted connections: the multiplexer does, by
 ``ConnectionKey``, so that it can answer a repeated request with the same response.
-docs/udt-handshake.md has the exchange and where this differs from 4.11.
+docs/protocol.md §4.6 has the exchange and where this differs from 4.11.
 """
 
 from __future__ import annotations
