@@ -1,12 +1,45 @@
 """UDT4 (UDT 4.11, draft-gg-udt-03): reliable UDP that interoperates with libudt.
 
-``decode_packet`` / ``encode_packet`` are the datagram codec; ``seqnum`` holds
-the wrap-around arithmetic of sequence, message and ACK numbers. Nothing here
-does I/O.
+``decode_packet`` / ``encode_packet`` are the datagram codec and ``seqnum`` the
+wrap-around arithmetic of sequence, message and ACK numbers; ``UdtHandshake`` and
+``UdtListener`` set connections up; ``CongestionControl`` is the rate-control hook
+interface with UDT's native DAIMD. Nothing here does I/O or reads a clock.
+docs/protocol.md §4 is the reference.
 """
 
 from __future__ import annotations
 
+from .congestion import (
+    MAX_PACKET_SEND_PERIOD,
+    MIN_CONGESTION_WINDOW,
+    SYN_INTERVAL,
+    CongestionControl,
+    UdtNativeCongestion,
+)
+from .handshake import (
+    CONNECT_RETRY_INTERVAL,
+    COOKIE_PERIOD,
+    DEFAULT_FLOW_WINDOW,
+    DEFAULT_MSS,
+    MIN_MSS,
+    REGULAR_CONNECT_TIMEOUT,
+    RENDEZVOUS_CONNECT_TIMEOUT,
+    FailureReason,
+    HandshakeCounters,
+    HandshakeEstablished,
+    HandshakeEvent,
+    HandshakeFailed,
+    HandshakeRole,
+    HandshakeState,
+    UdtHandshake,
+)
+from .listener import (
+    AcceptedHandshake,
+    ConnectionKey,
+    ConnectionRequest,
+    ListenerReply,
+    UdtListener,
+)
 from .packets import (
     HANDSHAKE_LENGTH,
     HEADER_LENGTH,
@@ -54,22 +87,44 @@ from .seqnum import (
 
 __all__ = [
     "ACK_MAX",
+    "CONNECT_RETRY_INTERVAL",
+    "COOKIE_PERIOD",
+    "DEFAULT_FLOW_WINDOW",
+    "DEFAULT_MSS",
     "HANDSHAKE_LENGTH",
     "HEADER_LENGTH",
+    "MAX_PACKET_SEND_PERIOD",
+    "MIN_CONGESTION_WINDOW",
+    "MIN_MSS",
     "MSG_MAX",
+    "REGULAR_CONNECT_TIMEOUT",
+    "RENDEZVOUS_CONNECT_TIMEOUT",
     "SEQ_MAX",
+    "SYN_INTERVAL",
     "UDT_VERSION",
+    "AcceptedHandshake",
     "Ack",
     "Ack2",
     "Boundary",
+    "CongestionControl",
     "CongestionWarning",
+    "ConnectionKey",
+    "ConnectionRequest",
     "ControlPacket",
     "ControlType",
     "DataPacket",
     "ErrorSignal",
+    "FailureReason",
     "Handshake",
+    "HandshakeCounters",
+    "HandshakeEstablished",
+    "HandshakeEvent",
+    "HandshakeFailed",
+    "HandshakeRole",
+    "HandshakeState",
     "KeepAlive",
     "LightAck",
+    "ListenerReply",
     "MessageDropRequest",
     "Nak",
     "Packet",
@@ -77,6 +132,9 @@ __all__ = [
     "Shutdown",
     "SocketType",
     "UdtDecodeError",
+    "UdtHandshake",
+    "UdtListener",
+    "UdtNativeCongestion",
     "UserDefinedControl",
     "ack_inc",
     "decode_packet",
