@@ -270,13 +270,8 @@ void report_connected(UDTSOCKET s) {
 }
 
 UDTSOCKET connected_socket(const Options& o) {
-  const std::string& target = o.rendezvous ? o.peer : o.connect;
-  socklen_t peer_length = 0;
-  sockaddr_storage peer = parse_endpoint(target, AF_UNSPEC, &peer_length);
-  std::string local = o.local;
-  if (local.empty()) local = peer.ss_family == AF_INET6 ? "[::]:0" : "0.0.0.0:0";
-  UDTSOCKET s = bound_socket(o, local, peer.ss_family);
   if (o.mode == "recv" && !o.rendezvous) {
+    UDTSOCKET s = bound_socket(o, o.listen, AF_UNSPEC);
     if (UDT::listen(s, o.backlog) == UDT::ERROR) fail_udt("listen");
     sockaddr_storage caller;
     int caller_length = sizeof caller;
@@ -286,6 +281,12 @@ UDTSOCKET connected_socket(const Options& o) {
     UDT::close(s);
     return accepted;
   }
+  const std::string& target = o.rendezvous ? o.peer : o.connect;
+  socklen_t peer_length = 0;
+  sockaddr_storage peer = parse_endpoint(target, AF_UNSPEC, &peer_length);
+  std::string local = o.local;
+  if (local.empty()) local = peer.ss_family == AF_INET6 ? "[::]:0" : "0.0.0.0:0";
+  UDTSOCKET s = bound_socket(o, local, peer.ss_family);
   if (UDT::connect(s, reinterpret_cast<sockaddr*>(&peer), static_cast<int>(peer_length)) ==
       UDT::ERROR)
     fail_udt("connect");
