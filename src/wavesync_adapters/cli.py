@@ -1,13 +1,14 @@
 """The ``wavesync`` command.
 
 Each subcommand is a thin program over an adapter; later issues add server,
-client, demo and udt. Exit status: 0 on success, 1 when the
+client and demo. Exit status: 0 on success, 1 when the
 network operation failed, 2 for a usage error (argparse's convention).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import resource
@@ -33,6 +34,7 @@ from wavesync_proto.stun.transaction import DEFAULT_RC, DEFAULT_RM, DEFAULT_RTO
 
 from .anyio.mediator import MediatorDaemon
 from .anyio.relay import RelayDaemon
+from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
 
 __all__ = ["main"]
@@ -231,7 +233,72 @@ def _build_parser() -> argparse.ArgumentParser:
         default=RelayLimits.standby_count,
         help=f"standby connections to ask of each server (default {RelayLimits.standby_count})",
     )
+    _add_udt_commands(commands, common)
     return parser
+
+
+def _add_udt_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    udt = commands.add_parser(
+        "udt",
+        parents=[common],
+        help="netcat over UDT: send stdin to a peer, or write what a peer sends to stdout",
+        description=(
+            "Carry a byte stream over UDT (reliable UDP, UDT4 wire format). Exit status 0"
+            " only when the whole stream was delivered and the connection closed cleanly."
+        ),
+    )
+    directions = udt.add_subparsers(dest="udt_command", metavar="send|recv", required=True)
+    recv = directions.add_parser(
+        "recv",
+        parents=[common],
+        help="accept one connection (or rendezvous) and write its bytes to stdout",
+        description=(
+            "Take one UDT connection and write the stream to stdout until the peer closes."
+            " With --listen HOST:0 the bound address is printed on stderr"
+            " ('listening on udp HOST:PORT')."
+        ),
+    )
+    send = directions.add_parser(
+        "send",
+        parents=[common],
+        help="connect (or rendezvous) and send stdin until its end",
+        description=(
+            "Send stdin over one UDT connection, then close and wait until the peer has"
+            " acknowledged every byte."
+        ),
+    )
+    for parser, how, how_help in (
+        (recv, "--listen", "accept a regular connect on this UDP address"),
+        (send, "--connect", "connect to a UDT listener at this address"),
+    ):
+        mode = parser.add_mutually_exclusive_group(required=True)
+        mode.add_argument(how, type=_relay_endpoint, metavar="HOST:PORT", help=how_help)
+        mode.add_argument(
+            "--rendezvous",
+            action="store_true",
+            help="rendezvous connect (both peers start at once): needs --local and --peer",
+        )
+        parser.add_argument(
+            "--local",
+            type=_local_endpoint,
+            metavar="[HOST:]PORT",
+            help="with --rendezvous: the UDP port (and address, default every one) to use",
+        )
+        parser.add_argument(
+            "--peer",
+            type=_relay_endpoint,
+            metavar="HOST:PORT",
+            help="with --rendezvous: the peer's UDP address",
+        )
+
+
+def _local_endpoint(text: str) -> tuple[str, int]:
+    if text.isdigit():
+        text = f"0.0.0.0:{text}"
+    return _relay_endpoint(text)
 
 
 def _relay_endpoint(text: str) -> tuple[str, int]:
@@ -341,6 +408,37 @@ def _run_daemon(
     return 0
 
 
+def _run_udt(args: argparse.Namespace) -> int:
+    command = f"udt {args.udt_command}"
+    if args.rendezvous:
+        if args.local is None or args.peer is None:
+            print(f"wavesync {command}: --rendezvous needs --local and --peer", file=sys.stderr)
+            return 2
+        mode = UdtCatMode(local=args.local, peer=args.peer)
+    elif args.local is not None or args.peer is not None:
+        print(f"wavesync {command}: --local and --peer go with --rendezvous", file=sys.stderr)
+        return 2
+    elif args.udt_command == "recv":
+        mode = UdtCatMode(listen=args.listen)
+    else:
+        mode = UdtCatMode(connect=args.connect)
+
+    def announce(line: str) -> None:
+        # stdout carries the stream: the address (port 0 picks one) goes to stderr.
+        print(line, file=sys.stderr, flush=True)
+
+    if args.udt_command == "recv":
+        program = functools.partial(receive_stream, mode, sys.stdout.fileno(), announce=announce)
+    else:
+        program = functools.partial(send_stream, mode, sys.stdin.fileno(), announce=announce)
+    try:
+        anyio.run(program)
+    except (UdtCatError, OSError) as exc:
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_stun_binding(args: argparse.Namespace) -> int:
     host, port = args.server
     try:
@@ -390,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "relay": _run_relay,
         "stun-binding": _run_stun_binding,
         "stun-server": _run_stun_server,
+        "udt": _run_udt,
     }
     return runners[args.command](args)
 

@@ -1,0 +1,130 @@
+"""End to end: `wavesync udt recv` and `wavesync udt send` as real programs on loopback.
+
+Netcat over UDT: 20 MB of random bytes go in the sender's stdin and must come
+out of the receiver's stdout with the same SHA-256, and both programs must exit
+0 (the exit-status contract: the whole stream delivered and closed cleanly).
+Pipes and regular files are both used for stdin/stdout, since the programs read
+and write each differently. Every wait has a deadline; none is a sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import selectors
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.daemons import WAVESYNC, run_wavesync
+
+WAIT = 60.0  # seconds a whole transfer may take before the test fails
+SIZE = 20 * 1024 * 1024
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody uses right now (for rendezvous, where each side names the other's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def wavesync_udt(*args: str, **streams: Any) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([WAVESYNC, "udt", *args], **streams)  # noqa: S603
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def stderr_line(process: subprocess.Popen[bytes], pattern: str) -> re.Match[bytes]:
+    """Wait (with a deadline) for the first stderr line and match it."""
+    assert process.stderr is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stderr, selectors.EVENT_READ)
+        assert selector.select(10.0), "no line on stderr"
+    line = process.stderr.readline()
+    match = re.search(pattern.encode(), line)
+    assert match, line
+    return match
+
+
+def communicate_in_thread(
+    process: subprocess.Popen[bytes], results: dict[str, tuple[bytes, bytes]], name: str
+) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: results.update({name: process.communicate(timeout=WAIT)}), daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def test_twenty_megabytes_through_pipes_listen_and_connect() -> None:
+    payload = os.urandom(SIZE)
+    results: dict[str, tuple[bytes, bytes]] = {}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with wavesync_udt("recv", "--listen", "127.0.0.1:0", **pipes) as receiver:
+        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
+        with wavesync_udt("send", "--connect", f"127.0.0.1:{port}", **pipes) as sender:
+            reading = communicate_in_thread(receiver, results, "recv")
+            _, send_err = sender.communicate(payload, timeout=WAIT)
+            reading.join(WAIT)
+            assert sender.returncode == 0, send_err
+        assert receiver.wait(WAIT) == 0, results["recv"][1]
+    received, _ = results["recv"]
+    assert len(received) == SIZE
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_twenty_megabytes_by_rendezvous_from_a_file_to_a_file(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(os.urandom(SIZE))
+    left, right = free_udp_port(), free_udp_port()
+    recv = ("recv", "--rendezvous", "--local", f"127.0.0.1:{left}", "--peer", f"127.0.0.1:{right}")
+    send = ("send", "--rendezvous", "--local", str(right), "--peer", f"127.0.0.1:{left}")
+    with (
+        source.open("rb") as stdin,
+        target.open("wb") as stdout,
+        wavesync_udt(*recv, stdout=stdout, stderr=subprocess.PIPE) as receiver,
+        wavesync_udt(*send, stdin=stdin, stderr=subprocess.PIPE) as sender,
+    ):
+        _, send_err = sender.communicate(timeout=WAIT)
+        _, recv_err = receiver.communicate(timeout=WAIT)
+        assert sender.returncode == 0, send_err
+        assert receiver.returncode == 0, recv_err
+        assert recv_err.startswith(b"rendezvous from udp 127.0.0.1:%d" % left)
+    assert _sha256(target) == _sha256(source)
+
+
+def test_send_to_nobody_exits_1_with_one_line() -> None:
+    started = time.monotonic()
+    result = run_wavesync("udt", "send", "--connect", f"127.0.0.1:{free_udp_port()}")
+    assert result.returncode == 1
+    assert re.fullmatch(
+        r"wavesync udt send: udt connect to 127\.0\.0\.1:\d+ failed: .+\n", result.stderr
+    )
+    assert time.monotonic() - started < 15.0
+
+
+def test_rendezvous_needs_local_and_peer() -> None:
+    result = run_wavesync("udt", "recv", "--rendezvous", "--peer", "127.0.0.1:9")
+    assert result.returncode == 2
+    assert "--rendezvous needs --local and --peer" in result.stderr
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
