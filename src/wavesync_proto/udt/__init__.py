@@ -1,9 +1,11 @@
 """UDT4 (UDT 4.11, draft-gg-udt-03): reliable UDP that interoperates with libudt.
 
-``decode_packet`` / ``encode_packet`` are the datagram codec and ``seqnum`` the
-wrap-around arithmetic of sequence, message and ACK numbers; ``UdtHandshake`` and
-``UdtListener`` set connections up; ``CongestionControl`` is the rate-control hook
-interface with UDT's native DAIMD. Nothing here does I/O or reads a clock.
+``UdtMultiplexer`` runs every connection of one UDP socket; ``UdtConnection`` is one
+reliable stream (handshake, then data transfer); ``CongestionControl`` is the
+rate-control hook interface with UDT's native DAIMD. ``UdtHandshake`` and
+``UdtListener`` set connections up, ``decode_packet`` / ``encode_packet`` are the
+datagram codec and ``seqnum`` the wrap-around arithmetic of sequence, message and
+ACK numbers. Nothing here does I/O or reads a clock.
 docs/protocol.md §4 is the reference.
 """
 
@@ -15,6 +17,26 @@ from .congestion import (
     SYN_INTERVAL,
     CongestionControl,
     UdtNativeCongestion,
+)
+from .connection import (
+    HOLD_LIMIT,
+    KEEPALIVE_INTERVAL,
+    MAX_RTT,
+    MIN_EXP_INTERVAL,
+    MIN_NAK_INTERVAL,
+    UdtConnection,
+)
+from .connection_types import (
+    UDP_IP_OVERHEAD,
+    CloseReason,
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionState,
+    DataReceived,
+    UdtConfig,
+    UdtConnectionCounters,
+    UdtEvent,
+    payload_size,
 )
 from .handshake import (
     CONNECT_RETRY_INTERVAL,
@@ -39,6 +61,12 @@ from .listener import (
     ConnectionRequest,
     ListenerReply,
     UdtListener,
+)
+from .multiplexer import (
+    ConnectionAccepted,
+    MultiplexerCounters,
+    MultiplexerEvent,
+    UdtMultiplexer,
 )
 from .packets import (
     HANDSHAKE_LENGTH,
@@ -93,26 +121,38 @@ __all__ = [
     "DEFAULT_MSS",
     "HANDSHAKE_LENGTH",
     "HEADER_LENGTH",
+    "HOLD_LIMIT",
+    "KEEPALIVE_INTERVAL",
     "MAX_PACKET_SEND_PERIOD",
+    "MAX_RTT",
     "MIN_CONGESTION_WINDOW",
+    "MIN_EXP_INTERVAL",
     "MIN_MSS",
+    "MIN_NAK_INTERVAL",
     "MSG_MAX",
     "REGULAR_CONNECT_TIMEOUT",
     "RENDEZVOUS_CONNECT_TIMEOUT",
     "SEQ_MAX",
     "SYN_INTERVAL",
+    "UDP_IP_OVERHEAD",
     "UDT_VERSION",
     "AcceptedHandshake",
     "Ack",
     "Ack2",
     "Boundary",
+    "CloseReason",
     "CongestionControl",
     "CongestionWarning",
+    "ConnectionAccepted",
+    "ConnectionClosed",
+    "ConnectionEstablished",
     "ConnectionKey",
     "ConnectionRequest",
+    "ConnectionState",
     "ControlPacket",
     "ControlType",
     "DataPacket",
+    "DataReceived",
     "ErrorSignal",
     "FailureReason",
     "Handshake",
@@ -126,14 +166,21 @@ __all__ = [
     "LightAck",
     "ListenerReply",
     "MessageDropRequest",
+    "MultiplexerCounters",
+    "MultiplexerEvent",
     "Nak",
     "Packet",
     "RequestType",
     "Shutdown",
     "SocketType",
+    "UdtConfig",
+    "UdtConnection",
+    "UdtConnectionCounters",
     "UdtDecodeError",
+    "UdtEvent",
     "UdtHandshake",
     "UdtListener",
+    "UdtMultiplexer",
     "UdtNativeCongestion",
     "UserDefinedControl",
     "ack_inc",
@@ -144,6 +191,7 @@ __all__ = [
     "msg_inc",
     "msg_offset",
     "pack_peer_ip",
+    "payload_size",
     "seq_cmp",
     "seq_dec",
     "seq_inc",
