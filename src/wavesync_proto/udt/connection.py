@@ -154,6 +154,7 @@ class UdtConnection:
         self._receive_rate = _INITIAL_RECEIVE_RATE
         self._link_capacity = _INITIAL_LINK_CAPACITY
         self._rate_known = False
+        self._capacity_known = False
         self._loss_frontier = -1
         self._peer_window = 0
         # Timers.
@@ -730,13 +731,23 @@ class UdtConnection:
         rtt = min(packet.rtt, _MAX_RTT_US)
         self._rtt_var_us = (self._rtt_var_us * 3 + abs(rtt - self._rtt_us)) >> 2
         self._rtt_us = (self._rtt_us * 7 + rtt) >> 3
+        # 4.11 averages every positive sample into placeholders (16 and 1 packets/s), so
+        # its link capacity needs a dozen ACKs to come within half of a measured value;
+        # here the first sample replaces the placeholder, the rest are averaged as 4.11 does.
         rate = packet.receive_rate
         if rate is not None and 0 < rate <= _INT32_MAX:
-            self._receive_rate = (self._receive_rate * 7 + rate) >> 3
-            self._rate_known = True
+            if self._rate_known:
+                self._receive_rate = (self._receive_rate * 7 + rate) >> 3
+            else:
+                self._receive_rate = rate
+                self._rate_known = True
         capacity = packet.link_capacity
         if capacity is not None and 0 < capacity <= _INT32_MAX:
-            self._link_capacity = (self._link_capacity * 7 + capacity) >> 3
+            if self._capacity_known:
+                self._link_capacity = (self._link_capacity * 7 + capacity) >> 3
+            else:
+                self._link_capacity = capacity
+                self._capacity_known = True
         cc.on_ack(
             sequence_number=packet.sequence_number,
             rtt=self._rtt_us / _US,

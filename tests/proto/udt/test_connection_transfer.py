@@ -1,0 +1,182 @@
+"""UdtConnection end to end through the seeded lossy network: 10 MB byte-exact, both handshakes.
+
+Each test moves bytes between two connections over ``tests/netsim.py`` and checks
+the bytes, the order, how both ends closed, and (in ``Transfer``) that no buffer
+ever grew past its configured bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from wavesync_proto.addresses import Endpoint
+from wavesync_proto.udt.connection import UdtConnection
+from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
+
+from ...netsim import GilbertElliott, LinkConfig
+from .connection_helpers import Side, Transfer, payload
+
+TEN_MB = 10 * 1000 * 1000
+CLEAN = {CloseReason.LOCAL_CLOSE, CloseReason.PEER_CLOSED}
+# 30 % loss makes UDT's rate control crawl (it reads loss as congestion): the transfer
+# takes minutes of virtual time, so the linger must outlast it.
+PATIENT = UdtConfig(linger=3600.0)
+
+
+def assert_clean(transfer: Transfer) -> None:
+    for side in (transfer.a, transfer.b):
+        assert side.closed is not None
+        assert side.closed.reason in CLEAN, side.closed
+
+
+@pytest.mark.parametrize("rendezvous", [False, True], ids=["regular", "rendezvous"])
+@pytest.mark.parametrize("loss", [0.0, 0.05, 0.30])
+def test_ten_megabytes_arrive_byte_exact(loss: float, rendezvous: bool) -> None:
+    data = payload(TEN_MB)
+    transfer = Transfer(
+        a_data=data,
+        link=LinkConfig(delay=0.005, loss=loss),
+        rendezvous=rendezvous,
+        config=PATIENT,
+        seed=int(loss * 100) + rendezvous,
+    )
+    transfer.run()
+    assert transfer.b_received() == data
+    assert_clean(transfer)
+    a = transfer.a_connection.counters
+    assert a.bytes_sent >= TEN_MB
+    if loss:
+        assert a.packets_retransmitted > 0
+        assert a.naks_received > 0
+    else:
+        assert a.packets_retransmitted == 0
+
+
+def test_both_directions_at_once_over_a_lossy_reordering_link() -> None:
+    a_data = payload(2_000_000, seed=1)
+    b_data = payload(1_500_000, seed=2)
+    link = LinkConfig(
+        delay=0.01,
+        jitter=0.002,
+        loss=0.02,
+        burst=GilbertElliott(good_to_bad=0.01, bad_to_good=0.3),
+        duplicate=0.02,
+        reorder=0.05,
+        reorder_delay=0.01,
+    )
+    transfer = Transfer(a_data=a_data, b_data=b_data, link=link, rendezvous=True, seed=9)
+    transfer.run()
+    assert transfer.b_received() == a_data
+    assert transfer.a_received() == b_data
+    assert_clean(transfer)
+    b = transfer.b_connection
+    assert b is not None
+    assert b.counters.packets_duplicate > 0
+
+
+# --- speed: rendezvous must not crawl (libudt 4.11's weakness, issue 4) -------------------
+
+# 100 Mbit/s, 10 ms round trip, a 4 MB bottleneck queue. (With a queue much smaller
+# than the slow-start overshoot, 4.11's rate control loses a burst as slow start ends,
+# decreases five times to ~55 % of the link and climbs back at +10 packets/s per
+# second: 58 % of the link with a 256 KB queue. That is the congestion control's
+# nature, not the connection's; these tests are about the handshake race.)
+BANDWIDTH = 12_500_000.0
+FAST_LINK = LinkConfig(delay=0.005, bandwidth=BANDWIDTH, queue_limit=4_000_000)
+
+
+def wire_time(size: int) -> float:
+    """Seconds the link needs for ``size`` payload bytes in full 1500-byte packets."""
+    return size / 1456 * 1472 / BANDWIDTH
+
+
+def test_rendezvous_both_sending_at_once_runs_at_link_speed() -> None:
+    # Both sides send from the first moment (send() buffers while connecting). B's first
+    # request goes late, so B answers A's type 0, is established by A's -1 and sends at
+    # once while A still waits for its -1 to be answered: B's first data packets reach
+    # A before A's handshake is done. 4.11 drops them.
+    a_data = payload(TEN_MB, seed=5)
+    b_data = payload(TEN_MB, seed=6)
+    transfer = Transfer(a_data=a_data, b_data=b_data, link=FAST_LINK, rendezvous=True, b_start=0.2)
+    elapsed = transfer.run()
+    assert transfer.b_received() == a_data
+    assert transfer.a_received() == b_data
+    assert_clean(transfer)
+    # At least 85 % of the link, handshake and close included (measured: 93 %); 4.11
+    # crawls at a few MB/s here.
+    assert elapsed < wire_time(TEN_MB) / 0.85, elapsed
+    b = transfer.b_connection
+    assert b is not None
+    # B's first data packet completed A's handshake (one way after B, not at A's next
+    # request 250 ms later), and none of B's packets was lost.
+    a_at, b_at = transfer.a.established_at, transfer.b.established_at
+    assert a_at is not None
+    assert b_at is not None
+    assert b_at < a_at < b_at + 0.05
+    assert b.counters.packets_retransmitted == 0
+
+
+class DropFirstData:
+    """Passes a connection through, but the first data packet it sends is lost."""
+
+    def __init__(self, connection: UdtConnection) -> None:
+        self.connection = connection
+        self.dropped = 0
+
+    def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> None:
+        self.connection.receive_datagram(data, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        out = self.connection.datagrams_to_send(now)
+        if not self.dropped:
+            for index, (data, _) in enumerate(out):
+                if not data[0] & 0x80:
+                    del out[index]
+                    self.dropped = 1
+                    break
+        return out
+
+    def get_timer(self) -> float | None:
+        return self.connection.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.connection.handle_timer(now)
+
+
+@pytest.mark.parametrize("rendezvous", [False, True], ids=["regular", "rendezvous"])
+def test_losing_the_first_data_packet_does_not_cripple_the_rate(rendezvous: bool) -> None:
+    data = payload(TEN_MB, seed=7)
+    wrappers: list[DropFirstData] = []
+
+    def wrap(connection: UdtConnection) -> DropFirstData:
+        wrappers.append(DropFirstData(connection))
+        return wrappers[0]
+
+    transfer = Transfer(a_data=data, link=FAST_LINK, rendezvous=rendezvous, wrap_a=wrap)
+    elapsed = transfer.run()
+    assert wrappers[0].dropped == 1
+    assert transfer.b_received() == data
+    assert_clean(transfer)
+    assert transfer.a_connection.counters.packets_retransmitted >= 1
+    assert elapsed < wire_time(TEN_MB) / 0.85, elapsed
+
+
+def test_a_reader_that_stops_taking_events_slows_the_sender_to_its_pace() -> None:
+    # B takes no events for 2 s of virtual time: its receive buffer fills, its ACKs
+    # announce less and less room, A stops, then everything resumes and arrives.
+    data = payload(3_000_000, seed=8)
+    config = UdtConfig(receive_buffer_packets=256)
+    transfer = Transfer(a_data=data, link=LinkConfig(delay=0.002), config=config)
+    original = transfer._pump
+
+    def slow_pump(side: Side, other: Side, connection: UdtConnection, now: float) -> None:
+        if side is transfer.b and 0.05 < now < 2.05:
+            assert connection.receive_buffer_packets <= 256
+            return
+        original(side, other, connection, now)
+
+    transfer._pump = slow_pump  # type: ignore[method-assign]
+    transfer.run()
+    assert transfer.b_received() == data
+    assert transfer.b.max_receive_buffer <= 256
+    assert_clean(transfer)
