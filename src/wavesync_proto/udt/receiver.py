@@ -58,6 +58,9 @@ class UdtReceiver:
         "_ack_history",
         "_arrival_index",
         "_arrivals",
+        "_batch_gap",
+        "_batch_index",
+        "_batch_size",
         "_capacity",
         "_last_arrival",
         "_light_ack_at",
@@ -133,7 +136,10 @@ class UdtReceiver:
         # samples.
         self._arrivals: list[float] = []
         self._arrival_index = 0
-        self._last_arrival = now
+        self._last_arrival = float("-inf")  # the first gap is unknown: infinite, filtered out
+        self._batch_gap = 0.0
+        self._batch_index = 0
+        self._batch_size = 0
         self._probes: list[float] = []
         self._probe_index = 0
         self._probe_time = now
@@ -202,14 +208,25 @@ class UdtReceiver:
         """One data packet (already checked to be from the peer, for us)."""
         # CPktTimeWindow::onPktArrival, probe1Arrival, probe2Arrival (by sequence number:
         # the sender sends the packet after each multiple of 16 back to back).
-        arrivals = self._arrivals
-        if len(arrivals) < _WINDOW:
-            arrivals.append(now - self._last_arrival)
+        if now != self._last_arrival:
+            arrivals = self._arrivals
+            self._batch_gap = now - self._last_arrival
+            self._batch_size = 1
+            if len(arrivals) < _WINDOW:
+                self._batch_index = len(arrivals)
+                arrivals.append(self._batch_gap)
+            else:
+                index = self._batch_index = self._arrival_index
+                arrivals[index] = self._batch_gap
+                self._arrival_index = (index + 1) & 0xF
+            self._last_arrival = now
         else:
-            index = self._arrival_index
-            arrivals[index] = now - self._last_arrival
-            self._arrival_index = (index + 1) & 0xF
-        self._last_arrival = now
+            # Several datagrams with one timestamp: an adapter that reads a batch per
+            # clock reading. 4.11 would record intervals of 0 and its median filter would
+            # then report nothing (or nonsense); here the batch is one entry, its gap
+            # shared by its packets.
+            self._batch_size += 1
+            self._arrivals[self._batch_index] = self._batch_gap / self._batch_size
         low = seq_wire & 0xF
         if low == 0:
             self._probe_time = now
