@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from wavesync_proto.addresses import Endpoint
+from wavesync_proto.udt.congestion import CongestionControl
 from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import (
     ConnectionClosed,
@@ -235,3 +236,58 @@ class Transfer:
 
     def b_received(self) -> bytes:
         return b"".join(self.b.received)
+
+
+class FixedRate(CongestionControl):
+    """A congestion control that never changes: a fixed period and window (records its calls)."""
+
+    __slots__ = ("_period", "_window", "losses", "sent", "timeouts")
+
+    def __init__(self, period: float = 0.0, window: float = 1_000_000.0) -> None:
+        self._period = period
+        self._window = window
+        self.sent: list[int] = []
+        self.losses: list[list[tuple[int, int]]] = []
+        self.timeouts = 0
+
+    @classmethod
+    def factory(cls, period: float = 0.0, window: float = 1_000_000.0) -> Callable[..., FixedRate]:
+        """For ``UdtConfig.congestion``: ignores the connection's keywords."""
+
+        def make(**_: object) -> FixedRate:
+            return cls(period, window)
+
+        return make
+
+    @property
+    def packet_send_period(self) -> float:
+        return self._period
+
+    @property
+    def congestion_window(self) -> float:
+        return self._window
+
+    @property
+    def in_slow_start(self) -> bool:
+        return False
+
+    def on_packet_sent(self, *, sequence_number: int, now: float) -> None:
+        self.sent.append(sequence_number)
+
+    def on_ack(
+        self,
+        *,
+        sequence_number: int,
+        rtt: float,
+        rtt_variance: float,
+        receive_rate: int,
+        link_capacity: int,
+        now: float,
+    ) -> None:
+        pass
+
+    def on_loss(self, *, losses: Sequence[tuple[int, int]], now: float) -> None:
+        self.losses.append(list(losses))
+
+    def on_timeout(self, *, now: float) -> None:
+        self.timeouts += 1
