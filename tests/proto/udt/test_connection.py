@@ -1,0 +1,565 @@
+"""UdtConnection driven by hand: events, timers (ACK, EXP, keep-alive, idle, linger), close,
+abort, and what it does with a hostile or broken peer."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from wavesync_proto.addresses import Endpoint
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.udt import (
+    Ack,
+    Ack2,
+    ControlPacket,
+    DataPacket,
+    Handshake,
+    KeepAlive,
+    LightAck,
+    MessageDropRequest,
+    Nak,
+    RequestType,
+    Shutdown,
+    SocketType,
+    decode_packet,
+    encode_packet,
+)
+from wavesync_proto.udt.connection import KEEPALIVE_INTERVAL, MIN_EXP_INTERVAL, UdtConnection
+from wavesync_proto.udt.connection_types import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionState,
+    DataReceived,
+    UdtConfig,
+    UdtEvent,
+)
+from wavesync_proto.udt.listener import ConnectionRequest, UdtListener
+
+from .connection_helpers import SECRET, FixedRate, seeded
+
+A: Endpoint = ("192.0.2.1", 1000)
+B: Endpoint = ("192.0.2.2", 2000)
+A_ID, B_ID = 1111, 2222
+A_ISN, B_ISN = 100, 5000
+Filter = Callable[[bytes], bool]
+
+
+def kind(data: bytes) -> str:
+    packet = decode_packet(data)
+    return type(packet).__name__
+
+
+class Pair:
+    """Two connections wired back to back, datagrams moved by hand, clock moved by hand."""
+
+    def __init__(self, a: UdtConnection, b: UdtConnection | None = None) -> None:
+        self.a = a
+        self.b = b
+        self.now = 0.0
+        self.drop_ab: Filter = lambda _: False
+        self.drop_ba: Filter = lambda _: False
+        self.sent_ab: list[bytes] = []
+        self.sent_ba: list[bytes] = []
+        #: ``advance(t)`` goes to ``origin + t``: tests count time from establishment.
+        self.origin = 0.0
+
+    def exchange(self, rounds: int = 1) -> None:
+        """Move everything due now, both ways, ``rounds`` times."""
+        for _ in range(rounds):
+            for data, addr in self.a.datagrams_to_send(self.now):
+                assert addr == B
+                self.sent_ab.append(data)
+                if self.b is not None and not self.drop_ab(data):
+                    self.b.receive_datagram(data, A, self.now)
+            if self.b is not None:
+                for data, addr in self.b.datagrams_to_send(self.now):
+                    assert addr == A
+                    self.sent_ba.append(data)
+                    if not self.drop_ba(data):
+                        self.a.receive_datagram(data, B, self.now)
+
+    def advance(self, offset: float) -> None:
+        """Fire every timer up to ``origin + offset``, exchanging after each."""
+        until = self.origin + offset
+        assert until >= self.now
+        while True:
+            timers = [
+                t for c in (self.a, self.b) if c is not None if (t := c.get_timer()) is not None
+            ]
+            if not timers or min(timers) > until:
+                break
+            self.now = max(self.now, min(timers))
+            for connection in (self.a, self.b):
+                if connection is not None:
+                    timer = connection.get_timer()
+                    if timer is not None and timer <= self.now:
+                        connection.handle_timer(self.now)
+            self.exchange()
+        self.now = until
+        self.exchange()
+
+
+def state(connection: UdtConnection) -> ConnectionState:
+    """The state, read through a call (so that mypy does not narrow it across calls)."""
+    return connection.state
+
+
+def peer_of(connection: UdtConnection) -> Endpoint | None:
+    return connection.peer_address
+
+
+def events(connection: UdtConnection) -> list[UdtEvent]:
+    result = []
+    while (event := connection.next_event()) is not None:
+        result.append(event)
+    return result
+
+
+def received(connection: UdtConnection) -> bytes:
+    return b"".join(e.data for e in events(connection) if isinstance(e, DataReceived))
+
+
+def rendezvous_pair(config: UdtConfig = UdtConfig()) -> Pair:  # noqa: B008 - frozen
+    a = UdtConnection.rendezvous(
+        [B], socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random, config=config
+    )
+    b = UdtConnection.rendezvous(
+        [A], socket_id=B_ID, isn=B_ISN, now=0.0, random=seeded(2).random, config=config
+    )
+    pair = Pair(a, b)
+    # b hears a's first request before sending its own: b is connected by a's -1, and
+    # a by b's -2 answer to a's next request, 250 ms later.
+    pair.advance(0.3)
+    assert state(a) is ConnectionState.CONNECTED
+    assert state(b) is ConnectionState.CONNECTED
+    return pair
+
+
+def connected(config: UdtConfig = UdtConfig()) -> Pair:  # noqa: B008 - frozen
+    pair = rendezvous_pair(config)
+    assert isinstance(events(pair.a)[0], ConnectionEstablished)
+    assert pair.b is not None
+    assert isinstance(events(pair.b)[0], ConnectionEstablished)
+    pair.origin = pair.now
+    return pair
+
+
+def lone(config: UdtConfig = UdtConfig()) -> UdtConnection:  # noqa: B008 - frozen
+    """A connected connection whose peer is played by the test with raw datagrams."""
+    connection = UdtConnection.rendezvous(
+        [B], socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random, config=config
+    )
+    connection.datagrams_to_send(0.0)
+    peer = Handshake(
+        destination_socket_id=A_ID,
+        socket_type=SocketType.STREAM,
+        initial_sequence_number=B_ISN,
+        mss=1500,
+        flow_window=8192,
+        request_type=RequestType.RESPONSE,
+        socket_id=B_ID,
+    )
+    connection.receive_datagram(encode_packet(peer), B, 0.0)  # WAVING -> AGREEING
+    connection.receive_datagram(
+        encode_packet(
+            Handshake(
+                destination_socket_id=A_ID,
+                socket_type=SocketType.STREAM,
+                initial_sequence_number=B_ISN,
+                mss=1500,
+                flow_window=8192,
+                request_type=RequestType.RENDEZVOUS_RESPONSE,
+                socket_id=B_ID,
+            )
+        ),
+        B,
+        0.0,
+    )
+    assert state(connection) is ConnectionState.CONNECTED
+    connection.datagrams_to_send(0.0)
+    events(connection)
+    return connection
+
+
+def data_packet(seq: int, payload: bytes = b"x", destination: int = A_ID) -> bytes:
+    return encode_packet(
+        DataPacket(
+            destination_socket_id=destination,
+            sequence_number=seq,
+            message_number=1,
+            payload=payload,
+        )
+    )
+
+
+def control(packet: ControlPacket) -> bytes:
+    return encode_packet(packet)
+
+
+# --- establishment and events ---------------------------------------------------------------
+
+
+def test_regular_connect_through_a_listener() -> None:
+    listener = UdtListener(secret=SECRET)
+    a = UdtConnection.connect(B, socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    assert state(a) is ConnectionState.CONNECTING
+    assert a.peer_address is None
+    (request, _), *_ = a.datagrams_to_send(0.0)
+    reply = listener.receive_datagram(request, A, 0.0)
+    assert reply is not None
+    assert not isinstance(reply, ConnectionRequest)
+    a.receive_datagram(reply.datagram, B, 0.01)
+    (confirm, _), *_ = a.datagrams_to_send(0.01)
+    confirmed = listener.receive_datagram(confirm, A, 0.02)
+    assert isinstance(confirmed, ConnectionRequest)
+    accepted = listener.accept(confirmed, socket_id=B_ID)
+    b = UdtConnection.accepted(accepted, now=0.02, random=seeded(2).random)
+    assert state(b) is ConnectionState.CONNECTED
+    assert events(b) == [ConnectionEstablished(peer_address=A, peer_socket_id=A_ID)]
+    a.receive_datagram(accepted.response, B, 0.03)
+    assert state(a) is ConnectionState.CONNECTED
+    assert (peer_of(a), a.peer_socket_id, a.socket_id) == (B, B_ID, A_ID)
+    assert events(a) == [ConnectionEstablished(peer_address=B, peer_socket_id=B_ID)]
+    pair = Pair(a, b)
+    pair.now = 0.03
+    a.send(b"hello")
+    pair.exchange(2)
+    assert received(b) == b"hello"
+
+
+def test_data_sent_while_connecting_goes_once_established() -> None:
+    a = UdtConnection.rendezvous([B], socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    b = UdtConnection.rendezvous([A], socket_id=B_ID, isn=B_ISN, now=0.0, random=seeded(2).random)
+    assert a.send_space == UdtConfig().send_buffer_bytes
+    assert a.send(b"early ") == 6
+    assert a.send(memoryview(b"bird")) == 4
+    pair = Pair(a, b)
+    pair.advance(0.3)
+    assert received(b) == b"early bird"
+    assert isinstance(events(a)[0], ConnectionEstablished)
+
+
+def test_data_events_are_coalesced() -> None:
+    pair = connected()
+    pair.a.send(b"x" * 100_000)
+    pair.advance(0.5)
+    assert pair.b is not None
+    data_events = [e for e in events(pair.b) if isinstance(e, DataReceived)]
+    assert b"".join(e.data for e in data_events) == b"x" * 100_000
+    assert len(data_events) < 5  # one per batch of packets, not 69
+
+
+def test_handshake_failure_closes_with_its_reason() -> None:
+    a = UdtConnection.connect(B, socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    a.send(b"lost")
+    pair = Pair(a)
+    pair.advance(4.0)
+    (closed,) = events(a)
+    assert isinstance(closed, ConnectionClosed)
+    assert closed.reason is CloseReason.HANDSHAKE_FAILED
+    assert "timeout" in closed.detail
+    assert state(a) is ConnectionState.CLOSED
+    assert a.get_timer() is None
+    with pytest.raises(LocalProtocolError):
+        a.send(b"more")
+
+
+def test_a_late_rendezvous_handshake_is_answered_with_minus_two() -> None:
+    pair = connected()
+    late = Handshake(
+        destination_socket_id=A_ID,
+        socket_type=SocketType.STREAM,
+        initial_sequence_number=B_ISN,
+        mss=1500,
+        flow_window=8192,
+        request_type=RequestType.RESPONSE,
+        socket_id=B_ID,
+    )
+    pair.a.receive_datagram(encode_packet(late), B, 1.0)
+    (answer,) = [decode_packet(d) for d, _ in pair.a.datagrams_to_send(1.0)]
+    assert isinstance(answer, Handshake)
+    assert answer.request_type == RequestType.RENDEZVOUS_RESPONSE
+
+
+def test_the_caller_holds_data_that_beats_the_handshake_response() -> None:
+    listener = UdtListener(secret=SECRET)
+    a = UdtConnection.connect(B, socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    (request, _), *_ = a.datagrams_to_send(0.0)
+    reply = listener.receive_datagram(request, A, 0.0)
+    assert reply is not None
+    assert not isinstance(reply, ConnectionRequest)
+    a.receive_datagram(reply.datagram, B, 0.0)
+    (confirm, _), *_ = a.datagrams_to_send(0.0)
+    request2 = listener.receive_datagram(confirm, A, 0.0)
+    assert isinstance(request2, ConnectionRequest)
+    accepted = listener.accept(request2, socket_id=B_ID)
+    b = UdtConnection.accepted(accepted, now=0.0, random=seeded(2).random)
+    b.send(b"server speaks first")
+    # The response is lost; b's data arrives at a, still waiting for it.
+    for data, _ in b.datagrams_to_send(0.0):
+        a.receive_datagram(data, B, 0.01)
+    assert state(a) is ConnectionState.CONNECTING
+    assert a.counters.held == 1
+    a.receive_datagram(accepted.response, B, 0.3)  # the multiplexer resends it
+    assert state(a) is ConnectionState.CONNECTED
+    assert received(a) == b"server speaks first"
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+
+def test_exp_resends_everything_unacknowledged_with_backoff() -> None:
+    config = UdtConfig(congestion=FixedRate.factory())
+    pair = connected(config)
+    pair.drop_ab = lambda _: True  # nothing reaches b
+    pair.a.send(b"y" * 3000)
+    pair.exchange()
+    assert [kind(d) for d in pair.sent_ab].count("DataPacket") == 3
+    # core.cpp: the n-th expiry comes n * (RTT + 4 RTTVar) + SYN after the last (at
+    # least n * 300 ms); with no ACK the estimates are still 100 ms and 50 ms.
+    first = 0.1 + 4 * 0.05 + 0.01
+    second = first + 2 * (0.1 + 4 * 0.05) + 0.01
+    pair.advance(first - 0.001)
+    assert pair.a.counters.timeouts == 0
+    pair.advance(first + 0.001)
+    assert pair.a.counters.timeouts == 1
+    assert pair.a.counters.packets_retransmitted == 3
+    assert [kind(d) for d in pair.sent_ab].count("DataPacket") == 6
+    pair.advance(second - 0.001)
+    assert pair.a.counters.timeouts == 1
+    pair.advance(second + 0.001)
+    assert pair.a.counters.timeouts == 2
+    assert first > MIN_EXP_INTERVAL
+    congestion = pair.a.congestion
+    assert isinstance(congestion, FixedRate)
+    assert congestion.timeouts == 2
+    pair.drop_ab = lambda _: False
+    pair.advance(3.0)
+    assert pair.b is not None
+    assert received(pair.b) == b"y" * 3000
+
+
+def test_keep_alive_after_a_second_of_silence_and_none_while_busy() -> None:
+    pair = connected()
+    pair.sent_ab.clear()
+    pair.advance(KEEPALIVE_INTERVAL * 0.9)
+    assert pair.sent_ab == []
+    pair.advance(KEEPALIVE_INTERVAL * 1.1)
+    assert [kind(d) for d in pair.sent_ab] == ["KeepAlive"]
+    assert pair.a.counters.keepalives_sent == 1
+    pair.advance(20.0)  # keep-alives both ways: neither side idles out
+    assert state(pair.a) is ConnectionState.CONNECTED
+    assert pair.b is not None
+    assert state(pair.b) is ConnectionState.CONNECTED
+
+
+def test_idle_timeout_when_the_peer_falls_silent() -> None:
+    pair = connected(UdtConfig(idle_timeout=3.0))
+    pair.drop_ba = lambda _: True
+    pair.advance(2.9)
+    assert state(pair.a) is ConnectionState.CONNECTED
+    pair.advance(3.1)
+    (closed,) = events(pair.a)
+    assert closed == ConnectionClosed(
+        reason=CloseReason.TIMEOUT, detail="nothing heard from the peer for 3 s"
+    )
+
+
+def test_acks_every_syn_and_ack2_measures_the_rtt() -> None:
+    pair = connected()
+    pair.a.send(b"r" * 50_000)
+    for step in range(1, 40):
+        pair.advance(step * 0.005)
+    assert pair.b is not None
+    assert received(pair.b) == b"r" * 50_000
+    assert pair.b.counters.acks_sent >= 1
+    assert pair.b.counters.ack2s_received >= 1
+    # Datagrams cross instantly here: the RTT estimate falls from 100 ms toward 0.
+    assert pair.b.rtt < 0.1
+
+
+# --- close and abort ----------------------------------------------------------------------
+
+
+def test_close_waits_for_the_ack_of_everything_then_sends_shutdown() -> None:
+    pair = connected()
+    pair.a.send(b"z" * 5000)
+    pair.a.close(pair.now)
+    assert state(pair.a) is ConnectionState.CLOSING
+    with pytest.raises(LocalProtocolError):
+        pair.a.send(b"no")
+    assert pair.a.send_space == 0
+    pair.advance(0.1)
+    assert events(pair.a) == [ConnectionClosed(reason=CloseReason.LOCAL_CLOSE, detail="closed")]
+    assert pair.b is not None
+    b_events = events(pair.b)
+    assert b"".join(e.data for e in b_events if isinstance(e, DataReceived)) == b"z" * 5000
+    assert b_events[-1] == ConnectionClosed(
+        reason=CloseReason.PEER_CLOSED, detail="the peer sent Shutdown"
+    )
+    assert pair.a.get_timer() is None
+    assert pair.b.get_timer() is None
+
+
+def test_close_gives_up_after_the_linger() -> None:
+    pair = connected(UdtConfig(linger=2.0, idle_timeout=60.0))
+    pair.drop_ab = lambda data: kind(data) == "DataPacket"
+    pair.a.send(b"never" * 100)
+    pair.a.close(pair.now)
+    pair.advance(1.9)
+    assert state(pair.a) is ConnectionState.CLOSING
+    pair.advance(2.1)
+    (closed,) = events(pair.a)
+    assert isinstance(closed, ConnectionClosed)
+    assert closed.reason is CloseReason.LOCAL_CLOSE
+    assert "linger of 2 s expired with 500 bytes unacknowledged" in closed.detail
+    assert pair.b is not None
+    assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
+
+
+def test_close_while_connecting_ends_at_once() -> None:
+    a = UdtConnection.connect(B, socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    a.close(0.1)
+    a.close(0.2)  # idempotent
+    assert events(a) == [
+        ConnectionClosed(
+            reason=CloseReason.LOCAL_CLOSE, detail="closed before the handshake finished"
+        )
+    ]
+    assert a.datagrams_to_send(0.2) == []
+
+
+def test_abort_sends_shutdown_and_drops_the_buffers() -> None:
+    pair = connected()
+    pair.drop_ab = lambda data: kind(data) == "DataPacket"
+    pair.a.send(b"a" * 10_000)
+    pair.exchange()
+    pair.a.abort(pair.now)
+    pair.a.abort(pair.now)  # idempotent
+    assert pair.a.send_buffer_bytes == 0
+    assert events(pair.a) == [ConnectionClosed(reason=CloseReason.ABORTED, detail="aborted")]
+    pair.exchange()
+    assert pair.b is not None
+    assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
+
+
+def test_a_closed_connection_repeats_its_shutdown_to_a_peer_that_missed_it() -> None:
+    pair = connected()
+    pair.drop_ab = lambda data: kind(data) == "Shutdown"
+    pair.a.close(pair.now)
+    pair.exchange()
+    assert pair.b is not None
+    assert state(pair.b) is ConnectionState.CONNECTED
+    pair.drop_ab = lambda _: False
+    pair.advance(KEEPALIVE_INTERVAL * 1.5)  # b's keep-alive reaches the closed a
+    assert state(pair.b) is ConnectionState.CLOSED
+    assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
+    shutdowns = [d for d in pair.sent_ab if kind(d) == "Shutdown"]
+    assert len(shutdowns) == 2
+
+
+def test_peer_shutdown_delivers_the_data_before_it() -> None:
+    c = lone()
+    c.receive_datagram(data_packet(B_ISN, b"last words"), B, 0.1)
+    c.receive_datagram(control(Shutdown(destination_socket_id=A_ID)), B, 0.1)
+    assert events(c) == [
+        DataReceived(data=b"last words"),
+        ConnectionClosed(reason=CloseReason.PEER_CLOSED, detail="the peer sent Shutdown"),
+    ]
+
+
+# --- a hostile or broken peer -----------------------------------------------------------------
+
+
+def test_an_ack_of_data_never_sent_changes_nothing() -> None:
+    c = lone(UdtConfig(congestion=FixedRate.factory()))
+    c.send(b"k" * 3000)
+    c.datagrams_to_send(0.0)
+    sender = c.sender
+    assert sender is not None
+    before = (sender.last_ack, sender.next_seq, sender.buffered_bytes)
+    hostile = Ack(
+        destination_socket_id=A_ID,
+        ack_number=1,
+        sequence_number=A_ISN + 500,
+        rtt=1,
+        rtt_variance=1,
+        available_buffer=10**9,
+    )
+    c.receive_datagram(control(hostile), B, 0.1)
+    assert (sender.last_ack, sender.next_seq, sender.buffered_bytes) == before
+    assert c.counters.invalid == 1
+    light = LightAck(destination_socket_id=A_ID, sequence_number=A_ISN + 500)
+    c.receive_datagram(control(light), B, 0.1)
+    assert c.counters.invalid == 2
+    good = Ack(
+        destination_socket_id=A_ID,
+        ack_number=2,
+        sequence_number=A_ISN + 3,
+        rtt=0xFFFFFFFF,  # absurd: counts as MAX_RTT
+        rtt_variance=0,
+        available_buffer=100,
+        receive_rate=0xFFFFFFFF,  # negative for 4.11's int32: ignored
+        link_capacity=0,
+    )
+    c.receive_datagram(control(good), B, 0.2)
+    assert sender.is_idle()
+    assert c.rtt <= 10.0 / 8 + 0.1
+
+
+def test_a_nak_of_nothing_in_flight_is_ignored() -> None:
+    c = lone(UdtConfig(congestion=FixedRate.factory()))
+    c.receive_datagram(control(Nak(destination_socket_id=A_ID, losses=((1, 1000),))), B, 0.1)
+    assert c.counters.invalid == 1
+    assert c.datagrams_to_send(0.1) == []
+    congestion = c.congestion
+    assert isinstance(congestion, FixedRate)
+    assert congestion.losses == []
+
+
+def test_packets_from_elsewhere_or_for_others_or_malformed_are_counted_and_dropped() -> None:
+    c = lone()
+    c.receive_datagram(data_packet(B_ISN), ("203.0.113.9", 1), 0.1)
+    c.receive_datagram(data_packet(B_ISN, destination=999), B, 0.1)
+    c.receive_datagram(b"\x80\x00", B, 0.1)
+    c.receive_datagram(b"\xff" * 40, B, 0.1)  # control type 0x7fff with junk: user-defined
+    c.receive_datagram(b"\x80\x03" + bytes(10) + struct.pack("!I", A_ID), B, 0.1)  # empty NAK
+    c.receive_datagram(control(Ack2(destination_socket_id=A_ID, ack_number=77)), B, 0.1)
+    drop = MessageDropRequest(
+        destination_socket_id=A_ID,
+        message_number=1,
+        first_sequence_number=B_ISN,
+        last_sequence_number=B_ISN + 5,
+    )
+    c.receive_datagram(control(drop), B, 0.1)
+    counters = c.counters
+    assert counters.wrong_source == 1
+    assert counters.wrong_destination == 2  # 0xffffffff is not our id either
+    assert counters.malformed == 2
+    assert counters.invalid == 1  # the ACK2 of an ACK never sent
+    assert counters.drop_requests_received == 1
+    assert events(c) == []
+    assert state(c) is ConnectionState.CONNECTED
+
+
+def test_data_far_outside_the_window_is_dropped() -> None:
+    c = lone(UdtConfig(receive_buffer_packets=16))
+    c.receive_datagram(data_packet(B_ISN + 16), B, 0.1)
+    c.receive_datagram(data_packet(B_ISN - 1), B, 0.1)
+    c.receive_datagram(data_packet((B_ISN + 2**30 - 1) & 0x7FFFFFFF), B, 0.1)
+    assert c.counters.packets_out_of_window == 2
+    assert c.counters.packets_duplicate == 1
+    assert c.receive_buffer_packets == 0
+
+
+def test_keep_alive_and_heard_packets_postpone_the_idle_timeout() -> None:
+    c = lone(UdtConfig(idle_timeout=2.0))
+    for step in range(1, 10):
+        now = step * 1.5
+        c.receive_datagram(control(KeepAlive(destination_socket_id=A_ID)), B, now)
+        c.handle_timer(now)
+        c.datagrams_to_send(now)
+    assert state(c) is ConnectionState.CONNECTED
