@@ -194,7 +194,9 @@ class Transfer:
             if connection is None:
                 continue
             self._pump(side, other, connection, now)
-        return self.a.closed is not None and self.b.closed is not None
+        # A caller that never got through leaves no connection behind the listener.
+        b_done = self.b.closed is not None or b_connection is None
+        return self.a.closed is not None and b_done
 
     def _pump(self, side: Side, other: Side, connection: UdtConnection, now: float) -> None:
         config = self.config
