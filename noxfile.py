@@ -58,3 +58,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/stun_codec.py", *session.posargs)
     session.run("python", "bench/mediator.py")
     session.run("python", "bench/relay.py")
+    session.run("python", "bench/udt.py")

@@ -48,3 +48,13 @@ def test_relay_bench_runs_and_reports_every_row() -> None:
     assert len(rows_starting(output, "pairing: ")) == 4
     assert len(rows_starting(output, "memory: ")) == 3
     assert len(rows_starting(output, "targets:")) == 1
+
+
+def test_udt_bench_runs_and_reports_every_row() -> None:
+    output = run_bench("udt.py", "--quick")
+    # Every row is printed: a figure, or why it is not available (no g++/libudt, no
+    # aioquic, `wavesync udt` not running yet); no transfer may fail or differ.
+    rows = ("TCP", "aioquic", "libudt", "wavesync-UDT")
+    assert len(rows_starting(output, *rows)) == 9
+    assert "FAILED" not in output
+    assert len(rows_starting(output, "targets:")) == 1

@@ -1,0 +1,568 @@
+"""UDT: loopback bulk goodput of wavesync-UDT, plain TCP, aioquic and libudt 4.11, side by side.
+
+Issue 4 targets: wavesync-UDT ≥ 3 x aioquic (one stream); the ratio to libudt reported
+honestly; under 5 % loss, goodput above half the lossless figure. Every row is a
+netcat: a receiver process that writes the stream to its stdout and a sender process
+that reads ``--bytes`` from a file on its stdin, both started by this script, so every
+row pays the same pipes:
+
+- plain TCP: asyncio streams (this script as ``--child tcp-recv`` / ``tcp-send``);
+- aioquic: one bidirectional stream, default configuration (congestion control,
+  1 MiB flow-control windows), a self-signed P-256 certificate made at run time
+  (``--child quic-recv`` / ``quic-send``);
+- libudt 4.11: ``udt_peer`` (tests/interop/udt_peer.cpp, built here with g++) in
+  stdin/stdout mode, a regular connect, and a rendezvous connect with and without a
+  sleep between ``connect()`` and the first ``send()`` (the issue's "first packet lost,
+  then crawls");
+- wavesync-UDT: ``wavesync udt recv|send``, regular and rendezvous (see
+  ``wavesync_commands``); "not available" while that command does not run.
+
+The clock runs from the first byte the receiver writes to its stdout until that pipe's
+end, so process start, the handshake and the rendezvous sleep are not in the figure;
+the stream is checked (length and SHA-256) every time. Each row runs ``--rounds``
+times, interleaved, and every run is printed. The 5 % loss figure needs ``tc qdisc
+... netem``, which this kernel does not have: it is reported as not measured.
+
+    python bench/udt.py [--bytes N] [--rounds R] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import os
+import platform
+import re
+import selectors
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.interop.libudt import (
+    LibudtUnavailableError,
+    build_udt_peer,
+    default_cache_dir,
+    stream,
+)
+
+from wavesync_proto import __version__
+
+LOOPBACK = "127.0.0.1"
+MB = 1e6
+CHUNK = 1 << 20
+SEED = 4
+ALPN = "wavesync-bench"
+#: How long one transfer may take before it is reported as failed.
+TRANSFER_TIMEOUT = 300.0
+#: The rendezvous row "with sleep": what the application sleeps after connect().
+RENDEZVOUS_SLEEP_MS = 500
+TARGET_VS_AIOQUIC = 3.0
+#: The first line of udt_peer's stdout is its port; the stream follows.
+FIRST_LINE = "first stdout line"
+
+
+# --- one netcat transfer ---------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One transfer: its goodput, or why there is none."""
+
+    rate: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+    #: Set when the row cannot run at all (missing tool): printed instead of figures.
+    unavailable: str | None = None
+
+    @property
+    def rates(self) -> list[float]:
+        return [run.rate for run in self.runs if run.rate is not None]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
+
+
+@dataclass
+class Netcat:
+    """A receiver and a sender command; ``ready`` says when the sender may start: a regex
+    the receiver prints on stderr, ``FIRST_LINE`` (udt_peer's port line, which replaces
+    ``{port}`` in the sender's arguments), or None (at once: rendezvous)."""
+
+    receiver: list[str]
+    sender: list[str]
+    ready: str | None
+    #: The receiver's stdout starts with a line that is not the stream (udt_peer's port).
+    port_line: bool = False
+
+
+def free_port(kind: socket.SocketKind) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.kill()
+    if process is not None:
+        process.wait(timeout=10)
+
+
+@dataclass
+class ReceivedStream:
+    """What a receiver writes on stdout: hashed and timed as it arrives."""
+
+    port_line: bool
+    hashed: hashlib._Hash = field(default_factory=hashlib.sha256)
+    size: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    first_chunk: int = 0
+    #: udt_peer's port, once its first line is complete ("" when there is no such line).
+    port: str | None = None
+    _head: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        if not self.port_line:
+            self.port = ""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.port is None:
+            self._head += chunk
+            if b"\n" not in self._head:
+                return
+            line, _, chunk = bytes(self._head).partition(b"\n")
+            self.port = line.decode().strip()
+        if not chunk:
+            return
+        now = time.perf_counter()
+        if self.size == 0:
+            self.first_at, self.first_chunk = now, len(chunk)
+        self.last_at = now
+        self.size += len(chunk)
+        self.hashed.update(chunk)
+
+    @property
+    def rate(self) -> float:
+        """MB/s from the first chunk's arrival to the last's (the first one is not timed)."""
+        return (self.size - self.first_chunk) / max(self.last_at - self.first_at, 1e-9) / MB
+
+
+def transfer(netcat: Netcat, payload: Path, size: int, digest: str, workdir: Path) -> Run:
+    """Run one transfer of ``payload`` through ``netcat``; its goodput, checked."""
+    receiver: subprocess.Popen[bytes] | None = None
+    sender: subprocess.Popen[bytes] | None = None
+    sender_log = workdir / "sender.log"
+
+    def start_sender(port: str) -> subprocess.Popen[bytes]:
+        command = [arg.replace("{port}", port) for arg in netcat.sender]
+        with payload.open("rb") as stdin, sender_log.open("wb") as log:
+            return subprocess.Popen(  # noqa: S603 - commands built by this script
+                command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log
+            )
+
+    try:
+        receiver = subprocess.Popen(  # noqa: S603 - commands built by this script
+            netcat.receiver,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert receiver.stdout is not None
+        assert receiver.stderr is not None
+        with contextlib.suppress(OSError):  # a larger pipe: fewer wake-ups per MB
+            fcntl.fcntl(receiver.stdout.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+        received = ReceivedStream(netcat.port_line)
+        errors = bytearray()
+
+        def ready() -> bool:
+            if netcat.ready is None:
+                return True
+            if netcat.ready == FIRST_LINE:
+                return received.port is not None
+            return re.search(netcat.ready, errors.decode(errors="replace")) is not None
+
+        deadline = time.monotonic() + TRANSFER_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(receiver.stdout, selectors.EVENT_READ, received.feed)
+            selector.register(receiver.stderr, selectors.EVENT_READ, errors.extend)
+            while selector.get_map():
+                if sender is None and ready():
+                    sender = start_sender(received.port or "")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Run(error=f"timed out after {TRANSFER_TIMEOUT:g} s")
+                for key, _ in selector.select(remaining):
+                    chunk = os.read(key.fd, CHUNK)
+                    if chunk:
+                        key.data(chunk)
+                    else:
+                        selector.unregister(key.fileobj)
+        status = receiver.wait(timeout=max(1.0, deadline - time.monotonic()))
+        sent_status = None if sender is None else sender.wait(timeout=60)
+        problems = []
+        if status != 0:
+            problems.append(f"receiver exited {status}: {errors.decode(errors='replace')[-300:]}")
+        if sent_status != 0:
+            problems.append(f"sender exited {sent_status}: {sender_log.read_text()[-300:]}")
+        if received.size != size or received.hashed.hexdigest() != digest:
+            problems.append(f"stream differs ({received.size:,} of {size:,} bytes)")
+        return Run(error="; ".join(problems)) if problems else Run(rate=received.rate)
+    finally:
+        _kill(sender)
+        _kill(receiver)
+
+
+# --- the rows --------------------------------------------------------------------------
+
+
+def python_child(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+
+
+def tcp_netcat() -> Netcat:
+    port = str(free_port(socket.SOCK_STREAM))
+    return Netcat(python_child("tcp-recv", port), python_child("tcp-send", port), ready="^ready")
+
+
+def quic_netcat(cert: Path, key: Path) -> Netcat:
+    port = str(free_port(socket.SOCK_DGRAM))
+    receiver = python_child("quic-recv", port, "--cert", str(cert), "--key", str(key))
+    return Netcat(receiver, python_child("quic-send", port), ready="^ready")
+
+
+def libudt_netcat(binary: Path, mode: str) -> Netcat:
+    """udt_peer in stdin/stdout mode: "regular", "rendezvous" or "rendezvous+sleep"."""
+    common = ["--timeout", str(int(TRANSFER_TIMEOUT))]
+    if mode == "regular":
+        return Netcat(
+            [str(binary), "recv", "--listen", f"{LOOPBACK}:0", *common],
+            [str(binary), "send", "--connect", f"{LOOPBACK}:{{port}}", *common],
+            ready=FIRST_LINE,
+            port_line=True,
+        )
+    a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    sleep = ["--sleep-after-connect", str(RENDEZVOUS_SLEEP_MS)] if "sleep" in mode else []
+    recv = [str(binary), "recv", "--rendezvous", "--local", f"{LOOPBACK}:{a}"]
+    send = [str(binary), "send", "--rendezvous", "--local", f"{LOOPBACK}:{b}"]
+    return Netcat(
+        [*recv, "--peer", f"{LOOPBACK}:{b}", *common],
+        [*send, "--peer", f"{LOOPBACK}:{a}", *sleep, *common],
+        ready=None,
+        port_line=True,
+    )
+
+
+# ===== wavesync-UDT plugs in here ========================================================
+# The adapter's netcat: `wavesync udt recv --listen HOST:PORT` writes the stream to
+# stdout, `wavesync udt send --connect HOST:PORT` reads stdin; `--rendezvous --local
+# PORT --peer HOST:PORT` for both. A receiver with --listen says it is ready on stderr.
+
+
+def wavesync_commands(mode: str) -> Netcat:
+    """wavesync's row: "regular" or "rendezvous" (no sleep: ours must not need one)."""
+    wavesync = [sys.executable, "-m", "wavesync_adapters.cli", "udt"]
+    if mode == "regular":
+        port = free_port(socket.SOCK_DGRAM)
+        return Netcat(
+            [*wavesync, "recv", "--listen", f"{LOOPBACK}:{port}"],
+            [*wavesync, "send", "--connect", f"{LOOPBACK}:{port}"],
+            ready="listening on udp",
+        )
+    a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    return Netcat(
+        [*wavesync, "recv", "--rendezvous", "--local", str(a), "--peer", f"{LOOPBACK}:{b}"],
+        [*wavesync, "send", "--rendezvous", "--local", str(b), "--peer", f"{LOOPBACK}:{a}"],
+        ready=None,
+    )
+
+
+def wavesync_unavailable() -> str | None:
+    """Why the wavesync rows cannot run yet, or None."""
+    command = [sys.executable, "-m", "wavesync_adapters.cli", "udt", "recv", "--help"]
+    result = subprocess.run(  # noqa: S603 - our own package
+        command, capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        return "not available: `wavesync udt` does not run yet"
+    return None
+
+
+# =========================================================================================
+
+
+def self_signed(workdir: Path) -> tuple[Path, Path]:
+    """A throwaway P-256 certificate for "localhost", for the aioquic receiver."""
+    # Imported here, as aioquic below: the bench group has both, the smoke test may not.
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+# --- the child processes: netcat over asyncio TCP and over aioquic ----------------------
+
+
+def write_stdout(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
+
+
+def ready() -> None:
+    print("ready", file=sys.stderr, flush=True)
+
+
+async def tcp_recv(port: int) -> None:
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(CHUNK):
+            write_stdout(chunk)
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(handle, LOOPBACK, port)
+    ready()
+    async with server:
+        await done.wait()
+
+
+async def tcp_send(port: int) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    while chunk := os.read(0, CHUNK):
+        writer.write(chunk)
+        await writer.drain()
+    writer.write_eof()
+    await reader.read()  # the receiver closes once it has everything
+    writer.close()
+    await writer.wait_closed()
+
+
+async def quic_recv(port: int, cert: str, key: str) -> None:
+    from aioquic.asyncio.protocol import QuicConnectionProtocol  # noqa: PLC0415
+    from aioquic.asyncio.server import serve  # noqa: PLC0415
+    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
+    from aioquic.quic.events import QuicEvent, StreamDataReceived  # noqa: PLC0415
+
+    done = asyncio.Event()
+
+    class Sink(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, StreamDataReceived):
+                write_stdout(event.data)
+                if event.end_stream:
+                    self.close()  # tells the sender everything arrived
+                    done.set()
+
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    configuration.load_cert_chain(cert, key)
+    server = await serve(LOOPBACK, port, configuration=configuration, create_protocol=Sink)
+    ready()
+    await done.wait()
+    server.close()
+
+
+async def quic_send(port: int) -> None:
+    from aioquic.asyncio.client import connect  # noqa: PLC0415
+    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
+
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
+    )
+    async with connect(LOOPBACK, port, configuration=configuration) as client:
+        _, writer = await client.create_stream()
+        while chunk := os.read(0, CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await client.wait_closed()
+
+
+def child(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="udt.py --child")
+    parser.add_argument("role", choices=["tcp-recv", "tcp-send", "quic-recv", "quic-send"])
+    parser.add_argument("port", type=int)
+    parser.add_argument("--cert", default="")
+    parser.add_argument("--key", default="")
+    options = parser.parse_args(args)
+    if options.role == "tcp-recv":
+        asyncio.run(tcp_recv(options.port))
+    elif options.role == "tcp-send":
+        asyncio.run(tcp_send(options.port))
+    elif options.role == "quic-recv":
+        asyncio.run(quic_recv(options.port, options.cert, options.key))
+    else:
+        asyncio.run(quic_send(options.port))
+    return 0
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}"
+
+
+def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--bytes", type=int, default=200_000_000, help="bytes per transfer")
+    parser.add_argument("--rounds", type=int, default=3, help="transfers per row")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.bytes, args.rounds = 2_000_000, 1
+    size = args.bytes
+
+    try:
+        import aioquic  # noqa: PLC0415 - optional, see self_signed
+
+        aioquic_version, aioquic_missing = aioquic.__version__, None
+    except ImportError:
+        aioquic_version = "missing"
+        aioquic_missing = "not available: aioquic is not installed (the `bench` group has it)"
+    print(
+        f"wavesync {__version__} UDT goodput, Python {platform.python_version()},"
+        f" aioquic {aioquic_version}, {platform.system()} {platform.release()},"
+        f" {os.cpu_count()} CPUs"
+    )
+    print(f"load average at start: {loadavg()} (other processes share the cores)")
+    try:
+        udt_peer: Path | None = build_udt_peer(default_cache_dir())
+        libudt_missing = None
+    except LibudtUnavailableError as missing:
+        udt_peer, libudt_missing = None, f"not available: {missing}"
+    wavesync_missing = wavesync_unavailable()
+
+    with tempfile.TemporaryDirectory(prefix="wavesync-udt-bench-") as folder:
+        workdir = Path(folder)
+        payload = workdir / "payload"
+        data = stream(SEED, size)
+        payload.write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        del data
+        cert, key = self_signed(workdir) if aioquic_missing is None else (payload, payload)
+
+        rows: dict[str, tuple[Row, Callable[[], Netcat]]] = {}
+
+        def add(label: str, make: Callable[[], Netcat], unavailable: str | None = None) -> None:
+            rows[label] = (Row(label, unavailable=unavailable), make)
+
+        add("TCP (asyncio streams)", tcp_netcat)
+        add("aioquic, one stream", lambda: quic_netcat(cert, key), aioquic_missing)
+        for mode in ("regular", "rendezvous", "rendezvous+sleep"):
+            label = {
+                "regular": "libudt 4.11, regular",
+                "rendezvous": "libudt 4.11, rendezvous",
+                "rendezvous+sleep": f"libudt 4.11, rendezvous, {RENDEZVOUS_SLEEP_MS} ms sleep",
+            }[mode]
+
+            def make_libudt(mode: str = mode) -> Netcat:
+                assert udt_peer is not None
+                return libudt_netcat(udt_peer, mode)
+
+            add(label, make_libudt, libudt_missing)
+        for mode in ("regular", "rendezvous"):
+
+            def make_wavesync(mode: str = mode) -> Netcat:
+                return wavesync_commands(mode)
+
+            add(f"wavesync-UDT, {mode}", make_wavesync, wavesync_missing)
+
+        for _ in range(args.rounds):
+            for row, make in rows.values():
+                if row.unavailable is None:
+                    row.runs.append(transfer(make(), payload, size, digest, workdir))
+
+    print(
+        f"\nbulk goodput over loopback, {size / MB:,.0f} MB per transfer, {args.rounds}"
+        " round(s), interleaved (MB = 10^6 bytes; first to last byte at the receiver's"
+        " stdout; every stream checked by SHA-256)"
+    )
+    aioquic_median = rows["aioquic, one stream"][0].median
+    libudt_median = rows["libudt 4.11, regular"][0].median
+    print(f"{'path':44} {'MB/s':>8} {'/aioquic':>9} {'/libudt':>8}  runs (MB/s)")
+    for row, _ in rows.values():
+        if row.unavailable is not None:
+            print(f"{row.name:44} {row.unavailable}")
+            continue
+        runs = ", ".join(
+            f"{run.rate:,.1f}" if run.rate is not None else "FAILED" for run in row.runs
+        )
+        median = f"{row.median:,.1f}" if row.median is not None else "-"
+        print(
+            f"{row.name:44} {median:>8} {ratio(row.median, aioquic_median):>9}"
+            f" {ratio(row.median, libudt_median):>8}  {runs}"
+        )
+        for run in row.runs:
+            if run.error is not None:
+                print(f"{'':44} failed: {run.error}")
+    print(f"{'libudt 4.11, 5 % loss':44} not measured: this kernel has no netem (tc qdisc)")
+    print(f"{'wavesync-UDT, 5 % loss':44} not measured: this kernel has no netem (tc qdisc)")
+    print(f"load average at the end: {loadavg()}")
+    ours = rows["wavesync-UDT, regular"][0].median
+    verdict = (
+        "not measured (wavesync-UDT not available)"
+        if ours is None or aioquic_median is None
+        else ("met" if ours >= TARGET_VS_AIOQUIC * aioquic_median else "NOT met")
+        + f" ({ours / aioquic_median:.2f} x)"
+    )
+    print(f"targets: wavesync-UDT ≥ {TARGET_VS_AIOQUIC:g} x aioquic: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
