@@ -159,26 +159,60 @@ async def test_several_connections_over_one_endpoint() -> None:
     assert local_ports == {client.local_address[1]}
 
 
-async def test_a_peer_that_vanishes_breaks_the_stream_at_the_idle_timeout() -> None:
+class Path:
+    """A UDP forwarder between one client and a server that can be cut (a NAT forgetting
+    its mapping): datagrams then vanish both ways, no error anywhere."""
+
+    def __init__(self, server: Endpoint) -> None:
+        self.server = server
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(LOOPBACK)
+        self.sock.setblocking(False)
+        self.address: Endpoint = self.sock.getsockname()
+        self.client: Endpoint | None = None
+        self.cut = False
+
+    async def forward(self) -> None:
+        while True:
+            await anyio.wait_readable(self.sock)
+            data, source = self.sock.recvfrom(65536)
+            if self.cut:
+                continue
+            if source == self.server:
+                if self.client is not None:
+                    self.sock.sendto(data, self.client)
+            else:
+                self.client = source
+                self.sock.sendto(data, self.server)
+
+
+async def test_a_path_that_dies_breaks_both_streams_at_the_idle_timeout() -> None:
     config = UdtConfig(idle_timeout=1.0)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(LOOPBACK)
-    async with UdtEndpoint.bind(LOOPBACK, config=config) as server:
-        with anyio.fail_after(WAIT):
-            server.listen()
-            async with UdtEndpoint(sock, config=config) as client:
-                outgoing = await client.connect(server.local_address)
-                incoming = await server.accept()
-                await outgoing.send(b"last words")
-                assert await receive_exactly(incoming, 10) == b"last words"
-                # Gone without a Shutdown: the socket closes under the endpoint.
-                sock.close()
-            with pytest.raises(anyio.BrokenResourceError, match="TIMEOUT"):
-                await incoming.receive()
-            assert incoming.close_reason is CloseReason.TIMEOUT
-            with pytest.raises(anyio.BrokenResourceError):
-                await incoming.send(b"anyone?")
-            await incoming.aclose()
+    async with (
+        UdtEndpoint.bind(LOOPBACK, config=config) as server,
+        UdtEndpoint.bind(LOOPBACK, config=config) as client,
+    ):
+        path = Path(server.local_address)
+        with path.sock:
+            async with anyio.create_task_group() as group:
+                group.start_soon(path.forward)
+                with anyio.fail_after(WAIT):
+                    server.listen()
+                    outgoing = await client.connect(path.address)
+                    incoming = await server.accept()
+                    await outgoing.send(b"last words")
+                    assert await receive_exactly(incoming, 10) == b"last words"
+                    path.cut = True
+                    with pytest.raises(anyio.BrokenResourceError, match="TIMEOUT"):
+                        await incoming.receive()
+                    assert incoming.close_reason is CloseReason.TIMEOUT
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await incoming.send(b"anyone?")
+                    with pytest.raises(anyio.BrokenResourceError, match="TIMEOUT"):
+                        await outgoing.receive()
+                    await incoming.aclose()
+                    await outgoing.aclose()
+                group.cancel_scope.cancel()
 
 
 async def test_an_abort_drops_what_is_unacknowledged_and_ends_the_peer_stream() -> None:
@@ -283,3 +317,19 @@ async def test_a_handed_in_socket_carries_other_datagrams_and_stays_open() -> No
                 await arrived.wait()
         assert foreign == [(stun, other.getsockname())]
         assert sock.fileno() != -1  # still the punching code's socket
+
+
+async def test_gso_sends_runs_of_datagrams_as_one_and_they_arrive_whole() -> None:
+    payload = os.urandom(4 * 1024 * 1024)
+    async with (
+        UdtEndpoint.bind(LOOPBACK) as server,
+        UdtEndpoint.bind(LOOPBACK, gso=True) as client,
+    ):
+        with anyio.fail_after(WAIT):
+            outgoing, incoming = await connected_pair(client, server)
+            async with anyio.create_task_group() as group:
+                group.start_soon(outgoing.send, payload)
+                assert await receive_exactly(incoming, len(payload)) == payload
+            await outgoing.aclose()
+            await incoming.aclose()
+    assert client._io.gso_batches > 0

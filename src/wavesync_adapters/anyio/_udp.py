@@ -76,7 +76,7 @@ class BatchedUdpSocket:
         *,
         datagram_bytes: int,
         clock: Callable[[], float],
-        gso: bool = True,
+        gso: bool = False,
     ) -> None:
         self.sock = sock
         self._datagram_bytes = datagram_bytes
