@@ -138,7 +138,9 @@ class GetPostClient(TunnelEndpoint):
                 event = self._down.http.next_event()
             except h11.RemoteProtocolError as exc:
                 if eof:
-                    raise RemoteProtocolError("the downstream closed before its last chunk") from None
+                    raise RemoteProtocolError(
+                        "the downstream closed before its last chunk"
+                    ) from None
                 raise RemoteProtocolError(f"the response body is not HTTP/1.1: {exc}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
