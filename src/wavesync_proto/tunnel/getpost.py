@@ -258,6 +258,10 @@ class GetPostServer(TunnelEndpoint):
     def expected_sequence(self) -> int:
         return self._expected
 
+    def abort(self, reason: str) -> None:
+        """Fail the tunnel for a reason of the server's own (``GetPostRegistry``'s timeout)."""
+        self._fail(reason)
+
     def join(self, request: TunnelRequest) -> int | RequestRejected:
         """Take POST ``request`` as the next upstream leg: its leg number, or why not (409)."""
         if request.tunnel_id != self.tunnel_id or request.verb != "POST":

@@ -225,7 +225,7 @@ class Link:
         elif request.method is TunnelMethod.WEBSOCKET:
             self._attach(side, WebSocketServer(request, limits=self.limits), 0)
         elif request.verb == "GET":
-            opened = self.registry.open(request)
+            opened = self.registry.open(request, 0.0)
             if isinstance(opened, RequestRejected):
                 side.rejected = opened
                 side.to_client += opened.response

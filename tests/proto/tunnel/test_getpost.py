@@ -42,9 +42,11 @@ def request_of(data: bytes) -> TunnelRequest:
     return request
 
 
-def post(sequence: int, body: bytes = b"", length: int = 1000) -> TunnelRequest:
+def post(
+    sequence: int, body: bytes = b"", length: int = 1000, tunnel_id: str = TID
+) -> TunnelRequest:
     return request_of(
-        f"POST /wavesync/tunnel/v1/getpost/{TID}/{sequence} HTTP/1.1\r\nHost: h\r\n"
+        f"POST /wavesync/tunnel/v1/getpost/{tunnel_id}/{sequence} HTTP/1.1\r\nHost: h\r\n"
         f"Content-Length: {length}\r\n\r\n".encode()
         + body
     )
@@ -97,7 +99,7 @@ def test_through_a_proxy_both_requests_are_absolute_form_with_credentials() -> N
 
 def test_bytes_glued_to_the_get_answer_and_to_the_post_head_arrive() -> None:
     registry = GetPostRegistry()
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     server.send(b"down")
     assert server.data_to_send(0) == OK_HEAD + b"4\r\ndown\r\n"
@@ -206,9 +208,9 @@ def test_a_broken_downstream_fails_the_client(data: bytes, reason: str) -> None:
 
 def test_a_second_get_for_a_live_id_is_409_and_the_first_tunnel_goes_on() -> None:
     registry = GetPostRegistry()
-    first = registry.open(get())
+    first = registry.open(get(), 0.0)
     assert isinstance(first, GetPostServer)
-    second = registry.open(get())
+    second = registry.open(get(), 0.0)
     assert isinstance(second, RequestRejected)
     assert second.status == 409
     assert registry.get(TUNNEL_ID) is first
@@ -224,7 +226,7 @@ def test_a_post_for_an_unknown_id_is_404() -> None:
 
 def test_posts_out_of_turn_are_409_and_change_nothing() -> None:
     registry = GetPostRegistry()
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     skipped = registry.join(post(1))
     assert isinstance(skipped, RequestRejected)
@@ -240,27 +242,27 @@ def test_a_released_id_cannot_be_opened_again_and_memory_is_bounded() -> None:
     registry = GetPostRegistry(remember_finished=2, max_tunnels=2)
     ids = [f"{n:032x}" for n in range(4)]
     for tunnel_id in ids[:2]:
-        assert isinstance(registry.open(get(tunnel_id)), GetPostServer)
-    full = registry.open(get(ids[2]))
+        assert isinstance(registry.open(get(tunnel_id), 0.0), GetPostServer)
+    full = registry.open(get(ids[2]), 0.0)
     assert isinstance(full, RequestRejected)
     assert full.status == 503
     registry.release(bytes.fromhex(ids[0]))
     registry.release(bytes.fromhex(ids[0]))  # twice is harmless
-    replayed = registry.open(get(ids[0]))
+    replayed = registry.open(get(ids[0]), 0.0)
     assert isinstance(replayed, RequestRejected)
     assert replayed.status == 409
     registry.release(bytes.fromhex(ids[1]))
-    assert isinstance(registry.open(get(ids[2])), GetPostServer)
+    assert isinstance(registry.open(get(ids[2]), 0.0), GetPostServer)
     registry.release(bytes.fromhex(ids[2]))
     # Only the last two finished ids are remembered: the oldest is free again.
-    assert isinstance(registry.open(get(ids[0])), GetPostServer)
+    assert isinstance(registry.open(get(ids[0]), 0.0), GetPostServer)
     assert len(registry) == 1
 
 
 def test_registry_misuse_raises() -> None:
     registry = GetPostRegistry()
     with pytest.raises(LocalProtocolError):
-        registry.open(post(0))
+        registry.open(post(0), 0.0)
     with pytest.raises(LocalProtocolError):
         registry.join(get())
     with pytest.raises(LocalProtocolError):
@@ -269,7 +271,7 @@ def test_registry_misuse_raises() -> None:
 
 def test_a_bad_upstream_chunk_is_answered_and_fails_the_tunnel() -> None:
     registry = GetPostRegistry(limits=TunnelLimits(max_chunk=16))
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     server.data_to_send(0)
     assert registry.join(post(0, b"ff\r\n")) == (server, 1)
@@ -283,7 +285,7 @@ def test_a_bad_upstream_chunk_is_answered_and_fails_the_tunnel() -> None:
 
 def test_a_post_closing_mid_body_fails_the_tunnel() -> None:
     registry = GetPostRegistry()
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     registry.join(post(0, b"3\r\nab"))
     server.receive_data(b"", 1)
@@ -293,7 +295,7 @@ def test_a_post_closing_mid_body_fails_the_tunnel() -> None:
 
 
 def test_the_client_dropping_the_get_fails_the_tunnel() -> None:
-    server = GetPostRegistry().open(get())
+    server = GetPostRegistry().open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     server.receive_data(b"", 0)
     assert isinstance(drain(server)[-1], TunnelFailed)
@@ -301,7 +303,7 @@ def test_the_client_dropping_the_get_fails_the_tunnel() -> None:
 
 def test_bytes_past_the_content_length_are_not_stream_bytes() -> None:
     registry = GetPostRegistry()
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     registry.join(post(0, b"2\r\nab\r\nJUNK", length=7))
     assert drain(server)[1:] == [StreamData(data=b"ab")]
@@ -311,7 +313,7 @@ def test_bytes_past_the_content_length_are_not_stream_bytes() -> None:
 
 def test_a_post_after_the_upstream_ended_is_409() -> None:
     registry = GetPostRegistry()
-    server = registry.open(get())
+    server = registry.open(get(), 0.0)
     assert isinstance(server, GetPostServer)
     registry.join(post(0, b"0\r\n\r\n"))
     assert drain(server)[-1] == StreamEnded()
@@ -332,3 +334,24 @@ def test_link_with_a_duplicate_get_on_the_same_registry() -> None:
     first.client.send(b"still fine")
     first.pump()
     assert first.server_received() == b"still fine"
+
+
+def test_a_get_whose_first_post_never_comes_is_failed_in_time() -> None:
+    registry = GetPostRegistry(first_post_timeout=10.0)
+    waiting = registry.open(get(), 100.0)
+    other_id = "ff" * 16
+    joined = registry.open(get(other_id), 101.0)
+    assert isinstance(waiting, GetPostServer)
+    assert isinstance(joined, GetPostServer)
+    assert registry.join(post(0, tunnel_id=other_id)) == (joined, 1)
+    assert registry.get_timer() == 110.0
+    assert registry.handle_timer(109.9) == []
+    assert registry.handle_timer(110.0) == [waiting]
+    failed = drain(waiting)[-1]
+    assert isinstance(failed, TunnelFailed)
+    assert failed.reason == "no POST followed the GET in time"
+    assert waiting.eof_to_send(0)
+    assert registry.get_timer() is None  # the joined one is not on the clock
+    assert state_of(joined) is TunnelState.OPEN
+    registry.release(TUNNEL_ID)
+    assert len(registry) == 1

@@ -107,7 +107,7 @@ def server_for(request: TunnelRequest) -> tuple[TunnelEndpoint, int]:
     registry = GetPostRegistry(limits=LIMITS)
     get = TunnelRequestReader(limits=LIMITS)
     get.receive_data(REQUESTS[3])
-    opened = registry.open(get.next_event())  # type: ignore[arg-type]
+    opened = registry.open(get.next_event(), 0.0)  # type: ignore[arg-type]
     assert isinstance(opened, GetPostServer)
     if request.verb == "GET":
         return opened, 0
