@@ -128,11 +128,12 @@ class UdtConnection:
         # Datagrams with their own destination (the handshake's; a Shutdown after closing).
         self._extra: list[tuple[bytes, Endpoint]] = []
         self._held: list[tuple[bytes, Endpoint]] = []
-        self._early: list[bytes] = []
+        self._early: list[tuple[bytes, float | None]] = []
         self._early_bytes = 0
         self._message_mode = config.socket_type is SocketType.DGRAM
         self._linger_deadline = float("inf")
         self._last_shutdown_reply = float("-inf")
+        self._now = now  # the latest time given: where a message's time-to-live starts
         # A keep-alive addressed to us: what we show the handshake when the peer's
         # traffic proves it is connected (4.11 accepts data/keep-alive as that proof).
         self._proof = encode_packet(KeepAlive(destination_socket_id=socket_id))
@@ -299,22 +300,28 @@ class UdtConnection:
 
     # --- the application's side ------------------------------------------------------------
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
+    def send(self, data: bytes | bytearray | memoryview, *, ttl: float | None = None) -> int:
         """Buffer up to ``send_space`` bytes of ``data``; return how many were taken.
 
-        DGRAM: ``data`` is one message, taken whole or not at all (0).
+        DGRAM: ``data`` is one message, taken whole or not at all (0). ``ttl`` (DGRAM
+        only): seconds, from the last ``now`` the connection was given, after which a
+        lost packet of the message is not resent; the peer is told to skip the message
+        (4.11 ``sendmsg(..., ttl)``).
         """
         state = self._state
+        if ttl is not None and not self._message_mode:
+            raise LocalProtocolError("a time-to-live needs a DGRAM connection")
+        deadline = None if ttl is None else self._now + ttl
         if state is ConnectionState.CONNECTED:
             assert self._transfer is not None
-            return self._transfer.sender.write(data, whole=self._message_mode)
+            return self._transfer.sender.write(data, whole=self._message_mode, deadline=deadline)
         if state is ConnectionState.CONNECTING:
             size = len(data)
             space = self._config.send_buffer_bytes - self._early_bytes
             if size == 0 or space <= 0 or (self._message_mode and size > space):
                 return 0
             size = min(size, space)
-            self._early.append(bytes(data[:size]))
+            self._early.append((bytes(data[:size]), deadline))
             self._early_bytes += size
             return size
         raise LocalProtocolError(f"send() on a connection that is {state.value}")
@@ -361,6 +368,7 @@ class UdtConnection:
 
     def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> None:
         """Take one datagram from ``addr``. Never raises on what the peer sends."""
+        self._now = now
         transfer = self._transfer
         if transfer is not None and self._state is not ConnectionState.CLOSED:
             if addr != self._peer_address:
@@ -388,6 +396,7 @@ class UdtConnection:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
         """Everything due by ``now``: control packets, then the data pacing allows."""
+        self._now = now
         handshake = self._handshake
         out = [] if handshake is None else handshake.datagrams_to_send(now)
         transfer = self._transfer
@@ -427,6 +436,7 @@ class UdtConnection:
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: ACK/NAK tick, EXP, keep-alive, idle and linger."""
+        self._now = now
         state = self._state
         if state is ConnectionState.CONNECTING:
             assert self._handshake is not None
@@ -522,8 +532,8 @@ class UdtConnection:
                 0,
             )
         )
-        for chunk in self._early:
-            transfer.sender.write(chunk, whole=self._message_mode)
+        for chunk, deadline in self._early:
+            transfer.sender.write(chunk, whole=self._message_mode, deadline=deadline)
         self._early = []
         self._early_bytes = 0
         held, self._held = self._held, []
@@ -560,9 +570,11 @@ class UdtConnection:
             else:
                 self._counters.invalid += 1
         elif isinstance(packet, MessageDropRequest):
-            # We never send one (no message time-to-live yet); a byte stream cannot skip
-            # bytes, and honouring one in message mode is not implemented: ignored.
+            # A byte stream cannot skip bytes: the receiver ignores it in STREAM mode.
             self._counters.drop_requests_received += 1
+            transfer.receiver.drop_message(
+                packet.message_number, packet.first_sequence_number, packet.last_sequence_number
+            )
         else:
             self._counters.invalid += 1  # congestion warning, error signal, user-defined
 

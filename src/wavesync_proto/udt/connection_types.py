@@ -186,7 +186,11 @@ class UdtConnectionCounters:
     """EXP expirations with unacknowledged data (everything unacknowledged resent)."""
     keepalives_sent: int = 0
     drop_requests_sent: int = 0
+    """Messages given up on (their time-to-live ran out): the peer was told to skip them."""
     drop_requests_received: int = 0
+    packets_discarded: int = 0
+    """DGRAM packets of messages that could not be delivered whole (dropped by the
+    sender, or broken by the peer), thrown away."""
     malformed: int = 0
     """Datagrams that are not UDT packets (or not well-formed ones)."""
     wrong_source: int = 0

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from .congestion import CongestionControl
 from .loss_list import LossList
-from .packet_types import Boundary
+from .packet_types import Boundary, MessageDropRequest
+from .packets import encode_packet
 from .seqnum import MSG_MAX, SEQ_MAX
 
 __all__ = ["MAX_BURST_TIME", "UdtSender", "unwrap"]
@@ -59,11 +60,13 @@ class UdtSender:
     __slots__ = (
         "_buffered",
         "_capacity",
+        "_expiry",
         "_message",
         "_payload_size",
         "_pending",
         "_unacked",
         "bytes_sent",
+        "drop_requests_sent",
         "last_ack",
         "last_data_ack",
         "loss",
@@ -85,6 +88,7 @@ class UdtSender:
         self.packets_sent = 0
         self.packets_retransmitted = 0
         self.bytes_sent = 0
+        self.drop_requests_sent = 0
         self._payload_size = payload_size
         self._capacity = capacity_bytes
         # Sent, unacknowledged: unwrapped sequence number -> (second header word, payload).
@@ -94,6 +98,8 @@ class UdtSender:
         self._buffered = 0
         # 4.11's message numbers start at 1 and go from MSG_MAX - 1 back to 1.
         self._message = 1
+        # Messages with a time-to-live: message number -> deadline (until acknowledged).
+        self._expiry: dict[int, float] = {}
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -130,12 +136,19 @@ class UdtSender:
 
     # --- the application's side -----------------------------------------------------------
 
-    def write(self, data: bytes | bytearray | memoryview, *, whole: bool) -> int:
+    def write(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        whole: bool,
+        deadline: float | None = None,
+    ) -> int:
         """Cut up to ``send_space`` bytes of ``data`` into packets; return how many were taken.
 
         One message number per call (4.11 ``addBuffer``): its packets are marked FIRST,
         middle and LAST, or SOLO when it fits in one. ``whole`` (message mode) takes all
-        of ``data`` or nothing.
+        of ``data`` or nothing. After ``deadline`` the message is not retransmitted any
+        more: the peer gets a message drop request instead (4.11 ``sendmsg`` with a TTL).
         """
         size = len(data)
         space = self._capacity - self._buffered
@@ -151,6 +164,8 @@ class UdtSender:
             raw = raw[:size]
         message = self._message
         self._message = 1 if message + 1 >= MSG_MAX else message + 1
+        if deadline is not None:
+            self._expiry[message] = deadline
         append = self._pending.append
         if size <= chunk:
             append((_SOLO | message, raw))
@@ -181,8 +196,23 @@ class UdtSender:
             return 0
         unacked = self._unacked
         freed = 0
-        for number in range(first, seq):
-            freed += len(unacked.pop(number)[1])
+        expiry = self._expiry
+        if expiry:
+            # A message whose packets are all acknowledged (or dropped and skipped by
+            # the peer) needs its deadline no more.
+            finished: set[int] = set()
+            for number in range(first, seq):
+                word, payload = unacked.pop(number)
+                freed += len(payload)
+                finished.add(word & MSG_MAX)
+            following = unacked.get(seq) or (self._pending[0] if self._pending else None)
+            if following is not None:
+                finished.discard(following[0] & MSG_MAX)
+            for message in finished:
+                expiry.pop(message, None)
+        else:
+            for number in range(first, seq):
+                freed += len(unacked.pop(number)[1])
         self._buffered -= freed
         self.last_ack = seq
         self.loss.remove_below(seq)
@@ -221,6 +251,7 @@ class UdtSender:
         """Drop everything (abort)."""
         self._unacked.clear()
         self._pending.clear()
+        self._expiry.clear()
         self.loss.clear()
         self._buffered = 0
         self.last_ack = self.last_data_ack = self.next_seq
@@ -266,6 +297,9 @@ class UdtSender:
                 item = unacked.get(seq)
                 if item is None:  # pragma: no cover - the list holds unacknowledged numbers only
                     continue
+                if self._expiry and self._expired(item[0], now):
+                    self._drop_message(seq, item[0], out, destination)
+                    continue
                 retransmitted += 1
                 probe = False
             elif pending and self.next_seq - self.last_ack < window:
@@ -288,3 +322,42 @@ class UdtSender:
         self.packets_sent += sent
         self.packets_retransmitted += retransmitted
         self.bytes_sent += sent_bytes
+
+    # --- message time-to-live --------------------------------------------------------------
+
+    def _expired(self, word: int, now: float) -> bool:
+        deadline = self._expiry.get(word & MSG_MAX)
+        return deadline is not None and now > deadline
+
+    def _drop_message(self, seq: int, word: int, out: list[bytes], destination: int) -> None:
+        """Give up on the message ``seq`` belongs to: a drop request instead of a resend.
+
+        4.11 ``packData``: a retransmission whose message outlived its TTL becomes a
+        message drop request (4.11 names the last number one too far; here it is the
+        message's real last packet) and the message's losses are forgotten. Its unsent
+        rest, if any, is not sent at all.
+        """
+        message = word & MSG_MAX
+        unacked = self._unacked
+        first = last = seq
+        while first - 1 >= self.last_ack and unacked[first - 1][0] & MSG_MAX == message:
+            first -= 1
+        while last + 1 < self.next_seq and unacked[last + 1][0] & MSG_MAX == message:
+            last += 1
+        pending = self._pending
+        while pending and pending[0][0] & MSG_MAX == message:
+            self._buffered -= len(pending.popleft()[1])
+        # The deadline stays until the peer acknowledges past the message: a NAK for it
+        # gets another drop request, never a resend.
+        self.loss.remove_range(first, last)
+        out.append(
+            encode_packet(
+                MessageDropRequest(
+                    destination_socket_id=destination,
+                    message_number=message,
+                    first_sequence_number=first & SEQ_MAX,
+                    last_sequence_number=last & SEQ_MAX,
+                )
+            )
+        )
+        self.drop_requests_sent += 1

@@ -343,6 +343,7 @@ class UdtTransfer:
         counters.packets_sent = sender.packets_sent
         counters.bytes_sent = sender.bytes_sent
         counters.packets_retransmitted = sender.packets_retransmitted
+        counters.drop_requests_sent = sender.drop_requests_sent
         receiver = self.receiver
         counters.packets_received = receiver.packets_received
         counters.bytes_received = receiver.bytes_received
@@ -352,3 +353,4 @@ class UdtTransfer:
         counters.naks_sent = receiver.naks_sent
         counters.acks_sent = receiver.acks_sent
         counters.light_acks_sent = receiver.light_acks_sent
+        counters.packets_discarded = receiver.discarded

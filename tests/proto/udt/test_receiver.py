@@ -281,3 +281,69 @@ def test_clear_empties_the_buffers() -> None:
     r.clear()
     assert r.occupied == 0
     assert not r.loss
+
+
+# --- message drop requests (DGRAM) ----------------------------------------------------------
+
+
+def message(r: UdtReceiver, seq: int, boundary: Boundary, body: bytes, number: int) -> None:
+    packet = _HEADER.pack(seq & SEQ_MAX, boundary << 30 | number, 0, 3) + body
+    word0, word1, _, _ = _HEADER.unpack_from(packet)
+    r.on_data(packet, word0, word1, 0.0)
+
+
+def test_a_dropped_message_is_skipped_and_never_delivered_in_part() -> None:
+    r, out = receiver(message_mode=True)
+    message(r, 500, Boundary.FIRST, b"he", number=1)  # 501, 502 lost
+    message(r, 503, Boundary.SOLO, b"next", number=2)
+    out.clear()
+    assert r.drop_message(1, 500, 502) == 2  # two missing numbers marked
+    chunks, packets = r.take_ready()
+    assert chunks == [b"next"]
+    assert packets == 1
+    assert not r.loss
+    assert r.contig == 504
+    assert r.discarded == 1  # the FIRST that arrived
+    assert r.occupied == 0
+
+
+def test_a_drop_request_for_a_later_message_waits_for_its_turn() -> None:
+    r, _ = receiver(message_mode=True)
+    message(r, 500, Boundary.FIRST, b"a", number=1)
+    # 501 (the end of message 1) is lost; message 2 is 502-503, dropped by the sender.
+    assert r.drop_message(2, 502, 503) == 2
+    assert r.loss.ranges() == [(501, 501)]  # found by the drop: still to be NAKd
+    message(r, 501, Boundary.LAST, b"b", number=1)
+    message(r, 504, Boundary.SOLO, b"c", number=3)
+    chunks, _ = r.take_ready()
+    assert chunks == [b"ab", b"c"]
+
+
+def test_a_drop_request_keeps_packets_of_other_messages() -> None:
+    # 4.11 names one number past the message's last: that packet is the next message's.
+    r, _ = receiver(message_mode=True)
+    message(r, 501, Boundary.SOLO, b"keep", number=2)
+    r.drop_message(1, 500, 501)
+    chunks, _ = r.take_ready()
+    assert chunks == [b"keep"]
+
+
+def test_a_drop_request_is_ignored_in_a_byte_stream_and_outside_the_window() -> None:
+    r, _ = receiver()
+    feed(r, 501)
+    assert r.drop_message(0, 500, 500) == 0
+    assert r.loss.ranges() == [(500, 500)]
+    m, _ = receiver(message_mode=True, capacity=8)
+    assert m.drop_message(1, 400, 450) == 0  # all before the window
+    assert m.drop_message(1, 500, 600) == 8  # clipped to the buffer
+    assert m.occupied == 0
+
+
+def test_a_fragment_without_its_first_packet_is_discarded() -> None:
+    r, _ = receiver(message_mode=True)
+    message(r, 500, Boundary.MIDDLE, b"x", number=1)
+    message(r, 501, Boundary.LAST, b"y", number=1)
+    message(r, 502, Boundary.SOLO, b"z", number=2)
+    chunks, _ = r.take_ready()
+    assert chunks == [b"z"]
+    assert r.discarded == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wavesync_proto.udt import Boundary, DataPacket, decode_packet
+from wavesync_proto.udt import Boundary, DataPacket, MessageDropRequest, decode_packet
 from wavesync_proto.udt.sender import MAX_BURST_TIME, UdtSender, unwrap
 from wavesync_proto.udt.seqnum import MSG_MAX, SEQ_MAX
 
@@ -207,3 +207,68 @@ def test_clear_drops_everything() -> None:
     assert s.is_idle()
     assert s.buffered_bytes == 0
     assert not s.loss
+
+
+# --- message time-to-live -------------------------------------------------------------------
+
+
+def test_a_lost_packet_of_an_expired_message_becomes_a_drop_request() -> None:
+    s = sender()
+    s.write(b"m" * (PAYLOAD * 2 + 1), whole=True, deadline=1.0)  # message 1: 1000-1002
+    s.write(b"n", whole=True, deadline=1.0)  # message 2: 1003
+    emit(s, 0.0)
+    s.add_losses([(1001, 1001), (1003, 1003)])
+    out: list[bytes] = []
+    s.emit(out, now=1.5, timestamp=0, destination=77, window=100, congestion=FixedRate())
+    assert [decode_packet(d) for d in out] == [
+        MessageDropRequest(
+            destination_socket_id=77,
+            message_number=1,
+            first_sequence_number=1000,
+            last_sequence_number=1002,
+        ),
+        MessageDropRequest(
+            destination_socket_id=77,
+            message_number=2,
+            first_sequence_number=1003,
+            last_sequence_number=1003,
+        ),
+    ]
+    assert s.drop_requests_sent == 2
+    assert not s.loss
+    assert s.packets_retransmitted == 0
+
+
+def test_a_message_within_its_time_to_live_is_resent() -> None:
+    s = sender()
+    s.write(b"m", whole=True, deadline=1.0)
+    s.write(b"n", whole=True)  # no TTL
+    emit(s, 0.0)
+    s.add_losses([(1000, 1001)])
+    assert [p.sequence_number for p in emit(s, 0.5)] == [1000, 1001]
+    s.add_losses([(1001, 1001)])
+    assert [p.sequence_number for p in emit(s, 5.0)] == [1001]
+
+
+def test_the_unsent_rest_of_an_expired_message_is_not_sent() -> None:
+    s = sender()
+    s.write(b"r" * PAYLOAD * 4, whole=True, deadline=1.0)
+    emit(s, 0.0, window=2)
+    s.add_losses([(1000, 1000)])
+    out: list[bytes] = []
+    s.emit(out, now=2.0, timestamp=0, destination=77, window=2, congestion=FixedRate())
+    (drop,) = [decode_packet(d) for d in out]
+    assert isinstance(drop, MessageDropRequest)
+    assert (drop.first_sequence_number, drop.last_sequence_number) == (1000, 1001)
+    assert s.pending_packets == 0
+    assert s.buffered_bytes == PAYLOAD * 2  # the two sent packets, until acknowledged
+    assert s.acknowledge(1002) == 2
+    assert s.is_idle()
+
+
+def test_an_acknowledged_message_forgets_its_deadline() -> None:
+    s = sender()
+    s.write(b"a", whole=True, deadline=1.0)
+    emit(s, 0.0)
+    s.acknowledge(1001)
+    assert s._expiry == {}
