@@ -4,6 +4,8 @@ never pass their bounds; nothing raises."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +23,7 @@ from wavesync_proto.udt import (
     MessageDropRequest,
     Nak,
     Packet,
+    SocketType,
     encode_packet,
 )
 from wavesync_proto.udt.connection import UdtConnection
@@ -72,6 +75,7 @@ def check_outcome(sent: bytes, got: bytes, reason: CloseReason | None) -> None:
     b_size=st.integers(0, 20_000),
     seed=st.integers(0, 2**32),
     isn=st.sampled_from([0, SEQ_MAX - 20, 12345]),
+    socket_type=st.sampled_from(SocketType),
 )
 def test_delivery_is_exact_and_ordered_or_the_connection_times_out(
     *,
@@ -82,7 +86,9 @@ def test_delivery_is_exact_and_ordered_or_the_connection_times_out(
     b_size: int,
     seed: int,
     isn: int,
+    socket_type: SocketType,
 ) -> None:
+    # DGRAM: every send() of up to 64 KB is one message; joined, they are the stream.
     a_data = payload(a_size, seed)
     b_data = payload(b_size, seed + 1)
     transfer = Transfer(
@@ -92,7 +98,7 @@ def test_delivery_is_exact_and_ordered_or_the_connection_times_out(
         reverse=reverse,
         rendezvous=rendezvous,
         seed=seed,
-        config=CONFIG,
+        config=replace(CONFIG, socket_type=socket_type),
         a_isn=isn,
     )
     # Transfer asserts at every step that neither buffer passes its bound, and raises
