@@ -197,7 +197,13 @@ class UdtTransfer:
             # queued already), tell the congestion control, back off.
             self.counters.timeouts += 1
             self.counters.losses_reported += sender.timeout()
-            self.cc.on_timeout(now=now)
+            # As for a NAK (on_nak): in slow start, before any ACK brought a receive
+            # rate, 4.11 would leave slow start at its 16 packets/s placeholder. That is
+            # the common case after a rendezvous with libudt, which drops the packets
+            # that arrive before its handshake completes: the whole first window is
+            # lost, nothing comes back, and only EXP notices.
+            if self._rate_known or not self.cc.in_slow_start:
+                self.cc.on_timeout(now=now)
             self._exp_count += 1
             self._exp_base = now
         if now >= self.last_sent + KEEPALIVE_INTERVAL:

@@ -125,10 +125,11 @@ def test_rendezvous_both_sending_at_once_runs_at_link_speed() -> None:
 
 
 class DropFirstData:
-    """Passes a connection through, but the first data packet it sends is lost."""
+    """Passes a connection through, but the first ``count`` data packets it sends are lost."""
 
-    def __init__(self, connection: UdtConnection) -> None:
+    def __init__(self, connection: UdtConnection, count: int = 1) -> None:
         self.connection = connection
+        self.count = count
         self.dropped = 0
 
     def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> None:
@@ -136,12 +137,14 @@ class DropFirstData:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
         out = self.connection.datagrams_to_send(now)
-        if not self.dropped:
-            for index, (data, _) in enumerate(out):
-                if not data[0] & 0x80:
-                    del out[index]
-                    self.dropped = 1
-                    break
+        if self.dropped < self.count:
+            kept = []
+            for data, addr in out:
+                if not data[0] & 0x80 and self.dropped < self.count:
+                    self.dropped += 1
+                else:
+                    kept.append((data, addr))
+            out = kept
         return out
 
     def get_timer(self) -> float | None:
@@ -167,6 +170,26 @@ def test_losing_the_first_data_packet_does_not_cripple_the_rate(rendezvous: bool
     assert_clean(transfer)
     assert transfer.a_connection.counters.packets_retransmitted >= 1
     assert elapsed < wire_time(TEN_MB) / 0.85, elapsed
+
+
+def test_losing_the_whole_first_window_costs_one_timeout_not_the_rate() -> None:
+    # libudt completing a rendezvous second drops everything that came before: here
+    # the first 16 packets (slow start's whole window) vanish, nothing comes back, and
+    # only the EXP timer notices. 4.11 then leaves slow start at 16 packets/s.
+    data = payload(TEN_MB, seed=9)
+    wrappers: list[DropFirstData] = []
+
+    def wrap(connection: UdtConnection) -> DropFirstData:
+        wrappers.append(DropFirstData(connection, count=16))
+        return wrappers[0]
+
+    transfer = Transfer(a_data=data, link=FAST_LINK, rendezvous=True, wrap_a=wrap)
+    elapsed = transfer.run()
+    assert wrappers[0].dropped == 16
+    assert transfer.b_received() == data
+    assert_clean(transfer)
+    assert transfer.a_connection.counters.timeouts == 1
+    assert elapsed < wire_time(TEN_MB) / 0.85 + 0.31, elapsed  # one EXP interval more
 
 
 def test_a_reader_that_stops_taking_events_slows_the_sender_to_its_pace() -> None:
