@@ -3,6 +3,7 @@ abort, and what it does with a hostile or broken peer."""
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 
@@ -155,7 +156,7 @@ def lone(config: UdtConfig = UdtConfig()) -> UdtConnection:  # noqa: B008 - froz
     connection.datagrams_to_send(0.0)
     peer = Handshake(
         destination_socket_id=A_ID,
-        socket_type=SocketType.STREAM,
+        socket_type=config.socket_type,
         initial_sequence_number=B_ISN,
         mss=1500,
         flow_window=8192,
@@ -167,7 +168,7 @@ def lone(config: UdtConfig = UdtConfig()) -> UdtConnection:  # noqa: B008 - froz
         encode_packet(
             Handshake(
                 destination_socket_id=A_ID,
-                socket_type=SocketType.STREAM,
+                socket_type=config.socket_type,
                 initial_sequence_number=B_ISN,
                 mss=1500,
                 flow_window=8192,
@@ -563,3 +564,37 @@ def test_keep_alive_and_heard_packets_postpone_the_idle_timeout() -> None:
         c.handle_timer(now)
         c.datagrams_to_send(now)
     assert state(c) is ConnectionState.CONNECTED
+
+
+# --- configuration and misuse -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mss": 75}, "MSS 75 is outside 76..65535"),
+        ({"flow_window": 1}, "flow window 1 is outside 2..2**20"),
+        ({"send_buffer_bytes": 100}, "send buffer of 100 bytes cannot hold one packet"),
+        ({"receive_buffer_packets": 1}, "receive buffer of 1 packets is outside 2..2**20"),
+        ({"idle_timeout": 0.0}, "idle timeout 0.0 is not positive"),
+        ({"linger": -1.0}, "linger -1.0 is not a duration"),
+    ],
+)
+def test_impossible_settings_are_refused(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(LocalProtocolError, match=f"^{re.escape(message)}$"):
+        UdtConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_time_to_live_needs_message_mode() -> None:
+    c = lone()
+    with pytest.raises(LocalProtocolError, match="needs a DGRAM connection"):
+        c.send(b"x", ttl=1.0)
+    dgram = lone(UdtConfig(socket_type=SocketType.DGRAM))
+    assert dgram.send(b"x", ttl=1.0) == 1
+
+
+def test_a_message_too_big_for_the_send_buffer_is_refused_whole() -> None:
+    c = lone(UdtConfig(socket_type=SocketType.DGRAM, send_buffer_bytes=3000))
+    assert c.send(b"m" * 3001) == 0
+    assert c.send(b"m" * 3000) == 3000
+    assert c.send_space == 0
