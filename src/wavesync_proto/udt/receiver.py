@@ -418,13 +418,15 @@ class UdtReceiver:
 
     # --- timer-driven control packets ------------------------------------------------------
 
-    def full_ack(self, now: float, rtt: float, rtt_variance: float) -> bool:
+    def full_ack(
+        self, now: float, rtt: float, rtt_variance: float, *, repeat_after: float | None = None
+    ) -> bool:
         """The ACK timer (4.11 ``sendCtrl(2)``): send an ACK if there is news; True if sent.
 
-        News: packets acknowledged for the first time; or, when ``rtt + 4 * rtt_variance``
-        has passed without the peer's ACK2, the same ACK again; or buffer the application
-        freed. Every SYN at most one ACK carries the receive rate and link capacity
-        (24 bytes); one sooner after it has 16 bytes.
+        News: packets acknowledged for the first time; or, when ``repeat_after`` (by
+        default ``rtt + 4 * rtt_variance``) has passed without the peer's ACK2, the same
+        ACK again; or buffer the application freed. Every SYN at most one ACK carries the
+        receive rate and link capacity (24 bytes); one sooner after it has 16 bytes.
         """
         self.packets_since_ack = 0
         self._light_ack_at = LIGHT_ACK_INTERVAL
@@ -436,7 +438,9 @@ class UdtReceiver:
             return False
         if ack > self.last_ack_sent:
             self.last_ack_sent = ack
-        elif not forced and now - self.last_ack_time < rtt + 4 * rtt_variance:
+        elif not forced and now - self.last_ack_time < (
+            rtt + 4 * rtt_variance if repeat_after is None else repeat_after
+        ):
             return False
         self.ack_number = ack_inc(self.ack_number)
         available = self.available

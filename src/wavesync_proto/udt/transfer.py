@@ -70,6 +70,7 @@ class UdtTransfer:
         "_last_ack2_time",
         "_loss_frontier",
         "_rate_known",
+        "_rtt_measured",
         "_start",
         "cc",
         "counters",
@@ -132,6 +133,7 @@ class UdtTransfer:
         self.link_capacity = _INITIAL_LINK_CAPACITY
         self._rate_known = False
         self._capacity_known = False
+        self._rtt_measured = False
         self._loss_frontier = -1
         # Timers.
         self._start = now
@@ -212,8 +214,19 @@ class UdtTransfer:
             self.last_sent = now
 
     def send_ack(self, now: float) -> None:
-        """A full ACK now, if the receiver has news (``sendCtrl(2)``)."""
-        self.receiver.full_ack(now, self.rtt_us / _US, self.rtt_var_us / _US)
+        """A full ACK now, if the receiver has news (``sendCtrl(2)``).
+
+        4.11 repeats an unconfirmed ACK after RTT + 4 RTTVar, 300 ms with the starting
+        placeholders. Until the first ACK2 has measured the RTT it is repeated every SYN
+        instead: a libudt caller drops what arrives just after its connect() returns,
+        often the first ACK, and would otherwise stall 300 ms with a full window.
+        """
+        self.receiver.full_ack(
+            now,
+            self.rtt_us / _US,
+            self.rtt_var_us / _US,
+            repeat_after=None if self._rtt_measured else SYN_INTERVAL,
+        )
 
     def _syn_tick(self, now: float) -> None:
         receiver = self.receiver
@@ -334,6 +347,7 @@ class UdtTransfer:
             return
         self.counters.ack2s_received += 1
         self._fold_rtt(min(max(round(sample * _US), 0), _MAX_RTT_US))
+        self._rtt_measured = True
 
     def _fold_rtt(self, rtt_us: int) -> None:
         # core.cpp: RTTVar = (3 RTTVar + |rtt - RTT|) / 4, RTT = (7 RTT + rtt) / 8.

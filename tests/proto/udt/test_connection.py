@@ -598,3 +598,28 @@ def test_a_message_too_big_for_the_send_buffer_is_refused_whole() -> None:
     assert c.send(b"m" * 3001) == 0
     assert c.send(b"m" * 3000) == 3000
     assert c.send_space == 0
+
+
+def test_a_lost_first_ack_is_repeated_within_a_syn_until_the_rtt_is_measured() -> None:
+    # A libudt caller drops what arrives just after its connect() returns: often the
+    # first ACK. 4.11 would repeat it after RTT + 4 RTTVar = 300 ms (placeholders).
+    pair = connected()
+    acks = 0
+
+    def drop_first_ack(data: bytes) -> bool:
+        nonlocal acks
+        if kind(data) == "Ack":
+            acks += 1
+            return acks == 1
+        return False
+
+    pair.drop_ba = drop_first_ack
+    pair.a.send(b"q" * 1000)
+    pair.advance(0.0)
+    assert acks == 1
+    pair.advance(0.011)
+    assert acks == 2  # repeated one SYN later
+    assert pair.a.send_buffer_bytes == 0
+    # Measured now (the ACK2 came back): later repeats wait RTT + 4 RTTVar again.
+    assert pair.b is not None
+    assert pair.b.counters.ack2s_received == 1

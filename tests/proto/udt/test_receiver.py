@@ -347,3 +347,12 @@ def test_a_fragment_without_its_first_packet_is_discarded() -> None:
     chunks, _ = r.take_ready()
     assert chunks == [b"z"]
     assert r.discarded == 2
+
+
+def test_an_unconfirmed_ack_repeats_sooner_when_asked() -> None:
+    r, out = receiver()
+    feed(r, 500)
+    assert r.full_ack(1.0, 0.1, 0.05)
+    assert not r.full_ack(1.009, 0.1, 0.05, repeat_after=0.01)
+    assert r.full_ack(1.011, 0.1, 0.05, repeat_after=0.01)
+    assert [p.sequence_number for p in decoded(out) if isinstance(p, Ack)] == [501, 501]
