@@ -20,10 +20,18 @@ row pays the same pipes:
 The clock runs from the first byte the receiver writes to its stdout until that pipe's
 end, so process start, the handshake and the rendezvous sleep are not in the figure;
 the stream is checked (length and SHA-256) every time. Each row runs ``--rounds``
-times, interleaved, and every run is printed. The 5 % loss figure needs ``tc qdisc
-... netem``, which this kernel does not have: it is reported as not measured.
+times, interleaved, and every run is printed.
 
-    python bench/udt.py [--bytes N] [--rounds R] [--quick]
+Loss (``--loss P``, default 0.05; 0 leaves the rows out): this kernel has no netem,
+so the "P loss" rows (libudt and wavesync-UDT, regular connect) drop datagrams with
+iptables' ``statistic`` match: for the transfer's receiver port R, two rules in
+INPUT on ``lo`` drop each UDP datagram to R (data) and from R (ACK, NAK, ...) with
+probability P. They are inserted just before that transfer and deleted right after
+it, in ``finally`` (Ctrl-C and SIGTERM included: SIGTERM is turned into SystemExit);
+no other port or interface is touched. The rows are skipped, saying why, without
+root or without iptables. ``--quick`` leaves them out unless ``--loss`` is given.
+
+    python bench/udt.py [--bytes N] [--rounds R] [--loss P] [--quick]
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import os
 import platform
 import re
 import selectors
+import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -45,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +80,13 @@ TRANSFER_TIMEOUT = 300.0
 #: The rendezvous row "with sleep": what the application sleeps after connect().
 RENDEZVOUS_SLEEP_MS = 500
 TARGET_VS_AIOQUIC = 3.0
+#: Under loss, goodput stays above this share of the lossless figure.
+TARGET_UNDER_LOSS = 0.5
+DEFAULT_LOSS = 0.05
+#: Bytes per lossy transfer: libudt does well under 1 MB/s at 5 % loss here.
+DEFAULT_LOSS_BYTES = 20_000_000
+#: Tags our iptables rules, so that a leftover one is easy to find (iptables -S INPUT).
+RULE_COMMENT = "wavesync-bench-udt-loss"
 #: The first line of udt_peer's stdout is its port; the stream follows.
 FIRST_LINE = "first stdout line"
 
@@ -91,6 +108,8 @@ class Row:
     runs: list[Run] = field(default_factory=list)
     #: Set when the row cannot run at all (missing tool): printed instead of figures.
     unavailable: str | None = None
+    #: The share of UDP datagrams dropped on the transfer's ports (0: none).
+    loss: float = 0.0
 
     @property
     def rates(self) -> list[float]:
@@ -112,6 +131,8 @@ class Netcat:
     ready: str | None
     #: The receiver's stdout starts with a line that is not the stream (udt_peer's port).
     port_line: bool = False
+    #: UDP ports fixed in advance whose datagrams (to and from) a loss row drops.
+    ports: tuple[int, ...] = ()
 
 
 def free_port(kind: socket.SocketKind) -> int:
@@ -233,6 +254,66 @@ def transfer(netcat: Netcat, payload: Path, size: int, digest: str, workdir: Pat
         _kill(receiver)
 
 
+# --- packet loss on loopback: iptables' statistic match --------------------------------
+
+
+def _loss_rules(ports: tuple[int, ...], probability: float) -> list[list[str]]:
+    """INPUT rules on ``lo`` dropping UDP to and from each port with ``probability``."""
+    drop = ["-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}"]
+    tag = ["-m", "comment", "--comment", RULE_COMMENT, "-j", "DROP"]
+    return [
+        ["-i", "lo", "-p", "udp", direction, str(port), *drop, *tag]
+        for port in ports
+        for direction in ("--dport", "--sport")
+    ]
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        raise OSError("iptables is not installed (apt-get install iptables)")
+    return subprocess.run(  # noqa: S603 - iptables with rules built here
+        [iptables, "-w", "5", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def loss_unavailable() -> str | None:
+    """Why the loss rows cannot run here, or None: root, iptables and its statistic match."""
+    if os.geteuid() != 0:
+        return "not measured: needs root (iptables)"
+    if shutil.which("iptables") is None:
+        return "not measured: iptables is not installed (apt-get install iptables)"
+    try:
+        with packet_loss((free_port(socket.SOCK_DGRAM),), 0.5):
+            pass
+    except OSError as exc:
+        return f"not measured: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def packet_loss(ports: tuple[int, ...], probability: float) -> Iterator[None]:
+    """Drop ``probability`` of the UDP datagrams to and from ``ports`` on loopback while
+    inside; every rule inserted is deleted on the way out, whatever happened."""
+    installed: list[list[str]] = []
+    try:
+        for rule in _loss_rules(ports, probability):
+            result = _iptables("-I", "INPUT", *rule)
+            if result.returncode != 0:
+                raise OSError(f"iptables -I INPUT {' '.join(rule)}: {result.stderr.strip()}")
+            installed.append(rule)
+        yield
+    finally:
+        for rule in reversed(installed):
+            result = _iptables("-D", "INPUT", *rule)
+            if result.returncode != 0:
+                print(
+                    f"WARNING: could not delete iptables rule (delete it by hand):"
+                    f" iptables -D INPUT {' '.join(rule)}: {result.stderr.strip()}",
+                    file=sys.stderr,
+                )
+
+
 # --- the rows --------------------------------------------------------------------------
 
 
@@ -255,11 +336,13 @@ def libudt_netcat(binary: Path, mode: str) -> Netcat:
     """udt_peer in stdin/stdout mode: "regular", "rendezvous" or "rendezvous+sleep"."""
     common = ["--timeout", str(int(TRANSFER_TIMEOUT))]
     if mode == "regular":
+        port = free_port(socket.SOCK_DGRAM)
         return Netcat(
-            [str(binary), "recv", "--listen", f"{LOOPBACK}:0", *common],
+            [str(binary), "recv", "--listen", f"{LOOPBACK}:{port}", *common],
             [str(binary), "send", "--connect", f"{LOOPBACK}:{{port}}", *common],
             ready=FIRST_LINE,
             port_line=True,
+            ports=(port,),
         )
     a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     sleep = ["--sleep-after-connect", str(RENDEZVOUS_SLEEP_MS)] if "sleep" in mode else []
@@ -270,6 +353,7 @@ def libudt_netcat(binary: Path, mode: str) -> Netcat:
         [*send, "--peer", f"{LOOPBACK}:{a}", *sleep, *common],
         ready=None,
         port_line=True,
+        ports=(a, b),
     )
 
 
@@ -288,12 +372,14 @@ def wavesync_commands(mode: str) -> Netcat:
             [*wavesync, "recv", "--listen", f"{LOOPBACK}:{port}"],
             [*wavesync, "send", "--connect", f"{LOOPBACK}:{port}"],
             ready="listening on udp",
+            ports=(port,),
         )
     a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     return Netcat(
         [*wavesync, "recv", "--rendezvous", "--local", str(a), "--peer", f"{LOOPBACK}:{b}"],
         [*wavesync, "send", "--rendezvous", "--local", str(b), "--peer", f"{LOOPBACK}:{a}"],
         ready=None,
+        ports=(a, b),
     )
 
 
@@ -461,11 +547,30 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--bytes", type=int, default=200_000_000, help="bytes per transfer")
     parser.add_argument("--rounds", type=int, default=3, help="transfers per row")
+    parser.add_argument(
+        "--loss-bytes",
+        type=int,
+        default=DEFAULT_LOSS_BYTES,
+        help="bytes per transfer in the loss rows",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    parser.add_argument(
+        "--loss",
+        type=float,
+        default=None,
+        help=f"loss rows: drop this share of UDP datagrams (default {DEFAULT_LOSS}; 0: no rows;"
+        " --quick: none unless given; needs root and iptables)",
+    )
     args = parser.parse_args()
     if args.quick:
-        args.bytes, args.rounds = 2_000_000, 1
+        args.bytes, args.rounds, args.loss_bytes = 2_000_000, 1, 2_000_000
+    loss: float = (0.0 if args.quick else DEFAULT_LOSS) if args.loss is None else args.loss
+    if not 0.0 <= loss < 1.0:
+        parser.error("--loss is a share: 0 <= P < 1")
     size = args.bytes
+    # SIGTERM and SIGHUP unwind like Ctrl-C, through every finally (iptables rules, children).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
 
     try:
         import aioquic  # noqa: PLC0415 - optional, see self_signed
@@ -486,6 +591,12 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
     except LibudtUnavailableError as missing:
         udt_peer, libudt_missing = None, f"not available: {missing}"
     wavesync_missing = wavesync_unavailable()
+    loss_label = f"{loss * 100:g} % loss"
+    loss_missing = (
+        "not measured: --loss 0 (--quick leaves the loss rows out unless --loss is given)"
+        if loss == 0
+        else loss_unavailable()
+    )
 
     with tempfile.TemporaryDirectory(prefix="wavesync-udt-bench-") as folder:
         workdir = Path(folder)
@@ -493,13 +604,22 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
         data = stream(SEED, size)
         payload.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
+        loss_payload = workdir / "loss-payload"
+        loss_payload.write_bytes(data[: args.loss_bytes])
+        loss_digest = hashlib.sha256(data[: args.loss_bytes]).hexdigest()
+        loss_size = min(args.loss_bytes, size)
         del data
         cert, key = self_signed(workdir) if aioquic_missing is None else (payload, payload)
 
         rows: dict[str, tuple[Row, Callable[[], Netcat]]] = {}
 
-        def add(label: str, make: Callable[[], Netcat], unavailable: str | None = None) -> None:
-            rows[label] = (Row(label, unavailable=unavailable), make)
+        def add(
+            label: str,
+            make: Callable[[], Netcat],
+            unavailable: str | None = None,
+            row_loss: float = 0.0,
+        ) -> None:
+            rows[label] = (Row(label, unavailable=unavailable, loss=row_loss), make)
 
         add("TCP (asyncio streams)", tcp_netcat)
         add("aioquic, one stream", lambda: quic_netcat(cert, key), aioquic_missing)
@@ -521,19 +641,46 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
                 return wavesync_commands(mode)
 
             add(f"wavesync-UDT, {mode}", make_wavesync, wavesync_missing)
+        # The loss rows: regular connects, datagrams dropped on the transfer's own ports.
+        add(
+            f"libudt 4.11, regular, {loss_label}",
+            rows["libudt 4.11, regular"][1],
+            libudt_missing or loss_missing,
+            loss,
+        )
+        add(
+            f"wavesync-UDT, regular, {loss_label}",
+            rows["wavesync-UDT, regular"][1],
+            wavesync_missing or loss_missing,
+            loss,
+        )
 
         for _ in range(args.rounds):
             for row, make in rows.values():
-                if row.unavailable is None:
-                    row.runs.append(transfer(make(), payload, size, digest, workdir))
+                if row.unavailable is not None:
+                    continue
+                netcat = make()
+                if not row.loss:
+                    row.runs.append(transfer(netcat, payload, size, digest, workdir))
+                    continue
+                with packet_loss(netcat.ports, row.loss):
+                    run = transfer(netcat, loss_payload, loss_size, loss_digest, workdir)
+                row.runs.append(run)
 
     print(
         f"\nbulk goodput over loopback, {size / MB:,.0f} MB per transfer, {args.rounds}"
         " round(s), interleaved (MB = 10^6 bytes; first to last byte at the receiver's"
         " stdout; every stream checked by SHA-256)"
     )
+    if loss:
+        print(
+            f"{loss_label}: {loss_size / MB:,.0f} MB per transfer; iptables drops {loss:g} of"
+            " the UDP datagrams to and from the receiver's port on lo; /libudt is against"
+            " libudt at the same loss"
+        )
     aioquic_median = rows["aioquic, one stream"][0].median
     libudt_median = rows["libudt 4.11, regular"][0].median
+    lossy_libudt_median = rows[f"libudt 4.11, regular, {loss_label}"][0].median
     print(f"{'path':44} {'MB/s':>8} {'/aioquic':>9} {'/libudt':>8}  runs (MB/s)")
     for row, _ in rows.values():
         if row.unavailable is not None:
@@ -543,15 +690,14 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
             f"{run.rate:,.1f}" if run.rate is not None else "FAILED" for run in row.runs
         )
         median = f"{row.median:,.1f}" if row.median is not None else "-"
+        reference = lossy_libudt_median if row.loss else libudt_median
         print(
             f"{row.name:44} {median:>8} {ratio(row.median, aioquic_median):>9}"
-            f" {ratio(row.median, libudt_median):>8}  {runs}"
+            f" {ratio(row.median, reference):>8}  {runs}"
         )
         for run in row.runs:
             if run.error is not None:
                 print(f"{'':44} failed: {run.error}")
-    print(f"{'libudt 4.11, 5 % loss':44} not measured: this kernel has no netem (tc qdisc)")
-    print(f"{'wavesync-UDT, 5 % loss':44} not measured: this kernel has no netem (tc qdisc)")
     print(f"load average at the end: {loadavg()}")
     ours = rows["wavesync-UDT, regular"][0].median
     verdict = (
@@ -560,7 +706,18 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
         else ("met" if ours >= TARGET_VS_AIOQUIC * aioquic_median else "NOT met")
         + f" ({ours / aioquic_median:.2f} x)"
     )
-    print(f"targets: wavesync-UDT ≥ {TARGET_VS_AIOQUIC:g} x aioquic: {verdict}")
+    ours_lossy = rows[f"wavesync-UDT, regular, {loss_label}"][0].median
+    loss_verdict = (
+        "not measured"
+        if ours is None or ours_lossy is None
+        else ("met" if ours_lossy >= TARGET_UNDER_LOSS * ours else "NOT met")
+        + f" ({ours_lossy / ours:.2f} x)"
+    )
+    print(
+        f"targets: wavesync-UDT ≥ {TARGET_VS_AIOQUIC:g} x aioquic: {verdict};"
+        f" wavesync-UDT at {loss_label or 'loss'} ≥ {TARGET_UNDER_LOSS:g} x its lossless"
+        f" figure: {loss_verdict}"
+    )
     return 0
 
 
