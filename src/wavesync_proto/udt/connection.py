@@ -40,6 +40,7 @@ from .packet_types import (
     LightAck,
     MessageDropRequest,
     Nak,
+    RequestType,
     Shutdown,
     SocketType,
     UdtDecodeError,
@@ -127,6 +128,8 @@ class UdtConnection:
         self._events: deque[tuple[UdtEvent, int]] = deque()
         # Datagrams with their own destination (the handshake's; a Shutdown after closing).
         self._extra: list[tuple[bytes, Endpoint]] = []
+        # The -2 a rendezvous connection sends as it connects.
+        self._answer: tuple[bytes, Endpoint] | None = None
         self._held: list[tuple[bytes, Endpoint]] = []
         self._early: list[tuple[bytes, float | None]] = []
         self._early_bytes = 0
@@ -399,6 +402,10 @@ class UdtConnection:
         self._now = now
         handshake = self._handshake
         out = [] if handshake is None else handshake.datagrams_to_send(now)
+        if self._answer is not None:
+            # Before any data: a libudt peer drops data that comes before it is connected.
+            out.append(self._answer)
+            self._answer = None
         transfer = self._transfer
         if transfer is not None:
             if self._state is not ConnectionState.CLOSED:
@@ -503,6 +510,8 @@ class UdtConnection:
                 # A caller never answers late handshakes; a rendezvous peer does (-2).
                 self._extra.extend(handshake.datagrams_to_send(now))
                 self._handshake = None
+            else:
+                self._answer = (self._rendezvous_answer(event), event.peer_address)
             self._establish(event, now)
         elif isinstance(event, HandshakeFailed):
             self._handshake = None
@@ -511,6 +520,27 @@ class UdtConnection:
                 CloseReason.HANDSHAKE_FAILED,
                 f"{event.reason.value}: {event.detail}",
             )
+
+    def _rendezvous_answer(self, established: HandshakeEstablished) -> bytes:
+        """A -2 for the peer, sent once as we connect, without waiting to be asked.
+
+        In 4.11's rendezvous the side that connects on the peer's -1 stays silent; the
+        peer, still at -1, learns it is connected only from the -2 that answers its
+        next request, 250 ms later (§4.6.3). Sent at once, the -2 saves those 250 ms.
+        A peer that is connected already ignores it (4.11 answers every handshake but
+        a -2; so does ``UdtHandshake``), so it cannot start a ping-pong.
+        """
+        return encode_packet(
+            Handshake(
+                destination_socket_id=established.peer_socket_id,
+                socket_type=self._config.socket_type,
+                initial_sequence_number=established.local_isn,
+                mss=established.mss,
+                flow_window=self._config.flow_window,
+                request_type=RequestType.RENDEZVOUS_RESPONSE,
+                socket_id=self._socket_id,
+            )
+        )
 
     def _establish(self, established: HandshakeEstablished, now: float) -> None:
         self._state = _TRANSITIONS[self._state, "established"]

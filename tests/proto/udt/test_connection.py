@@ -132,8 +132,8 @@ def rendezvous_pair(config: UdtConfig = UdtConfig()) -> Pair:  # noqa: B008 - fr
     )
     pair = Pair(a, b)
     # b hears a's first request before sending its own: b is connected by a's -1, and
-    # a by b's -2 answer to a's next request, 250 ms later.
-    pair.advance(0.3)
+    # a by the -2 b sends as it connects (4.11 would wait for a's next request).
+    pair.exchange(3)
     assert state(a) is ConnectionState.CONNECTED
     assert state(b) is ConnectionState.CONNECTED
     return pair
@@ -623,3 +623,24 @@ def test_a_lost_first_ack_is_repeated_within_a_syn_until_the_rtt_is_measured() -
     # Measured now (the ACK2 came back): later repeats wait RTT + 4 RTTVar again.
     assert pair.b is not None
     assert pair.b.counters.ack2s_received == 1
+
+
+def test_a_rendezvous_peer_is_connected_by_the_others_data_when_the_answer_is_lost() -> None:
+    a = UdtConnection.rendezvous([B], socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random)
+    b = UdtConnection.rendezvous([A], socket_id=B_ID, isn=B_ISN, now=0.0, random=seeded(2).random)
+    b.send(b"first words")
+    pair = Pair(a, b)
+    minus_two = RequestType.RENDEZVOUS_RESPONSE
+
+    def drop_answer(data: bytes) -> bool:
+        packet = decode_packet(data)
+        return isinstance(packet, Handshake) and packet.request_type == minus_two
+
+    pair.drop_ba = drop_answer
+    pair.exchange(3)
+    # b connected on a's -1 and sent its -2 (lost) and its data: the data connected a.
+    assert state(b) is ConnectionState.CONNECTED
+    assert state(a) is ConnectionState.CONNECTED
+    assert pair.now == 0.0  # not a's next request, 250 ms later
+    assert received(a) == b"first words"
+    assert b.counters.packets_retransmitted == 0

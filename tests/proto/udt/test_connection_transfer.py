@@ -84,13 +84,14 @@ def test_both_directions_at_once_over_a_lossy_reordering_link() -> None:
 
 # --- speed: rendezvous must not crawl (libudt 4.11's weakness, issue 4) -------------------
 
-# 100 Mbit/s, 10 ms round trip, a 4 MB bottleneck queue. (With a queue much smaller
-# than the slow-start overshoot, 4.11's rate control loses a burst as slow start ends,
-# decreases five times to ~55 % of the link and climbs back at +10 packets/s per
-# second: 58 % of the link with a 256 KB queue. That is the congestion control's
-# nature, not the connection's; these tests are about the handshake race.)
+# 100 Mbit/s, 10 ms round trip, a bottleneck queue that never overflows: the only
+# losses are the ones a test makes. (With a queue much smaller than slow start's
+# overshoot, 4.11's rate control loses a burst as slow start ends, decreases five
+# times to ~55 % of the link and climbs back at +10 packets/s per second: 58 % of
+# the link with a 256 KB queue. That is the congestion control's nature, not the
+# connection's; these tests are about the first packets of a connection.)
 BANDWIDTH = 12_500_000.0
-FAST_LINK = LinkConfig(delay=0.005, bandwidth=BANDWIDTH, queue_limit=4_000_000)
+FAST_LINK = LinkConfig(delay=0.005, bandwidth=BANDWIDTH)
 
 
 def wire_time(size: int) -> float:
@@ -110,9 +111,10 @@ def test_rendezvous_both_sending_at_once_runs_at_link_speed() -> None:
     assert transfer.b_received() == a_data
     assert transfer.a_received() == b_data
     assert_clean(transfer)
-    # At least 85 % of the link, handshake and close included (measured: 93 %); 4.11
-    # crawls at a few MB/s here.
-    assert elapsed < wire_time(TEN_MB) / 0.85, elapsed
+    # Each direction's ACKs queue behind that direction's data, so slow start ramps up
+    # slower than one way: at least 60 % of the link both ways at once, handshake and
+    # close included (measured: 69 %). 4.11's crawl takes 5-7 s here.
+    assert elapsed < wire_time(TEN_MB) / 0.6, elapsed
     b = transfer.b_connection
     assert b is not None
     # B's first data packet completed A's handshake (one way after B, not at A's next
