@@ -416,17 +416,19 @@ def test_hostile_estimates_count_as_none() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("isn", "window", "mss", "message"),
     [
-        ({"isn": -1}, "initial sequence number -1 is not a 31-bit number"),
-        ({"isn": SEQ_MAX + 1}, "initial sequence number 2147483648 is not a 31-bit number"),
-        ({"window": 1}, "flow window 1 is below 2 packets"),
-        ({"mss": 0}, "MSS 0 is not positive"),
+        (-1, 8192, 1500, "initial sequence number -1 is not a 31-bit number"),
+        (SEQ_MAX + 1, 8192, 1500, "initial sequence number 2147483648 is not a 31-bit number"),
+        (ISN, 1, 1500, "flow window 1 is below 2 packets"),
+        (ISN, 8192, 0, "MSS 0 is not positive"),
     ],
 )
-def test_constructor_refuses_impossible_settings(kwargs: dict[str, int], message: str) -> None:
+def test_constructor_refuses_impossible_settings(
+    isn: int, window: int, mss: int, message: str
+) -> None:
     with pytest.raises(LocalProtocolError, match=f"^{re.escape(message)}$"):
-        native(**kwargs)
+        native(isn=isn, window=window, mss=mss)
 
 
 @pytest.mark.parametrize("draw", [-0.1, 1.5, math.nan])
