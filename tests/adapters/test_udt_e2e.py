@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import threading
@@ -128,3 +129,26 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def test_an_interrupted_sender_makes_the_receiver_fail_not_succeed_with_less() -> None:
+    # Ctrl-C on the sender aborts its connection; its Shutdown says so, and the
+    # receiver must not exit 0 with a truncated stream on stdout.
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with wavesync_udt("recv", "--listen", "127.0.0.1:0", **pipes) as receiver:
+        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
+        with wavesync_udt("send", "--connect", f"127.0.0.1:{port}", **pipes) as sender:
+            assert sender.stdin is not None
+            assert receiver.stdout is not None
+            sender.stdin.write(os.urandom(1024 * 1024))
+            sender.stdin.flush()
+            # Wait until bytes come out of the receiver: the stream is flowing.
+            with selectors.DefaultSelector() as selector:
+                selector.register(receiver.stdout, selectors.EVENT_READ)
+                assert selector.select(WAIT), "nothing arrived"
+            sender.send_signal(signal.SIGINT)
+            sender.wait(timeout=WAIT)
+            assert sender.returncode != 0
+            _, receive_err = receiver.communicate(timeout=WAIT)
+    assert receiver.returncode == 1, receive_err
+    assert b"PEER_ABORTED" in receive_err, receive_err

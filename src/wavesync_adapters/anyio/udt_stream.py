@@ -55,7 +55,8 @@ class UdtStream(anyio.abc.ByteStream):
 
     ``send`` waits while the connection's send buffer is full (nothing is dropped);
     ``receive`` raises ``anyio.EndOfStream`` once the peer closed and every byte was
-    read, ``anyio.BrokenResourceError`` when the connection timed out or was aborted.
+    read, ``anyio.BrokenResourceError`` when the connection timed out or was aborted
+    (by either end: ``PEER_ABORTED`` means the stream was cut short).
     UDT4 has no half-close, so ``send_eof`` raises ``NotImplementedError``: use
     ``aclose``, which closes gracefully (the core flushes and waits for the peer's
     acknowledgements for at most ``UdtConfig.linger``) and returns once it is closed;

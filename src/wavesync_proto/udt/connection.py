@@ -136,6 +136,7 @@ class UdtConnection:
         self._message_mode = config.socket_type is SocketType.DGRAM
         self._linger_deadline = float("inf")
         self._last_shutdown_reply = float("-inf")
+        self._shutdown_aborted = False  # what a repeated Shutdown must say again
         self._now = now  # the latest time given: where a message's time-to-live starts
         # A keep-alive addressed to us: what we show the handshake when the peer's
         # traffic proves it is connected (4.11 accepts data/keep-alive as that proof).
@@ -364,7 +365,7 @@ class UdtConnection:
         """Shutdown now, drop both buffers, ``ConnectionClosed(ABORTED)``."""
         if self._state is ConnectionState.CLOSED:
             return
-        self._send_shutdown()
+        self._send_shutdown(aborted=True)
         self._finish("abort", CloseReason.ABORTED, "aborted")
 
     # --- datagrams ---------------------------------------------------------------------------
@@ -463,10 +464,10 @@ class UdtConnection:
             return
         if now >= self._linger_deadline:
             unacked = transfer.sender.buffered_bytes
-            self._send_shutdown()
+            self._send_shutdown(aborted=True)
             self._finish(
                 "linger expired",
-                CloseReason.LOCAL_CLOSE,
+                CloseReason.ABORTED,
                 f"linger of {self._config.linger:g} s expired with {unacked} bytes unacknowledged",
             )
             return
@@ -593,7 +594,7 @@ class UdtConnection:
         elif isinstance(packet, KeepAlive):
             pass  # "the only purpose of keep-alive packet is to tell that the peer is still alive"
         elif isinstance(packet, Shutdown):
-            self._finish("peer shutdown", CloseReason.PEER_CLOSED, "the peer sent Shutdown")
+            self._receive_shutdown(packet, len(transfer.receiver.loss))
         elif isinstance(packet, Handshake):
             if self._handshake is not None:
                 self._handshake.receive_datagram(data, addr, now)
@@ -607,6 +608,21 @@ class UdtConnection:
             )
         else:
             self._counters.invalid += 1  # congestion warning, error signal, user-defined
+
+    def _receive_shutdown(self, packet: Shutdown, missing: int) -> None:
+        # UDT4's Shutdown says nothing of what was sent: a peer that closes with
+        # packets still missing here (or says it aborted) cut the stream short, and
+        # an application must not take the bytes it has for the whole (§4.8.7).
+        if packet.aborted:
+            self._finish("peer shutdown", CloseReason.PEER_ABORTED, "the peer aborted")
+        elif missing:
+            self._finish(
+                "peer shutdown",
+                CloseReason.PEER_ABORTED,
+                f"the peer closed with {missing} packets still missing",
+            )
+        else:
+            self._finish("peer shutdown", CloseReason.PEER_CLOSED, "the peer sent Shutdown")
 
     def _stray(self, data: bytes, addr: Endpoint, now: float, word0: int, destination: int) -> None:
         # A rendezvous peer's late handshake may still carry destination 0; answer it (-2).
@@ -632,14 +648,16 @@ class UdtConnection:
             word0, _, _, destination = _HEADER.unpack_from(data)
             if destination == self._socket_id and word0 & 0xFFFF0000 != _SHUTDOWN_WORD:
                 self._last_shutdown_reply = now
-                self._send_shutdown()
+                self._send_shutdown(aborted=self._shutdown_aborted)
 
     # --- internals: closing ------------------------------------------------------------------
 
-    def _send_shutdown(self) -> None:
+    def _send_shutdown(self, *, aborted: bool = False) -> None:
         if self._peer_socket_id is None or self._peer_address is None:
             return
-        packet = encode_packet(Shutdown(destination_socket_id=self._peer_socket_id))
+        self._shutdown_aborted = aborted
+        shutdown = Shutdown(destination_socket_id=self._peer_socket_id, aborted=aborted)
+        packet = encode_packet(shutdown)
         self._extra.append((packet, self._peer_address))
 
     def _maybe_closed(self) -> None:

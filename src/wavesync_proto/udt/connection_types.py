@@ -99,15 +99,18 @@ class ConnectionState(enum.Enum):
 class CloseReason(enum.Enum):
     """Why a connection ended."""
 
-    #: ``close()``: everything sent was acknowledged (or the linger ran out), Shutdown sent.
+    #: ``close()``: everything sent was acknowledged, Shutdown sent.
     LOCAL_CLOSE = "local close"
-    #: The peer sent Shutdown.
+    #: The peer sent Shutdown with nothing missing: every byte it sent arrived.
     PEER_CLOSED = "peer closed"
+    #: The peer sent Shutdown saying it aborted (wavesync's flag), or with data
+    #: still missing here: the stream is cut short.
+    PEER_ABORTED = "peer aborted"
     #: Nothing heard from the peer for ``UdtConfig.idle_timeout``.
     TIMEOUT = "timeout"
     #: The handshake failed (timeout, refusal, incompatible peer).
     HANDSHAKE_FAILED = "handshake failed"
-    #: ``abort()``.
+    #: ``abort()``, or ``close()`` whose linger ran out with data unacknowledged.
     ABORTED = "aborted"
 
 

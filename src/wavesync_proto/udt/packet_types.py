@@ -17,6 +17,7 @@ from ..errors import RemoteProtocolError
 __all__ = [
     "HANDSHAKE_LENGTH",
     "HEADER_LENGTH",
+    "SHUTDOWN_ABORTED",
     "UDT_VERSION",
     "Ack",
     "Ack2",
@@ -105,6 +106,11 @@ class RequestType(enum.IntEnum):
     RENDEZVOUS_RESPONSE = -2
     #: A listener's refusal (version or socket type mismatch, or no resources).
     REJECTED = 1002
+
+
+#: The additional info of a Shutdown that says "aborted" (ASCII "WSAB"): a value no
+#: zeroed or stale 4.11 header word is likely to hold by accident.
+SHUTDOWN_ABORTED = 0x57534142
 
 
 # --- packet classes ------------------------------------------------------------------------
@@ -239,6 +245,10 @@ class Shutdown(ControlPacket):
     """Type 5: the sender closed the connection."""
 
     CONTROL_TYPE: ClassVar[int] = ControlType.SHUTDOWN
+    #: wavesync's extension: the sender aborted, so data it had accepted may never
+    #: arrive. Carried as ``SHUTDOWN_ABORTED`` in the additional-info word, which
+    #: libudt 4.11 writes as 0 and never reads; any other value means a plain close.
+    aborted: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

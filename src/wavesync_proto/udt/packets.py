@@ -30,6 +30,7 @@ from ..errors import LocalProtocolError
 from .packet_types import (
     HANDSHAKE_LENGTH,
     HEADER_LENGTH,
+    SHUTDOWN_ABORTED,
     UDT_VERSION,
     Ack,
     Ack2,
@@ -56,6 +57,7 @@ from .seqnum import seq_offset
 __all__ = [
     "HANDSHAKE_LENGTH",
     "HEADER_LENGTH",
+    "SHUTDOWN_ABORTED",
     "UDT_VERSION",
     "Ack",
     "Ack2",
@@ -174,6 +176,10 @@ def _encode_empty(packet: ControlPacket) -> bytes:
     return _header(packet, 0) + _PAD
 
 
+def _encode_shutdown(packet: Shutdown) -> bytes:
+    return _header(packet, SHUTDOWN_ABORTED if packet.aborted else 0) + _PAD
+
+
 def _encode_ack(packet: Ack) -> bytes:
     _check_seq(packet.ack_number, "ACK number")
     _check_seq(packet.sequence_number, "ACK sequence number")
@@ -238,7 +244,7 @@ _ENCODERS: dict[type[ControlPacket], Callable[[Any], bytes]] = {
     LightAck: _encode_light_ack,
     Nak: _encode_nak,
     CongestionWarning: _encode_empty,
-    Shutdown: _encode_empty,
+    Shutdown: _encode_shutdown,
     Ack2: _encode_ack2,
     MessageDropRequest: _encode_drop,
     ErrorSignal: _encode_error,
@@ -330,12 +336,17 @@ def _decode_handshake(word0: int, info: int, ts: int, dst: int, body: bytes) -> 
     )
 
 
-def _empty_decoder(cls: type[KeepAlive | CongestionWarning | Shutdown], name: str) -> _Decoder:
+def _empty_decoder(cls: type[KeepAlive | CongestionWarning], name: str) -> _Decoder:
     def decode(word0: int, info: int, ts: int, dst: int, body: bytes) -> ControlPacket:
         _no_body(body, name)
         return cls(timestamp=ts, destination_socket_id=dst)
 
     return decode
+
+
+def _decode_shutdown(word0: int, info: int, ts: int, dst: int, body: bytes) -> Shutdown:
+    _no_body(body, "shutdown")
+    return Shutdown(timestamp=ts, destination_socket_id=dst, aborted=info == SHUTDOWN_ABORTED)
 
 
 def _decode_ack(word0: int, info: int, ts: int, dst: int, body: bytes) -> Ack | LightAck:
@@ -439,7 +450,7 @@ _DECODERS: dict[int, _Decoder] = {
     ControlType.ACK: _decode_ack,
     ControlType.NAK: _decode_nak,
     ControlType.CONGESTION_WARNING: _empty_decoder(CongestionWarning, "congestion warning"),
-    ControlType.SHUTDOWN: _empty_decoder(Shutdown, "shutdown"),
+    ControlType.SHUTDOWN: _decode_shutdown,
     ControlType.ACK2: _decode_ack2,
     ControlType.MESSAGE_DROP_REQUEST: _decode_drop,
     ControlType.ERROR_SIGNAL: _decode_error,

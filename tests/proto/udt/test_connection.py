@@ -415,10 +415,12 @@ def test_close_gives_up_after_the_linger() -> None:
     pair.advance(2.1)
     (closed,) = events(pair.a)
     assert isinstance(closed, ConnectionClosed)
-    assert closed.reason is CloseReason.LOCAL_CLOSE
+    assert closed.reason is CloseReason.ABORTED
     assert "linger of 2 s expired with 500 bytes unacknowledged" in closed.detail
     assert pair.b is not None
-    assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
+    assert events(pair.b)[-1] == ConnectionClosed(
+        reason=CloseReason.PEER_ABORTED, detail="the peer aborted"
+    )
 
 
 def test_close_while_connecting_ends_at_once() -> None:
@@ -444,7 +446,23 @@ def test_abort_sends_shutdown_and_drops_the_buffers() -> None:
     assert events(pair.a) == [ConnectionClosed(reason=CloseReason.ABORTED, detail="aborted")]
     pair.exchange()
     assert pair.b is not None
-    assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
+    # The peer learns that the stream was cut short (wavesync's flag in the Shutdown).
+    assert events(pair.b)[-1] == ConnectionClosed(
+        reason=CloseReason.PEER_ABORTED, detail="the peer aborted"
+    )
+
+
+def test_a_repeated_shutdown_after_an_abort_still_says_aborted() -> None:
+    pair = connected()
+    pair.drop_ab = lambda data: kind(data) == "Shutdown"
+    pair.a.abort(pair.now)
+    pair.exchange()
+    pair.drop_ab = lambda _: False
+    pair.advance(KEEPALIVE_INTERVAL * 1.5)  # b's keep-alive reaches the aborted a
+    assert pair.b is not None
+    assert events(pair.b)[-1] == ConnectionClosed(
+        reason=CloseReason.PEER_ABORTED, detail="the peer aborted"
+    )
 
 
 def test_a_closed_connection_repeats_its_shutdown_to_a_peer_that_missed_it() -> None:
@@ -469,6 +487,21 @@ def test_peer_shutdown_delivers_the_data_before_it() -> None:
     assert events(c) == [
         DataReceived(data=b"last words"),
         ConnectionClosed(reason=CloseReason.PEER_CLOSED, detail="the peer sent Shutdown"),
+    ]
+
+
+def test_a_peer_shutdown_with_packets_missing_is_an_abort_not_a_close() -> None:
+    # libudt sends no abort flag; a Shutdown that leaves a hole can only mean the
+    # stream was cut short, and the bytes before the hole must not pass for all.
+    c = lone()
+    c.receive_datagram(data_packet(B_ISN, b"first"), B, 0.1)
+    c.receive_datagram(data_packet(B_ISN + 2, b"third"), B, 0.1)
+    c.receive_datagram(control(Shutdown(destination_socket_id=A_ID)), B, 0.1)
+    assert events(c) == [
+        DataReceived(data=b"first"),
+        ConnectionClosed(
+            reason=CloseReason.PEER_ABORTED, detail="the peer closed with 1 packets still missing"
+        ),
     ]
 
 

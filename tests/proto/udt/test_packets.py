@@ -423,6 +423,12 @@ def test_the_data_payload_is_a_bytes_object() -> None:
         # Reserved bits and undefined additional info.
         (wire("8001abcd 00000000 00000000 00000009 00000000"), KeepAlive(destination_socket_id=9)),
         (wire("80050000 ffffffff 00000000 00000009"), Shutdown(destination_socket_id=9)),
+        # Only wavesync's exact abort word sets the flag.
+        (wire("80050000 57534143 00000000 00000009"), Shutdown(destination_socket_id=9)),
+        (
+            wire("80050000 57534142 00000000 00000009"),
+            Shutdown(destination_socket_id=9, aborted=True),
+        ),
         (
             wire("80020001 ffffffff 00000000 00000009 00000005"),
             LightAck(destination_socket_id=9, sequence_number=5),
@@ -685,3 +691,12 @@ def test_peer_ip_refuses_what_is_not_an_address() -> None:
         pack_peer_ip("example.com")
     with pytest.raises(LocalProtocolError, match="a peer IP field is 16 bytes, not 4"):
         unpack_peer_ip(bytes(4), ipv6=False)
+
+
+def test_an_aborting_shutdown_carries_the_abort_word_and_a_plain_one_zero() -> None:
+    aborted = encode_packet(Shutdown(destination_socket_id=9, aborted=True))
+    assert aborted == wire("80050000 57534142 00000000 00000009 00000000")
+    assert encode_packet(Shutdown(destination_socket_id=9)) == wire(
+        "80050000 00000000 00000000 00000009 00000000"
+    )
+    assert decode_packet(aborted) == Shutdown(destination_socket_id=9, aborted=True)
