@@ -40,7 +40,6 @@ from .packet_types import (
     LightAck,
     MessageDropRequest,
     Nak,
-    RequestType,
     Shutdown,
     SocketType,
     UdtDecodeError,
@@ -512,7 +511,11 @@ class UdtConnection:
                 self._extra.extend(handshake.datagrams_to_send(now))
                 self._handshake = None
             else:
-                self._answer = (self._rendezvous_answer(event), event.peer_address)
+                # 4.11's side that connects on the peer's -1 stays silent, and the peer
+                # learns it is connected from the -2 that answers its next request, 250
+                # ms later (§4.6.3). Sent at once, the -2 saves those 250 ms; a peer
+                # already connected ignores it, so it cannot start a ping-pong.
+                self._answer = handshake.rendezvous_answer()
             self._establish(event, now)
         elif isinstance(event, HandshakeFailed):
             self._handshake = None
@@ -521,27 +524,6 @@ class UdtConnection:
                 CloseReason.HANDSHAKE_FAILED,
                 f"{event.reason.value}: {event.detail}",
             )
-
-    def _rendezvous_answer(self, established: HandshakeEstablished) -> bytes:
-        """A -2 for the peer, sent once as we connect, without waiting to be asked.
-
-        In 4.11's rendezvous the side that connects on the peer's -1 stays silent; the
-        peer, still at -1, learns it is connected only from the -2 that answers its
-        next request, 250 ms later (§4.6.3). Sent at once, the -2 saves those 250 ms.
-        A peer that is connected already ignores it (4.11 answers every handshake but
-        a -2; so does ``UdtHandshake``), so it cannot start a ping-pong.
-        """
-        return encode_packet(
-            Handshake(
-                destination_socket_id=established.peer_socket_id,
-                socket_type=self._config.socket_type,
-                initial_sequence_number=established.local_isn,
-                mss=established.mss,
-                flow_window=self._config.flow_window,
-                request_type=RequestType.RENDEZVOUS_RESPONSE,
-                socket_id=self._socket_id,
-            )
-        )
 
     def _establish(self, established: HandshakeEstablished, now: float) -> None:
         self._state = _TRANSITIONS[self._state, "established"]

@@ -585,3 +585,21 @@ def test_rendezvous_ignores_another_socket_from_the_locked_address() -> None:
     deliver(other.datagrams_to_send(T0), a, PEER_B)
     assert a.counters.wrong_peer == 1
     assert a.state is HandshakeState.AGREEING
+
+
+def test_the_rendezvous_answer_is_the_late_answer_and_only_once_established() -> None:
+    a, b = rendezvous_pair()
+    with pytest.raises(LocalProtocolError, match="only an established rendezvous"):
+        a.rendezvous_answer()
+    ((late, _),) = a.datagrams_to_send(T0)  # a's first type 0, delivered only at the end
+    exchange(a, b, T0 + CONNECT_RETRY_INTERVAL)
+    assert_matched(a, b)
+    answer, destination = b.rendezvous_answer()
+    assert destination == PEER_A
+    # The same -2 that answers a late handshake of the peer.
+    b.receive_datagram(late, PEER_A, T0 + 1)
+    assert b.datagrams_to_send(T0 + 1) == [(answer, PEER_A)]
+    assert handshake(answer).request_type == RequestType.RENDEZVOUS_RESPONSE
+    caller = UdtHandshake.caller(PEER_B, socket_id=7, isn=70, now=T0)
+    with pytest.raises(LocalProtocolError, match="only an established rendezvous"):
+        caller.rendezvous_answer()
