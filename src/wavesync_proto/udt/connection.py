@@ -157,22 +157,14 @@ class UdtConnection:
         config: UdtConfig = UdtConfig(),  # noqa: B008 - frozen, shared safely
     ) -> UdtConnection:
         """A regular connect to the listener at ``peer``."""
-        handshake = UdtHandshake.caller(
-            peer,
+        return cls._connecting(
+            HandshakeRole.CALLER,
+            [peer],
             socket_id=socket_id,
             isn=isn,
             now=now,
-            mss=config.mss,
-            flow_window=config.flow_window,
-            socket_type=config.socket_type,
-        )
-        return cls(
-            socket_id=socket_id,
-            now=now,
             random=random,
             config=config,
-            handshake=handshake,
-            established=None,
         )
 
     @classmethod
@@ -187,8 +179,31 @@ class UdtConnection:
         config: UdtConfig = UdtConfig(),  # noqa: B008 - frozen, shared safely
     ) -> UdtConnection:
         """A rendezvous connect toward every address in ``candidates``; the first heard wins."""
-        handshake = UdtHandshake.rendezvous(
+        return cls._connecting(
+            HandshakeRole.RENDEZVOUS,
             candidates,
+            socket_id=socket_id,
+            isn=isn,
+            now=now,
+            random=random,
+            config=config,
+        )
+
+    @classmethod
+    def _connecting(
+        cls,
+        role: HandshakeRole,
+        candidates: Sequence[Endpoint],
+        *,
+        socket_id: int,
+        isn: int,
+        now: float,
+        random: Callable[[], float],
+        config: UdtConfig,
+    ) -> UdtConnection:
+        handshake = UdtHandshake(
+            role=role,
+            candidates=candidates,
             socket_id=socket_id,
             isn=isn,
             now=now,

@@ -175,29 +175,30 @@ class UdtMultiplexer:
     def connect(self, peer: Endpoint, now: float) -> UdtConnection:
         """Start a regular connect to the listener at ``peer``."""
         self._check_room()
-        connection = UdtConnection.connect(
-            peer,
-            socket_id=self._new_socket_id(),
-            isn=self._random_bits(31),
-            now=now,
-            random=self._random_float,
-            config=self._config,
+        return self._add(
+            UdtConnection.connect(
+                peer,
+                socket_id=self._new_socket_id(),
+                isn=self._random_bits(31),
+                now=now,
+                random=self._random_float,
+                config=self._config,
+            )
         )
-        self._connections[connection.socket_id] = connection
-        return connection
 
     def rendezvous(self, candidates: Sequence[Endpoint], now: float) -> UdtConnection:
         """Start a rendezvous connect toward every address in ``candidates``."""
         self._check_room()
-        connection = UdtConnection.rendezvous(
-            candidates,
-            socket_id=self._new_socket_id(),
-            isn=self._random_bits(31),
-            now=now,
-            random=self._random_float,
-            config=self._config,
+        connection = self._add(
+            UdtConnection.rendezvous(
+                candidates,
+                socket_id=self._new_socket_id(),
+                isn=self._random_bits(31),
+                now=now,
+                random=self._random_float,
+                config=self._config,
+            )
         )
-        self._connections[connection.socket_id] = connection
         for candidate in dict.fromkeys(candidates):
             self._rendezvous_by_candidate.setdefault(candidate, []).append(connection.socket_id)
         return connection
@@ -309,10 +310,11 @@ class UdtMultiplexer:
             self._listener_outbox.append((reply.datagram, reply.destination))
             return
         accepted = self._listener.accept(request, socket_id=self._new_socket_id())
-        connection = UdtConnection.accepted(
-            accepted, now=now, random=self._random_float, config=self._config
+        connection = self._add(
+            UdtConnection.accepted(
+                accepted, now=now, random=self._random_float, config=self._config
+            )
         )
-        self._connections[connection.socket_id] = connection
         self._accepted_by_key[request.key] = accepted
         self._key_of[connection.socket_id] = request.key
         self._listener_outbox.append((accepted.response, accepted.destination))
@@ -332,6 +334,10 @@ class UdtMultiplexer:
         for peer, bound in list(self._rendezvous_by_peer.items()):
             if bound == socket_id:
                 del self._rendezvous_by_peer[peer]
+
+    def _add(self, connection: UdtConnection) -> UdtConnection:
+        self._connections[connection.socket_id] = connection
+        return connection
 
     def _check_room(self) -> None:
         if len(self._connections) >= self._max_connections:
