@@ -94,12 +94,20 @@ class TunnelLimits:
 
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
-    """An explicitly configured HTTP proxy (the caller parses ``http://user:pass@host:port``)."""
+    """An explicitly configured HTTP proxy (``from_url("http://user:pass@host:port")``)."""
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> ProxyConfig:
+        """``http://user:pass@host:port`` (the ``--proxy`` and ``*_proxy`` form; see
+        ``proxy_env.parse_proxy_url`` for every rule)."""
+        from .proxy_env import parse_proxy_url  # noqa: PLC0415 - proxy_env builds on this module
+
+        return parse_proxy_url(url)
 
     def authorization(self) -> list[tuple[str, str]]:
         """The ``Proxy-Authorization`` header when credentials are configured (RFC 7617)."""
