@@ -94,6 +94,16 @@ class GetPostClient(TunnelEndpoint):
         readers = [self._down, *([self._post] if self._post else [])]
         return sum(reader.buffered for reader in readers)
 
+    @property
+    def awaiting_answer(self) -> int | None:
+        """The POST leg whose answer the upstream waits for (its body is full, or carries the
+        last chunk): the caller must read that leg. None while the current POST has room."""
+        if self._post is None:
+            return None
+        if not self._post_left or (self._end_written and not self._pending):
+            return self._sequence + 1
+        return None
+
     def _target(self, *parts: str) -> tuple[str, list[tuple[str, str]]]:
         path = tunnel_path(TunnelMethod.GETPOST, self._id_text, *parts)
         return request_target(host=self._host, port=self._port, path=path, proxy=self._proxy)

@@ -355,3 +355,19 @@ def test_a_get_whose_first_post_never_comes_is_failed_in_time() -> None:
     assert state_of(joined) is TunnelState.OPEN
     registry.release(TUNNEL_ID)
     assert len(registry) == 1
+
+
+def test_awaiting_answer_names_the_post_leg_the_upstream_waits_for() -> None:
+    client = GetPostClient(
+        host="m", port=80, tunnel_id=bytes(16), limits=TunnelLimits(post_length=64)
+    )
+    assert client.awaiting_answer is None
+    client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0)
+    client.send(b"a" * 10)
+    assert client.awaiting_answer is None  # POST 0 has room
+    client.send(b"b" * 100)
+    assert client.awaiting_answer == 1  # its body is full: read its 204
+    client.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n", 1)
+    assert client.awaiting_answer is None  # POST 1 goes on
+    client.close()
+    assert client.awaiting_answer == 2  # the body with the last chunk
