@@ -176,6 +176,7 @@ async def open_tunnel(
                 reads_leg_zero=True,
                 open_leg=lambda: _open_leg(route),
             )
+            stream.absorb()  # a RawEndpoint (ssl+connect) is established from the start
             await stream.flush()
             while not stream.established and stream.failure is None:
                 await stream.pump_leg_zero()
