@@ -8,9 +8,9 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wavesync_proto.udt.connection_types import ConnectionState
 
 from wavesync_proto.addresses import Endpoint
+from wavesync_proto.udt.connection_types import ConnectionState
 from wavesync_proto.udt.multiplexer import UdtMultiplexer
 
 from ...netsim import GilbertElliott, LinkConfig, Network, run_until
