@@ -31,6 +31,9 @@ from wavesync_proto.mediator.service import MediatorService
 from wavesync_proto.mediator.systems import format_system_entry, parse_systems
 from wavesync_proto.relay import RelayLimits, RelayService
 from wavesync_proto.stun.transaction import DEFAULT_RC, DEFAULT_RM, DEFAULT_RTO
+from wavesync_proto.udt.congestion import CongestionControl, UdtNativeCongestion
+from wavesync_proto.udt.congestion_rate import DeliveryRateCongestion
+from wavesync_proto.udt.connection_types import UdtConfig
 
 from .anyio.mediator import MediatorDaemon
 from .anyio.relay import RelayDaemon
@@ -42,6 +45,13 @@ __all__ = ["main"]
 STUN_PORT = 3478  # RFC 8489 §18.6: the default port for STUN over UDP and TCP
 
 log = logging.getLogger("wavesync")
+
+#: ``wavesync udt send --congestion``: the sender's congestion control (only the sender's
+#: matters in UDT; the receiver never sees which one runs).
+_CONGESTION: dict[str, Callable[..., CongestionControl]] = {
+    "native": UdtNativeCongestion,
+    "rate": DeliveryRateCongestion,
+}
 
 
 class _JsonFormatter(logging.Formatter):
@@ -270,6 +280,15 @@ def _add_udt_commands(
             " acknowledged every byte."
         ),
     )
+    send.add_argument(
+        "--congestion",
+        choices=sorted(_CONGESTION),
+        default=None,
+        help=(
+            "the sender's congestion control: 'native' is UDT 4.11's DAIMD, 'rate' the"
+            " loss-tolerant delivery-rate control (default: UdtConfig's)"
+        ),
+    )
     for parser, how, how_help in (
         (recv, "--listen", "accept a regular connect on this UDP address"),
         (send, "--connect", "connect to a UDT listener at this address"),
@@ -430,7 +449,11 @@ def _run_udt(args: argparse.Namespace) -> int:
     if args.udt_command == "recv":
         program = functools.partial(receive_stream, mode, sys.stdout.fileno(), announce=announce)
     else:
-        program = functools.partial(send_stream, mode, sys.stdin.fileno(), announce=announce)
+        congestion = _CONGESTION.get(args.congestion) if args.congestion else None
+        config = UdtConfig(congestion=congestion) if congestion else None
+        program = functools.partial(
+            send_stream, mode, sys.stdin.fileno(), announce=announce, config=config
+        )
     try:
         anyio.run(program)
     except (UdtCatError, OSError) as exc:

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.daemons import WAVESYNC, run_wavesync
 
 WAIT = 60.0  # seconds a whole transfer may take before the test fails
@@ -85,6 +87,29 @@ def test_twenty_megabytes_through_pipes_listen_and_connect() -> None:
     received, _ = results["recv"]
     assert len(received) == SIZE
     assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("congestion", ["native", "rate"])
+def test_the_sender_takes_either_congestion_control(congestion: str) -> None:
+    payload = os.urandom(4 * 1024 * 1024)
+    results: dict[str, tuple[bytes, bytes]] = {}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with wavesync_udt("recv", "--listen", "127.0.0.1:0", **pipes) as receiver:
+        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
+        send = ("send", "--connect", f"127.0.0.1:{port}", "--congestion", congestion)
+        with wavesync_udt(*send, **pipes) as sender:
+            reading = communicate_in_thread(receiver, results, "recv")
+            _, send_err = sender.communicate(payload, timeout=WAIT)
+            reading.join(WAIT)
+            assert sender.returncode == 0, send_err
+        assert receiver.wait(WAIT) == 0, results["recv"][1]
+    assert results["recv"][0] == payload
+
+
+def test_an_unknown_congestion_control_is_refused() -> None:
+    result = run_wavesync("udt", "send", "--connect", "127.0.0.1:9", "--congestion", "cubic")
+    assert result.returncode == 2
+    assert "invalid choice: 'cubic'" in result.stderr
 
 
 def test_twenty_megabytes_by_rendezvous_from_a_file_to_a_file(tmp_path: Path) -> None:
