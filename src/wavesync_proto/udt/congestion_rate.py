@@ -132,7 +132,9 @@ class DeliveryRateCongestion(CongestionControl):
         self._loss_frontier = self._largest_sent
         # Recent exact (delivered count, time) and (sent count, time) pairs: the starts
         # of a snapshot's intervals, the newest at least a SYN before it (see _mark).
-        self._delivery_marks: deque[tuple[int, float]] = deque([(self._highest, now)])
+        # No delivery mark before the first ACK: an interval from the start would time
+        # the handshake, or an EXP expiry that resent a lost first window.
+        self._delivery_marks: deque[tuple[int, float]] = deque()
         self._send_marks: deque[tuple[int, float]] = deque([(0, now)])
         # Send-time snapshots of new packets. The anchor is the newest snapshot
         # delivered when the packet left, the delivery point the exact one then: the
@@ -279,12 +281,13 @@ class DeliveryRateCongestion(CongestionControl):
         self._update(now)
 
     def on_timeout(self, *, now: float) -> None:
-        # Everything in flight may be gone: halve the rate ceiling, hold the window at
-        # the initial one until a round completes, and leave STARTUP for good.
-        self._ceiling = max(0.5 * self._bandwidth(), self._floor_rate())
+        # Everything in flight may be gone: hold the window at the initial one until a
+        # round completes and, once the pipe was found, halve the rate ceiling. In
+        # STARTUP the estimate is still far below the path's (a lost tail of the first
+        # windows, with nothing after it to make the receiver NAK): it keeps growing.
+        if self._state != _STARTUP:
+            self._ceiling = max(0.5 * self._bandwidth(), self._floor_rate())
         self._timeout_window = True
-        if self._state != _PROBE_BW:
-            self._enter_probe_bw(now, start=2)
         self._round_end = self._largest_sent
         self._update(now)
 
@@ -311,7 +314,7 @@ class DeliveryRateCongestion(CongestionControl):
         if exact:
             marks = self._delivery_marks
             point = (self._highest - self._lost_total, now)
-            if 0.0 <= now - marks[-1][1] < _SNAPSHOT_SPACING:
+            if marks and 0.0 <= now - marks[-1][1] < _SNAPSHOT_SPACING:
                 marks[-1] = point  # at most one a millisecond: the newest
             else:
                 marks.append(point)
@@ -390,12 +393,6 @@ class DeliveryRateCongestion(CongestionControl):
                 self._state = _DRAIN
                 self._state_start = now
 
-    def _enter_probe_bw(self, now: float, *, start: int) -> None:
-        self._state = _PROBE_BW
-        self._state_start = now
-        self._cycle_index = start
-        self._cycle_start = now
-
     def _update(self, now: float) -> None:
         """Move the state machine on by the clock, then derive the two outputs."""
         bandwidth = self._bandwidth()
@@ -411,7 +408,9 @@ class DeliveryRateCongestion(CongestionControl):
             if not 0.0 <= draw <= 1.0:
                 raise LocalProtocolError(f"the random source returned {draw!r}, not [0, 1]")
             choice = min(int(draw * (len(_PROBE_GAINS) - 1)), len(_PROBE_GAINS) - 2)
-            self._enter_probe_bw(now, start=choice + 1 if choice else 0)
+            self._state = _PROBE_BW
+            self._cycle_index = choice + 1 if choice else 0
+            self._cycle_start = now
         if self._state == _PROBE_BW and not 0.0 <= now - self._cycle_start < rtt + 2 * SYN_INTERVAL:
             self._cycle_index = (self._cycle_index + 1) % len(_PROBE_GAINS)
             self._cycle_start = now
@@ -450,6 +449,8 @@ def _mark(marks: deque[tuple[int, float]], count: int | None, now: float) -> tup
     Intervals shorter than a SYN would time a full ACK's worth of packets by the
     jitter of when ACKs and NAKs are read (an adapter reads a batch at one ``now``).
     """
+    if not marks:
+        return (0, math.inf)  # no interval: no sample
     while len(marks) > 1 and (marks[1][1] <= now - SYN_INTERVAL or len(marks) > _MAX_MARKS):
         marks.popleft()
     head = marks[0]
