@@ -58,3 +58,14 @@ def test_udt_bench_runs_and_reports_every_row() -> None:
     assert len(rows_starting(output, *rows)) == 9
     assert "FAILED" not in output
     assert len(rows_starting(output, "targets:")) == 1
+
+
+def test_tunnel_bench_runs_and_reports_every_row() -> None:
+    output = run_bench("tunnel.py", "--quick")
+    # Direct TCP, 3 methods without a proxy, 4 more through each squid config (or none
+    # when squid is missing); every row is figures, a refusal or a skip, as are ssl+'s.
+    assert len(rows_starting(output, "direct TCP")) == 1
+    plain = rows_starting(output, "upgrade, ", "websocket, ", "getpost, ", "connect, ")
+    assert len(plain) in (3, 11)
+    assert "Traceback" not in output
+    assert "FAILED" not in output
