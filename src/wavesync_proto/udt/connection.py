@@ -61,6 +61,7 @@ __all__ = [
     "MAX_RTT",
     "MIN_EXP_INTERVAL",
     "MIN_NAK_INTERVAL",
+    "SHUTDOWN_COPIES",
     "UdtConnection",
 ]
 
@@ -69,6 +70,12 @@ __all__ = [
 HOLD_LIMIT = 64
 #: A closed connection answers its peer's packets with Shutdown at most this often.
 _SHUTDOWN_REPLY_INTERVAL = 1.0
+#: Copies of each Shutdown. Nothing acknowledges a Shutdown, and a program that closes
+#: usually exits at once, so nobody is left to repeat it: with one copy, a single loss
+#: leaves the peer waiting for its idle timeout and reporting TIMEOUT after every byte
+#: arrived (seen at 5 % loss). Three copies make that 1 in 8,000 at 5 % random loss;
+#: a peer ignores the copies after the first (it is closed).
+SHUTDOWN_COPIES = 3
 
 _HEADER = struct.Struct("!IIII")
 _CONTROL = 0x80000000
@@ -655,7 +662,7 @@ class UdtConnection:
         self._shutdown_aborted = aborted
         shutdown = Shutdown(destination_socket_id=self._peer_socket_id, aborted=aborted)
         packet = encode_packet(shutdown)
-        self._extra.append((packet, self._peer_address))
+        self._extra += [(packet, self._peer_address)] * SHUTDOWN_COPIES
 
     def _maybe_closed(self) -> None:
         transfer = self._transfer

@@ -27,7 +27,12 @@ from wavesync_proto.udt import (
     decode_packet,
     encode_packet,
 )
-from wavesync_proto.udt.connection import KEEPALIVE_INTERVAL, MIN_EXP_INTERVAL, UdtConnection
+from wavesync_proto.udt.connection import (
+    KEEPALIVE_INTERVAL,
+    MIN_EXP_INTERVAL,
+    SHUTDOWN_COPIES,
+    UdtConnection,
+)
 from wavesync_proto.udt.connection_types import (
     CloseReason,
     ConnectionClosed,
@@ -477,7 +482,25 @@ def test_a_closed_connection_repeats_its_shutdown_to_a_peer_that_missed_it() -> 
     assert state(pair.b) is ConnectionState.CLOSED
     assert events(pair.b)[-1].reason is CloseReason.PEER_CLOSED  # type: ignore[attr-defined]
     shutdowns = [d for d in pair.sent_ab if kind(d) == "Shutdown"]
-    assert len(shutdowns) == 2
+    assert len(shutdowns) == 2 * SHUTDOWN_COPIES  # at the close, and in answer
+
+
+def test_a_graceful_close_survives_the_loss_of_two_shutdowns() -> None:
+    pair = connected()
+    assert SHUTDOWN_COPIES >= 3
+    lost = [True, True]  # the first two Shutdowns
+    pair.drop_ab = lambda data: kind(data) == "Shutdown" and bool(lost) and lost.pop()
+    pair.a.send(b"all of it" * 100)
+    pair.a.close(pair.now)
+    pair.advance(0.5)
+    assert not lost
+    assert pair.b is not None
+    assert state(pair.b) is ConnectionState.CLOSED  # long before the idle timeout
+    received = events(pair.b)
+    assert b"".join(e.data for e in received if isinstance(e, DataReceived)) == b"all of it" * 100
+    assert received[-1] == ConnectionClosed(
+        reason=CloseReason.PEER_CLOSED, detail="the peer sent Shutdown"
+    )
 
 
 def test_peer_shutdown_delivers_the_data_before_it() -> None:
