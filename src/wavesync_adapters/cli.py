@@ -212,6 +212,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a relay to offer clients (repeatable)",
     )
+    mediator.add_argument(
+        "--http",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help=(
+            "also serve the HTTP face there: every HTTP tunnel method (docs/tunnel.md)"
+            " carries a TCP session, for servers and clients behind HTTP proxies"
+        ),
+    )
     relay = commands.add_parser(
         "relay",
         parents=[common],
@@ -384,8 +393,15 @@ def _run_mediator(args: argparse.Namespace) -> int:
         systems=systems, relay_urls=tuple(args.relay_url), nonce_secret=secrets.token_bytes(32)
     )
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
-    daemon = MediatorDaemon(service)
-    return _run_daemon("mediator", "udp+tcp", daemon.serve, args.listen, service.counters)
+    daemon = MediatorDaemon(service, http=args.http)
+
+    def ready(bound: Endpoint) -> str:
+        line = f"mediator listening on udp+tcp {format_endpoint(bound)}"
+        if daemon.http_bound is not None:
+            line += f", http {format_endpoint(daemon.http_bound)}"
+        return line
+
+    return _run_daemon("mediator", daemon.serve, args.listen, service.counters, ready)
 
 
 def _run_relay(args: argparse.Namespace) -> int:
@@ -397,15 +413,21 @@ def _run_relay(args: argparse.Namespace) -> int:
     service = RelayService(systems, limits=limits, host_names=args.host_name)
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
     daemon = RelayDaemon(service)
-    return _run_daemon("relay", "tcp", daemon.serve, args.listen, service.counters)
+    return _run_daemon(
+        "relay",
+        daemon.serve,
+        args.listen,
+        service.counters,
+        lambda bound: f"relay listening on tcp {format_endpoint(bound)}",
+    )
 
 
 def _run_daemon(
     command: str,
-    transports: str,
     serve: Callable[..., Coroutine[Any, Any, None]],
     listen: Endpoint,
     counters: object,
+    ready: Callable[[Endpoint], str],
 ) -> int:
     """Serve until SIGTERM/SIGINT; exit status 1 when the address cannot be bound.
 
@@ -418,7 +440,7 @@ def _run_daemon(
             serve,
             host,
             port,
-            lambda bound: f"{command} listening on {transports} {format_endpoint(bound)}",
+            ready,
         )
     except OSError as exc:
         print(f"wavesync {command}: {exc}", file=sys.stderr)

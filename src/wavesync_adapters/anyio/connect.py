@@ -8,6 +8,7 @@ to resend and when to give up are ``ConnectRequest``'s decisions.
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 
 import anyio
@@ -15,7 +16,9 @@ import anyio.abc
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ._dial import TunnelChoice, dialer_for
 from ._net import open_udp_for, resolve, sleep_until_or
 
 __all__ = ["ConnectError", "request_connection"]
@@ -42,6 +45,11 @@ async def request_connection(
     system_id: uuid.UUID | None = None,
     udp: anyio.abc.UDPSocket | None = None,
     timeout: float = 10.0,
+    tunnel: TunnelChoice | None = None,
+    http: str | None = None,
+    proxy: ProxyConfig | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> ConnectSucceeded:
     """Ask the mediator for a server (by id, or any online server of a system).
 
@@ -51,7 +59,21 @@ async def request_connection(
     relay only). Datagrams on ``udp`` from anyone but the mediator are dropped
     while the request runs. Raises ``ConnectError`` when the mediator says no
     or nothing answered within ``timeout`` seconds.
+
+    ``tunnel`` sends the TCP copy through an HTTP tunnel of that kind (or the
+    one the probe picks: ``"auto"``) to the mediator's HTTP face ``http``
+    (default: ``mediator``), through ``proxy`` when given; the UDP copy still
+    goes to ``mediator``. ``tunnel_memory`` keeps the probe's winner between
+    requests.
     """
+    dialer = dialer_for(
+        mediator,
+        tunnel=tunnel,
+        target=http,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=tunnel_memory,
+    )
     target = await resolve(mediator)
     request = ConnectRequest(
         server_id=server_id, system_id=system_id, now=anyio.current_time(), timeout=timeout
@@ -74,8 +96,7 @@ async def request_connection(
 
     async def tcp_copy() -> None:
         try:
-            with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(target[0], target[1])
+            stream = await dialer.open(timeout)
             async with stream:
                 await stream.send(request.tcp_data_to_send())
                 while not request.done:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import Sequence
 
@@ -32,7 +33,9 @@ from wavesync_proto.mediator.listen import (
 from wavesync_proto.stun.errors import StunDecodeError
 from wavesync_proto.stun.message import decode_message
 from wavesync_proto.stun.transaction import ResponseReceived, TransactionTimedOut
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ._dial import TunnelChoice, dialer_for
 from ._net import resolve, sleep_until_or
 
 __all__ = ["MediatorListener", "RegistrationError"]
@@ -76,11 +79,29 @@ class MediatorListener:
         forwarded_endpoints: Sequence[Endpoint] = (),
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
+        tunnel: TunnelChoice | None = None,
+        http: str | None = None,
+        proxy: ProxyConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tunnel_memory: TunnelMemory | None = None,
     ) -> None:
+        """``tunnel``: reach the mediator through an HTTP tunnel of that kind, or the
+        one the probe picks (``"auto"``), at its HTTP face ``http`` (``host:port`` or
+        a URL; default: ``mediator``), through ``proxy`` when given; None: plain TCP.
+        ``connect_timeout`` bounds a TCP connect or a tunnel's opening (a probe:
+        three times that). ``acknowledge`` always goes over UDP."""
         if connect_timeout <= 0:
             raise LocalProtocolError("connect_timeout must be positive")
         self.mediator = mediator
         self.server_id = server_id
+        self.dialer = dialer_for(
+            mediator,
+            tunnel=tunnel,
+            target=http,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
+        )
         self._connect_timeout = connect_timeout
         self.session = ListenSession(
             system_id=system_id,
@@ -185,7 +206,6 @@ class MediatorListener:
             self._receive_events.close()
 
     async def _stay_registered(self) -> None:
-        host, port = self.mediator
         session = self.session
         wake = anyio.Event()  # never set: between connections only the timer matters
         while True:
@@ -194,16 +214,15 @@ class MediatorListener:
                 session.handle_timer(anyio.current_time())
                 continue
             try:
-                with anyio.fail_after(self._connect_timeout):
-                    stream = await anyio.connect_tcp(host, port)
+                stream = await self.dialer.open(self._connect_timeout)
             except (OSError, TimeoutError) as exc:
-                log.info("mediator %s unreachable: %s", format_endpoint(self.mediator), exc)
+                log.info("mediator %s unreachable: %s", self.dialer.describe(), exc)
                 session.connection_lost(anyio.current_time())
             else:
                 await self._drive_connection(stream)
             self._dispatch_events()
 
-    async def _drive_connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _drive_connection(self, stream: anyio.abc.ByteStream) -> None:
         session = self.session
         wake = anyio.Event()
         ended = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from wavesync_proto.mediator.service import (
 )
 
 from ._net import ServiceTimer
+from .tunnel_server import TunnelServer
 
 __all__ = ["MediatorDaemon"]
 
@@ -54,9 +56,21 @@ class MediatorDaemon:
     """Runs a ``MediatorService`` on a UDP socket and a TCP listener sharing one port."""
 
     def __init__(
-        self, service: MediatorService, *, clock: Callable[[], float] | None = None
+        self,
+        service: MediatorService,
+        *,
+        clock: Callable[[], float] | None = None,
+        http: Endpoint | None = None,
+        http_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``http``: where the HTTP face listens. Each tunnel of any method
+        (docs/tunnel.md) carries one session, served as a TCP peer; with
+        ``http_ssl_context`` every connection there is TLS (the ``ssl+`` kinds)."""
         self.service = service
+        self._http = http
+        #: The HTTP face: every tunnel it opens is a TCP session of the service.
+        self.tunnels = TunnelServer(self.serve_stream, ssl_context=http_ssl_context)
+        self.http_bound: Endpoint | None = None
         self._clock = clock or anyio.current_time
         self._peers: dict[Hashable, _Peer] = {}
         self._peer_ids = itertools.count(1)
@@ -77,11 +91,17 @@ class MediatorDaemon:
         *,
         task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind ``host:port`` (UDP and TCP) and serve until cancelled."""
+        """Bind ``host:port`` (UDP and TCP) and serve until cancelled; with ``http``
+        (given to the constructor), the HTTP tunnel face too (``http_bound``)."""
         listener, udp = await self._bind(host, port)
         self._udp = udp
         with udp:
-            await self._serve(listener, udp, task_status)
+            if self._http is None:
+                await self._serve(listener, udp, task_status)
+                return
+            async with anyio.create_task_group() as group:
+                self.http_bound = await group.start(self.tunnels.serve, *self._http)
+                await self._serve(listener, udp, task_status)
 
     async def _serve(
         self,
@@ -183,7 +203,17 @@ class MediatorDaemon:
                 self._apply(service.datagram_received(data, endpoint, clock()))
 
     async def _serve_tcp_peer(self, stream: anyio.abc.SocketStream) -> None:
-        remote_address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        await self.serve_stream(stream)
+
+    async def serve_stream(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve one session on ``stream`` as a TCP peer, until it ends (then close it).
+
+        A tunnel from the HTTP face comes here exactly as a TCP connection does: the
+        service cannot tell them apart. Its remote address is that of the connection
+        that carries it (the proxy's, behind one), or 0.0.0.0:0 when unknown.
+        """
+        unknown = ("0.0.0.0", 0)  # noqa: S104 - an address to report, not to bind
+        remote_address = stream.extra(anyio.abc.SocketAttribute.remote_address, unknown)
         remote = (str(remote_address[0]), int(remote_address[1]))
         handle = next(self._peer_ids)
         send, receive = anyio.create_memory_object_stream[bytes](_OUTBOX_MESSAGES)
@@ -207,7 +237,7 @@ class MediatorDaemon:
                     self._apply(self.service.tcp_closed(handle, self._clock()))
             log.debug("tcp peer %d closed", handle)
 
-    async def _read_tcp(self, handle: int, stream: anyio.abc.SocketStream) -> None:
+    async def _read_tcp(self, handle: int, stream: anyio.abc.ByteStream) -> None:
         while True:
             try:
                 data = await stream.receive(_RECEIVE_BYTES)
@@ -217,7 +247,7 @@ class MediatorDaemon:
 
     async def _write_tcp(
         self,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         outbox: MemoryObjectReceiveStream[bytes],
         peer_scope: anyio.CancelScope,
     ) -> None:

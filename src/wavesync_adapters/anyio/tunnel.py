@@ -188,6 +188,8 @@ async def open_tunnel(
             await anyio.aclose_forcefully(stream)
         if isinstance(exc, TimeoutError):
             raise TunnelError(kind, f"not established within {timeout:g} s") from None
+        if isinstance(exc, anyio.EndOfStream):  # e.g. a TLS handshake the server hung up on
+            raise TunnelError(kind, "the connection closed before the tunnel opened") from exc
         if isinstance(exc, OSError | anyio.BrokenResourceError | ssl.SSLError):
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
             raise TunnelError(kind, f"{type(exc).__name__}: {exc}{cause}") from exc

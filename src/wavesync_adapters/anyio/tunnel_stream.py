@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -96,6 +97,16 @@ class TunnelStream(anyio.abc.ByteStream):
         self._send_guard = anyio.ResourceGuard("writing to")
         #: The server's leg tasks, cancelled when the stream closes.
         self.leg_scopes: set[anyio.CancelScope] = set()
+        first = legs.get(0)
+        self._extra: Mapping[Any, Callable[[], Any]] = (
+            {} if first is None else first.extra_attributes
+        )
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """Leg 0's (its TCP connection's addresses, on the server the peer's or its
+        proxy's)."""
+        return self._extra
 
     # --- what the machine says -------------------------------------------------------
 

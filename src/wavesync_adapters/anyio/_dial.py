@@ -1,0 +1,128 @@
+"""How a session reaches a service: a plain TCP connect, or an HTTP tunnel (named or probed).
+
+Every long or short session that must reach the mediator or the relay (the
+server's listen session and standby pool, the client's TCP connect copy and
+relay session) opens its connection through a ``Dialer``, so each can run over
+any tunnel method (docs/tunnel.md §8). The tunnel's choice stays the probe's
+(``TunnelProbe`` through ``probe_tunnel``); this module only picks between a
+TCP connect, ``open_tunnel`` and ``probe_tunnel``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory, TunnelMethod
+
+from .tunnel import ALL_KINDS, TunnelError, open_tunnel, probe_tunnel
+
+__all__ = ["AUTO", "Dialer", "TunnelChoice", "dialer_for", "parse_tunnel_choice"]
+
+AUTO: Literal["auto"] = "auto"
+#: A tunnel method, or ``"auto"`` (probe every kind, keep the winner per location).
+TunnelChoice = TunnelKind | Literal["auto"]
+
+
+@dataclass(kw_only=True)
+class Dialer:
+    """Opens connections to one service: TCP to ``endpoint``, or a tunnel to ``target``.
+
+    ``tunnel`` None means plain TCP. ``target`` is the service's tunnel face
+    (``host:port`` or ``http[s]://host[:port]``). ``memory`` keeps the probe's
+    winner between connections, so a reconnect goes straight to what worked.
+    """
+
+    endpoint: Endpoint
+    tunnel: TunnelChoice | None = None
+    target: str | None = None
+    proxy: ProxyConfig | None = None
+    ssl_context: ssl.SSLContext | None = None
+    kinds: Sequence[TunnelKind] = ALL_KINDS
+    memory: TunnelMemory = field(default_factory=TunnelMemory)
+    #: The kind of the last tunnel opened (None: plain TCP, or none yet).
+    last_kind: TunnelKind | None = None
+
+    @property
+    def tunnel_target(self) -> str:
+        return self.target or format_endpoint(self.endpoint)
+
+    def describe(self) -> str:
+        if self.tunnel is None:
+            return format_endpoint(self.endpoint)
+        via = f" via proxy {self.proxy.host}:{self.proxy.port}" if self.proxy else ""
+        return f"{self.tunnel_target} ({self.tunnel} tunnel{via})"
+
+    async def open(self, timeout: float) -> anyio.abc.ByteStream:
+        """A connection to the service within ``timeout`` s; ``OSError`` when there is none
+        (a ``TunnelError`` is re-raised as ``ConnectionError`` with its reason)."""
+        if self.tunnel is None:
+            with anyio.fail_after(timeout):
+                return await anyio.connect_tcp(*self.endpoint)
+        try:
+            if self.tunnel == AUTO:
+                stream, kind = await probe_tunnel(
+                    self.tunnel_target,
+                    self.kinds,
+                    proxy=self.proxy,
+                    memory=self.memory,
+                    ssl_context=self.ssl_context,
+                    attempt_timeout=timeout,
+                    deadline=3 * timeout,
+                )
+                self.last_kind = kind
+                return stream
+            assert isinstance(self.tunnel, TunnelKind)
+            stream = await open_tunnel(
+                self.tunnel_target,
+                self.tunnel,
+                proxy=self.proxy,
+                ssl_context=self.ssl_context,
+                timeout=timeout,
+            )
+            self.last_kind = self.tunnel
+            return stream
+        except TunnelError as exc:
+            raise ConnectionError(str(exc)) from exc
+
+
+def dialer_for(
+    endpoint: Endpoint,
+    *,
+    tunnel: TunnelChoice | None,
+    target: str | None,
+    proxy: ProxyConfig | None,
+    ssl_context: ssl.SSLContext | None,
+    memory: TunnelMemory | None = None,
+) -> Dialer:
+    """A ``Dialer``; ``memory`` shares the probe's memory between sessions (the same
+    proxy and target are the same location)."""
+    return Dialer(
+        endpoint=endpoint,
+        tunnel=tunnel,
+        target=target,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=memory if memory is not None else TunnelMemory(),
+    )
+
+
+def parse_tunnel_choice(text: str) -> TunnelChoice:
+    """``auto``, a method (``getpost``) or ``ssl+<method>``; ``ValueError`` otherwise."""
+    if text == AUTO:
+        return AUTO
+    tls, _, name = text.rpartition("+")
+    if tls not in ("", "ssl"):
+        raise ValueError(f"bad tunnel {text!r}: want auto, METHOD or ssl+METHOD")
+    try:
+        method = TunnelMethod(name)
+    except ValueError:
+        names = ", ".join(method.value for method in TunnelMethod)
+        raise ValueError(f"bad tunnel method {name!r}: want one of {names}") from None
+    return TunnelKind(method=method, tls=tls == "ssl")
