@@ -5,13 +5,18 @@ session reaches it over each tunnel method (directly, no proxy) and a client's
 connect over plain TCP reaches that server: the connection_requested arrives
 through the tunnel. A client's TCP connect copy rides a tunnel too. Every wait
 is bounded by ``fail_after``.
+
+The real ``wavesync relay`` takes tunnels on its own port: standby pools and
+clients over tunnels pair with plain ones either way, and bytes go through.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +24,13 @@ import anyio
 import anyio.abc
 import pytest
 
+from tests.adapters.tunnels import round_trip
 from tests.daemons import run_wavesync, wavesync_daemon
 from wavesync_adapters.anyio._dial import AUTO, TunnelChoice, parse_tunnel_choice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
+from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
+from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.systems import parse_systems
@@ -167,3 +175,90 @@ def test_tunnel_choices_parse_as_the_cli_spells_them() -> None:
         with pytest.raises(ValueError, match="bad tunnel"):
             parse_tunnel_choice(bad)
     assert format_endpoint(("127.0.0.1", 1)) == "127.0.0.1:1"
+
+
+# --- the relay's tunnel face: the same port --------------------------------------------------
+
+RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
+
+
+@dataclass(frozen=True)
+class Relay:
+    address: Endpoint
+    system_id: uuid.UUID
+    key: str
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    entry = run_wavesync("keygen", "--name", "faces-relay")
+    assert entry.returncode == 0, entry.stderr
+    path: Path = tmp_path_factory.mktemp("faces-relay") / "systems.toml"
+    path.write_text(entry.stdout, encoding="utf-8")
+    [(system_id, key)] = parse_systems(entry.stdout).items()
+    with wavesync_daemon(
+        "relay", "--listen", "127.0.0.1:0", "--systems", str(path), "--standby-count", "2",
+        ready=RELAY_READY,
+    ) as (_, ready):  # fmt: skip
+        yield Relay(("127.0.0.1", int(ready["port"])), system_id, key)
+
+
+async def echo(stream: anyio.abc.ByteStream, info: RelayTunnelInfo) -> None:
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive()
+            except anyio.EndOfStream:
+                await stream.send_eof()
+                return
+            await stream.send(data)
+
+
+@asynccontextmanager
+async def running_agent(
+    relay: Relay, tunnel: TunnelChoice | None, server_id: uuid.UUID
+) -> AsyncIterator[RelayAgent]:
+    agent = RelayAgent(
+        relay.address,
+        system_id=relay.system_id,
+        server_id=server_id,
+        key=relay.key,
+        tunnel=tunnel,
+    )
+    async with anyio.create_task_group() as group:
+        await group.start(agent.serve, echo)
+        yield agent
+        group.cancel_scope.cancel()
+
+
+async def relayed_echo(
+    relay: Relay, server_id: uuid.UUID, tunnel: TunnelChoice | None, payload: bytes
+) -> bytes:
+    relayed = await open_relay_stream(relay.address, server_id=server_id, tunnel=tunnel)
+    assert relayed.server_id == server_id
+    async with relayed.stream:
+        return await round_trip(relayed.stream, payload, block=16384)
+
+
+@pytest.mark.parametrize(
+    ("standby", "client"),
+    [("getpost", None), (None, "websocket"), ("upgrade", "getpost"), ("auto", "auto")],
+    ids=["getpost-standby+tcp-client", "tcp-standby+websocket-client", "upgrade+getpost", "auto"],
+)
+async def test_the_relay_pairs_tunnelled_and_plain_sessions_either_way(
+    relay: Relay, standby: str | None, client: str | None
+) -> None:
+    def choice(name: str | None) -> TunnelChoice | None:
+        return None if name is None else AUTO if name == "auto" else kind(name)
+
+    payload = os.urandom(300_000)
+    server_id = uuid.uuid4()
+    async with running_agent(relay, choice(standby), server_id) as agent:
+        with anyio.fail_after(WAIT):
+            await agent.wait_for_idle(2)
+            echoed = [
+                await relayed_echo(relay, server_id, choice(client), payload) for _ in range(2)
+            ]
+    assert echoed == [payload, payload]
+    if standby is not None:
+        assert agent.dialer.last_kind is not None

@@ -7,6 +7,13 @@ authentic, who is paired with whom, when to give up): the service does.
 It works on raw non-blocking sockets with ``anyio.wait_readable``/``wait_writable``
 rather than anyio streams, so that a paired session can be handed to
 ``os.splice`` and its bytes never pass through Python.
+
+The same port is the relay's HTTP tunnel face (docs/tunnel.md): a connection
+whose request the service reports as a tunnel (``HandOffTunnel``) goes to a
+``TunnelServer``. Each stream a tunnel carries enters the relay through a
+socket pair: the service and the splice see one end as a connection like any
+other, and a copy task moves bytes between the other end and the tunnel, so a
+tunnelled standby pairs with a plain client (and the reverse) unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.relay import (
     Action,
     CloseConnection,
+    HandOffTunnel,
     RelayService,
     SendBytes,
     StartSplice,
@@ -33,6 +41,9 @@ from wavesync_proto.relay import (
 
 from ._net import ServiceTimer
 from ._splice import PipePool, splice_sockets
+from ._streams import PrefixedStream
+from .tunnel_server import TunnelServer
+from .tunnel_stream import TunnelStream
 
 __all__ = ["RelayDaemon"]
 
@@ -58,6 +69,8 @@ class _Connection:
     #: Set when the connection's own task no longer touches the socket.
     idle: anyio.Event = field(default_factory=anyio.Event)
     spliced: anyio.Event | None = None
+    #: Handed to the tunnel server: every byte it sent so far.
+    tunnel_bytes: bytes | None = None
 
 
 class RelayDaemon:
@@ -91,6 +104,8 @@ class RelayDaemon:
         self.bytes_server_to_client = 0
         #: The pipes spliced sessions borrow while bytes flow.
         self.pipes = PipePool()
+        #: The HTTP tunnel face on the same port; each tunnel carries one relay connection.
+        self.tunnels = TunnelServer(self._serve_tunnel)
 
     async def serve(
         self,
@@ -107,6 +122,7 @@ class RelayDaemon:
             async with anyio.create_task_group() as group:
                 self._group = group
                 group.start_soon(self._timer.run)
+                group.start_soon(self.tunnels.run_timer)
                 group.start_soon(self._accept, listener)
                 group.start_soon(self._report)
                 log.info("relay on tcp %s", format_endpoint(self.bound))
@@ -127,6 +143,12 @@ class RelayDaemon:
                     self._start_closing(connection)
             elif isinstance(action, StartSplice):
                 self._start_splice(action)
+            elif isinstance(action, HandOffTunnel):
+                connection = self._connections.get(action.connection)
+                if connection is not None:
+                    connection.released = True
+                    connection.tunnel_bytes = action.received
+                    connection.wait_scope.cancel()
         self._timer.changed()
 
     def _send_now(self, connection: _Connection, data: bytes) -> None:
@@ -228,10 +250,17 @@ class RelayDaemon:
             if not connection.released:
                 self._apply(self.service.connection_lost(handle, self._clock()))
             connection.idle.set()
-            if connection.spliced is None:
+            if connection.spliced is None and connection.tunnel_bytes is None:
                 sock.close()
         if connection.spliced is not None:
             await connection.spliced.wait()  # the splice task owns the socket now
+        elif connection.tunnel_bytes is not None:
+            try:
+                stream = await anyio.abc.SocketStream.from_socket(sock)
+            except BaseException:
+                sock.close()
+                raise
+            await self.tunnels.handle_connection(PrefixedStream(stream, connection.tunnel_bytes))
 
     async def _read(self, handle: int, connection: _Connection) -> None:
         sock, service = connection.sock, self.service
@@ -254,6 +283,30 @@ class RelayDaemon:
         if connection.closing and connection.spliced is None:
             await _drain(sock)
 
+    async def _serve_tunnel(self, tunnel: TunnelStream) -> None:
+        """One tunnel's stream as a relay connection: through a socket pair, copied."""
+        unknown = ("0.0.0.0", 0)  # noqa: S104 - an address to report, not to bind
+        address = tunnel.extra(anyio.abc.SocketAttribute.remote_address, unknown)
+        inner, outer = socket.socketpair()
+        inner.setblocking(False)
+        try:
+            peer = await anyio.abc.SocketStream.from_socket(outer)
+        except BaseException:
+            inner.close()
+            outer.close()
+            raise
+        async with peer, anyio.create_task_group() as group:
+            copying = anyio.CancelScope()
+
+            async def relay_side() -> None:
+                await self._serve_connection(inner, (str(address[0]), int(address[1])))
+                # The relay is done with its end: what is still in flight gets a moment.
+                copying.deadline = min(copying.deadline, anyio.current_time() + _DRAIN_SECONDS)
+
+            group.start_soon(relay_side)
+            with copying:
+                await _copy_both_ways(tunnel, peer)
+
     async def _report(self) -> None:
         last = ""
         while True:
@@ -270,6 +323,42 @@ class RelayDaemon:
             if line != last:
                 log.info("relay: %s", line)
                 last = line
+
+
+async def _copy_both_ways(tunnel: TunnelStream, peer: anyio.abc.SocketStream) -> None:
+    """Copy between a tunnel and the socket pair's end until both directions end; an end
+    is passed on as an end (a half-close), a failure closes both."""
+
+    async def tunnel_to_peer() -> None:
+        try:
+            while True:
+                await peer.send(await tunnel.receive())
+        except anyio.EndOfStream:
+            with contextlib.suppress(*_GONE):
+                await peer.send_eof()
+        except _GONE:
+            await anyio.aclose_forcefully(peer)
+
+    async def peer_to_tunnel() -> None:
+        try:
+            while True:
+                await tunnel.send(await peer.receive())
+        except anyio.EndOfStream:
+            try:
+                await tunnel.send_eof()
+            except NotImplementedError:  # a raw method over TLS: no half-close
+                await tunnel.aclose()
+            except _GONE:
+                await anyio.aclose_forcefully(peer)
+        except _GONE:
+            await tunnel.aclose()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(tunnel_to_peer)
+        await peer_to_tunnel()
+
+
+_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 def _send_what_fits(sock: socket.socket, data: bytes) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,9 @@ from wavesync_proto.relay.standby import (
     TunnelOpened,
 )
 from wavesync_proto.relay.standby_pool import StandbyPool
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ._dial import TunnelChoice, dialer_for
 from ._net import sleep_until_or
 from ._streams import PrefixedStream
 
@@ -65,10 +68,28 @@ class RelayAgent:
         relay_host: str | None = None,
         target: int = 7,
         handshake_timeout: float = 10.0,
+        tunnel: TunnelChoice | None = None,
+        proxy: ProxyConfig | None = None,
+        tunnel_target: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tunnel_memory: TunnelMemory | None = None,
     ) -> None:
         """``relay_host`` is the Host header standby requests are signed for (default
-        ``host:port`` of ``relay``: it must be what the relay is told it is called)."""
+        ``host:port`` of ``relay``: it must be what the relay is told it is called).
+
+        ``tunnel``: each standby connection rides an HTTP tunnel of that kind, or
+        the one the probe picks (``"auto"``; the winner is remembered, so later
+        connections go straight to it), to the relay's own port (or
+        ``tunnel_target``), through ``proxy`` when given; None: plain TCP."""
         self.relay = relay
+        self.dialer = dialer_for(
+            relay,
+            tunnel=tunnel,
+            target=tunnel_target,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
+        )
         self._relay_host = relay_host or format_endpoint(relay)
         self._system_id, self._server_id, self._key = system_id, server_id, key
         self._handshake_timeout = handshake_timeout
@@ -122,10 +143,9 @@ class RelayAgent:
     async def _standby(self, attempt_id: int) -> None:
         pool = self.pool
         try:
-            with anyio.fail_after(self._handshake_timeout):
-                stream = await anyio.connect_tcp(*self.relay)
+            stream = await self.dialer.open(self._handshake_timeout)
         except (OSError, TimeoutError) as exc:
-            log.info("relay %s unreachable: %s", format_endpoint(self.relay), exc)
+            log.info("relay %s unreachable: %s", self.dialer.describe(), exc)
             pool.attempt_failed(attempt_id, anyio.current_time())
             self._wake()
             return
@@ -137,7 +157,7 @@ class RelayAgent:
                 await anyio.aclose_forcefully(stream)
             self._wake()
 
-    async def _speak(self, attempt_id: int, stream: anyio.abc.SocketStream) -> bool:
+    async def _speak(self, attempt_id: int, stream: anyio.abc.ByteStream) -> bool:
         """Run one standby connection; True once it became a tunnel given to the handler."""
         pool = self.pool
         machine = StandbyConnection(
@@ -191,7 +211,7 @@ class RelayAgent:
     async def _open_tunnel(
         self,
         attempt_id: int,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         machine: StandbyConnection,
         opened: TunnelOpened,
     ) -> None:
@@ -208,7 +228,7 @@ class RelayAgent:
     async def _run_handler(
         self,
         attempt_id: int,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         opened: TunnelOpened,
         info: RelayTunnelInfo,
     ) -> None:

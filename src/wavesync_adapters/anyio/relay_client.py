@@ -7,6 +7,7 @@ the time, and turns the result into a stream or an exception.
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from dataclasses import dataclass
 
@@ -15,7 +16,9 @@ import anyio.abc
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.relay.client import RelayConnect, RelayFailed, RelayPaired, RelayRedirected
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ._dial import TunnelChoice, dialer_for
 from ._streams import PrefixedStream
 
 __all__ = ["RelayConnectError", "RelayTunnel", "open_relay_stream"]
@@ -48,12 +51,21 @@ async def open_relay_stream(
     system_id: uuid.UUID | None = None,
     relay_host: str | None = None,
     timeout: float = 10.0,
+    tunnel: TunnelChoice | None = None,
+    proxy: ProxyConfig | None = None,
+    tunnel_target: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> RelayTunnel:
     """Ask the relay at ``relay`` for ``server_id`` (or any server of ``system_id``).
 
     ``relay_host`` is the Host header (default ``host:port`` of ``relay``). Raises
     ``RelayConnectError`` when the relay refuses, redirects, or does not answer
     within ``timeout`` seconds, and ``OSError`` when it cannot be reached.
+
+    ``tunnel`` carries the session in an HTTP tunnel of that kind, or the one the
+    probe picks (``"auto"``, remembered in ``tunnel_memory``), to the relay's own
+    port (or ``tunnel_target``), through ``proxy`` when given; None: plain TCP.
     """
     host_header = relay_host or format_endpoint(relay)
     connect = RelayConnect(
@@ -63,8 +75,15 @@ async def open_relay_stream(
         system_id=system_id,
         timeout=timeout,
     )
-    with anyio.fail_after(timeout):  # the TCP connect counts against the same budget
-        stream = await anyio.connect_tcp(relay[0], relay[1])
+    dialer = dialer_for(
+        relay,
+        tunnel=tunnel,
+        target=tunnel_target,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=tunnel_memory,
+    )
+    stream = await dialer.open(timeout)  # an opening tunnel has its own budget
     try:
         result = await _handshake(stream, connect)
     except BaseException:
@@ -89,7 +108,7 @@ async def open_relay_stream(
 
 
 async def _handshake(
-    stream: anyio.abc.SocketStream, connect: RelayConnect
+    stream: anyio.abc.ByteStream, connect: RelayConnect
 ) -> RelayPaired | RelayRedirected | RelayFailed:
     await stream.send(connect.data_to_send())
     while True:

@@ -98,6 +98,12 @@ class TunnelServer:
             task_status.started(self.bound)
             await listener.serve(self.handle_connection)
 
+    async def run_timer(self) -> None:
+        """Drive the getpost registry's timer, until cancelled: for a server that is fed
+        connections by ``handle_connection`` from its own listener (``serve`` does this
+        itself)."""
+        await self._timer.run()
+
     async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one accepted connection until its tunnel (or its getpost leg) ends."""
         try:

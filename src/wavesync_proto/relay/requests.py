@@ -12,10 +12,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import h11
 
 from ..errors import RemoteProtocolError
+from ..tunnel.wire import PATH_PREFIX as TUNNEL_PATH_PREFIX
 from .wire import (
     CONNECT_PATH,
     HEADER_SERVER,
@@ -30,6 +32,7 @@ __all__ = [
     "ClientRequest",
     "RequestReader",
     "StandbyRequest",
+    "TunnelRequestSeen",
     "error_response",
     "switching_response",
 ]
@@ -66,6 +69,15 @@ class ClientRequest:
     system_id: uuid.UUID | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class TunnelRequestSeen:
+    """The request opens an HTTP tunnel (its path starts ``/wavesync/tunnel/v1/``, in
+    origin or absolute form): the connection belongs to the tunnel machinery, which
+    reads the request again from ``received`` (every byte the connection sent so far)."""
+
+    received: bytes
+
+
 class RequestError(RemoteProtocolError):
     """The request cannot be served; ``status`` is the HTTP answer to give."""
 
@@ -81,14 +93,21 @@ class RequestReader:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_request_bytes)
         self._max_request_bytes = max_request_bytes
         self._received = 0
+        # Every byte so far, for a tunnel request (read again by the tunnel machinery);
+        # bounded by the head limit plus one read, as the head must end within the limit.
+        self._raw = bytearray()
         self._request: StandbyRequest | ClientRequest | None = None
 
-    def feed(self, data: bytes) -> StandbyRequest | ClientRequest | None:
-        """The request once its last byte is in, else None; ``RequestError`` if not ours."""
+    def feed(self, data: bytes) -> StandbyRequest | ClientRequest | TunnelRequestSeen | None:
+        """The request once its last byte is in, else None; ``RequestError`` if not ours.
+
+        A tunnel request is reported as soon as its head is in (a getpost POST's
+        body may never end), as ``TunnelRequestSeen``."""
         if not data:
             return None  # to h11 an empty read means end of file, after which it reads nothing
         self._http.receive_data(data)
         self._received += len(data)
+        self._raw += data
         while True:
             try:
                 event = self._http.next_event()
@@ -101,6 +120,8 @@ class RequestReader:
                 # read is measured here, so the limit does not depend on read sizes.
                 if self._received - len(self.trailing_data) > self._max_request_bytes:
                     raise RequestError(431, "request head too large")
+                if _is_tunnel(event.target):
+                    return TunnelRequestSeen(received=bytes(self._raw))
                 self._request = _interpret(event)
             elif isinstance(event, h11.Data):
                 raise RequestError(400, "relay requests have no body")
@@ -113,6 +134,13 @@ class RequestReader:
     def trailing_data(self) -> bytes:
         """Bytes that arrived after the request's end (the first bytes of the tunnel)."""
         return bytes(self._http.trailing_data[0])
+
+
+def _is_tunnel(target: bytes) -> bool:
+    text = target.decode("ascii", "replace")
+    if not text.startswith("/"):  # absolute form, through a forward proxy
+        text = urlsplit(text).path
+    return text.startswith(TUNNEL_PATH_PREFIX)
 
 
 def _interpret(request: h11.Request) -> StandbyRequest | ClientRequest:

@@ -34,6 +34,7 @@ from .requests import (
     RequestError,
     RequestReader,
     StandbyRequest,
+    TunnelRequestSeen,
     error_response,
     switching_response,
 )
@@ -41,6 +42,7 @@ from .service_types import (
     Action,
     CloseConnection,
     ConnectionHandle,
+    HandOffTunnel,
     RelayCounters,
     RelayLimits,
     SendBytes,
@@ -266,6 +268,11 @@ class RelayService:
             return self._refuse(connection, refused.status, str(refused))
         if request is None:
             return []
+        if isinstance(request, TunnelRequestSeen):
+            del self._connections[connection]
+            self._handshakes.discard(connection)
+            self.counters.tunnels_handed_off += 1
+            return [HandOffTunnel(connection=connection, received=request.received)]
         trailing = state.reader.trailing_data
         state.reader = None
         self._handshakes.discard(connection)

@@ -17,6 +17,7 @@ __all__ = [
     "Action",
     "CloseConnection",
     "ConnectionHandle",
+    "HandOffTunnel",
     "RelayCounters",
     "RelayLimits",
     "SendBytes",
@@ -65,7 +66,18 @@ class StartSplice:
     to_server: bytes
 
 
-Action = SendBytes | CloseConnection | StartSplice
+@dataclass(frozen=True, kw_only=True)
+class HandOffTunnel:
+    """``connection`` opens an HTTP tunnel (docs/tunnel.md): give it to the tunnel server,
+    which reads its request again from ``received``, then stop reading it. The service
+    has forgotten it. Each stream the tunnel carries comes back to the service as a
+    new connection (``connection_made``), which speaks the relay protocol inside it."""
+
+    connection: ConnectionHandle
+    received: bytes
+
+
+Action = SendBytes | CloseConnection | StartSplice | HandOffTunnel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +159,8 @@ class RelayCounters:
     clients_refused_limits: int = 0
     #: Clients waiting for a standby connection (a gauge).
     clients_waiting: int = 0
+    #: Connections handed to the tunnel server (HTTP tunnel requests on the relay's port).
+    tunnels_handed_off: int = 0
     #: Spliced sessions running (a gauge) and ended.
     sessions_active: int = 0
     sessions_ended: int = 0

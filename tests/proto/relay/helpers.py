@@ -25,6 +25,7 @@ from wavesync_proto.relay import (
     Action,
     CloseConnection,
     ConnectionHandle,
+    HandOffTunnel,
     RelayLimits,
     RelayService,
     SendBytes,
@@ -277,6 +278,9 @@ class Harness:
                 assert action.connection in self.live, f"close of a gone connection: {action}"
                 self.live.discard(action.connection)
                 self.closed[action.connection] = action.reason
+            elif isinstance(action, HandOffTunnel):
+                assert action.connection in self.live, f"hand-off of a gone connection: {action}"
+                self.live.discard(action.connection)
             else:
                 assert action.client != action.server
                 assert action.client in self.live, f"splice of a gone client: {action}"
