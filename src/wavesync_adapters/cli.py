@@ -39,6 +39,7 @@ from .anyio.mediator import MediatorDaemon
 from .anyio.relay import RelayDaemon
 from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
+from .cli_tunnel import add_tunnel_probe_command, run_tunnel_probe
 
 __all__ = ["main"]
 
@@ -253,6 +254,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"standby connections to ask of each server (default {RelayLimits.standby_count})",
     )
     _add_udt_commands(commands, common)
+    add_tunnel_probe_command(commands, common)
     return parser
 
 
@@ -533,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "relay": _run_relay,
         "stun-binding": _run_stun_binding,
         "stun-server": _run_stun_server,
+        "tunnel-probe": run_tunnel_probe,
         "udt": _run_udt,
     }
     return runners[args.command](args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ import anyio.abc
 import pytest
 
 from tests.adapters.tunnels import round_trip
-from tests.daemons import run_wavesync, wavesync_daemon
+from tests.daemons import WAVESYNC, run_wavesync, wavesync_daemon
 from wavesync_adapters.anyio._dial import AUTO, TunnelChoice, parse_tunnel_choice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
@@ -262,3 +263,52 @@ async def test_the_relay_pairs_tunnelled_and_plain_sessions_either_way(
     assert echoed == [payload, payload]
     if standby is not None:
         assert agent.dialer.last_kind is not None
+
+
+# --- the command line: wavesync tunnel-probe, --tunnel, --proxy and the environment ----------
+
+
+def probe_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return subprocess.run(  # noqa: S603 - our own program with test-chosen arguments
+        [WAVESYNC, "tunnel-probe", *args, "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**environ, **env},
+    )
+
+
+def test_tunnel_probe_finds_a_method_to_the_mediators_face_and_the_relays_port(
+    mediator: Mediator, relay: Relay
+) -> None:
+    found = probe_command(mediator.http, env={})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() in {"upgrade (no proxy)", "websocket (no proxy)"}
+    named = probe_command(format_endpoint(relay.address), "--tunnel", "getpost", env={})
+    assert (named.returncode, named.stdout) == (0, "getpost (no proxy)\n"), named.stderr
+
+
+def test_tunnel_probe_takes_the_proxy_from_the_environment_unless_no_proxy_or_direct(
+    mediator: Mediator,
+) -> None:
+    dead = f"http://127.0.0.1:{unused_udp_port()}"  # nothing listens there (TCP) either
+    via_dead = probe_command(mediator.http, "--tunnel", "getpost", env={"HTTP_PROXY": dead})
+    assert via_dead.returncode == 1
+    assert "getpost" in via_dead.stderr
+    for bypass in ({"NO_PROXY": "127.0.0.1"}, {"no_proxy": "127.0.0.0/8"}):
+        direct = probe_command(
+            mediator.http, "--tunnel", "getpost", env={"HTTP_PROXY": dead, **bypass}
+        )
+        assert (direct.returncode, direct.stdout) == (0, "getpost (no proxy)\n"), direct.stderr
+    forced = probe_command(
+        mediator.http, "--tunnel", "getpost", "--proxy", "direct", env={"http_proxy": dead}
+    )
+    assert forced.returncode == 0, forced.stderr
+    # HTTPS_PROXY is for the ssl+ kinds only: a plain kind ignores it.
+    plain = probe_command(mediator.http, "--tunnel", "getpost", env={"HTTPS_PROXY": dead})
+    assert plain.returncode == 0, plain.stderr
+    bad = probe_command(mediator.http, "--tunnel", "pigeon", env={})
+    assert bad.returncode == 2
+    assert "bad tunnel" in bad.stderr

@@ -167,3 +167,11 @@ async def test_a_server_and_a_client_behind_default_squid_meet_through_the_relay
     # Behind Debian's default rules only getpost passes: the probes all chose it.
     assert listener.dialer.last_kind == GETPOST
     assert agent.dialer.last_kind == GETPOST
+
+
+def test_tunnel_probe_through_default_squid_says_getpost(services: Services) -> None:
+    found = run_wavesync(
+        "tunnel-probe", services.http, "--proxy", services.squid.url, "--timeout", "5"
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == f"getpost (proxy 127.0.0.1:{services.squid.port})\n"
