@@ -187,6 +187,8 @@ class UdtConnectionCounters:
     naks_received: int = 0
     timeouts: int = 0
     """EXP expirations with unacknowledged data (everything unacknowledged resent)."""
+    tail_probes: int = 0
+    """Last packets resent because nothing answered them (a tail loss probe)."""
     keepalives_sent: int = 0
     drop_requests_sent: int = 0
     """Messages given up on (their time-to-live ran out): the peer was told to skip them."""

@@ -70,7 +70,10 @@ class UdtTransfer:
         "_exp_count",
         "_last_ack2_number",
         "_last_ack2_time",
+        "_last_data_sent",
         "_loss_frontier",
+        "_peer_rto_us",
+        "_probed",
         "_rate_known",
         "_rtt_measured",
         "_start",
@@ -137,6 +140,12 @@ class UdtTransfer:
         self._capacity_known = False
         self._rtt_measured = False
         self._loss_frontier = -1
+        # RTT + 4 RTTVar as the peer's last ACK reported them (-1: none yet): a sender
+        # that receives nothing has no ACK2 of its own to measure the path with.
+        self._peer_rto_us = -1
+        # Tail loss probe: when data last left; whether the probe went since progress.
+        self._last_data_sent = now
+        self._probed = False
         # Timers.
         self._start = now
         self.last_heard = now
@@ -159,6 +168,7 @@ class UdtTransfer:
         """Queue the data packets pacing allows by ``now``."""
         sender = self.sender
         was_idle = sender.next_seq == sender.last_ack
+        sent = sender.packets_sent
         sender.emit(
             self.out,
             now=now,
@@ -167,6 +177,8 @@ class UdtTransfer:
             window=self.window(),
             congestion=self.cc,
         )
+        if sender.packets_sent != sent:
+            self._last_data_sent = now
         if was_idle and sender.next_seq != sender.last_ack:
             # Data starts flowing after a quiet spell: the EXP clock starts now.
             self._progress(now)
@@ -184,6 +196,8 @@ class UdtTransfer:
             deadline = self.next_syn
         if sender.next_seq != sender.last_ack:
             deadline = min(deadline, self._exp_deadline())
+            if self._tail_probe_armed():
+                deadline = min(deadline, self._tail_probe_deadline())
         if sender.slot < deadline and sender.wants_to_send(self.window()):
             deadline = sender.slot
         return deadline
@@ -196,6 +210,16 @@ class UdtTransfer:
                 self._syn_tick(now)
             self.cc.on_ack_timer(now=now)
             self.next_syn = now + SYN_INTERVAL
+        if self._tail_probe_armed() and now >= self._tail_probe_deadline():
+            # Nothing new to send, nothing known lost, and no answer for the last
+            # packets: resend the last one (RFC 8985's tail loss probe). If it arrives
+            # after a lost tail, the receiver sees the gap and NAKs it at once; if only
+            # it was lost, it completes the stream. Not a loss for the congestion
+            # control; once per progress, then EXP as before.
+            self._probed = True
+            self.counters.tail_probes += 1
+            last = sender.next_seq - 1
+            sender.loss.insert(last, last)
         if sender.next_seq != sender.last_ack and now >= self._exp_deadline():
             # core.cpp checkTimers: resend everything unacknowledged (unless losses are
             # queued already), tell the congestion control, back off.
@@ -241,6 +265,24 @@ class UdtTransfer:
                 interval += len(receiver.loss) / speed
             receiver.periodic_nak(now, max(interval, MIN_NAK_INTERVAL))
 
+    def _tail_probe_armed(self) -> bool:
+        sender = self.sender
+        return (
+            not self._probed
+            and sender.next_seq != sender.last_ack
+            and not sender.loss
+            and not sender.pending_packets
+        )
+
+    def _tail_probe_deadline(self) -> float:
+        """The last data packet + the peer's RTT + 4 RTTVar + 2 SYN: the receiver ACKs on
+        its SYN tick (a short last packet at once) and repeats a lost ACK after its
+        RTT + 4 RTTVar. Before the peer has reported a measured RTT, 1 s (RFC 8985's
+        PTO without an RTT sample): EXP comes first."""
+        if self._peer_rto_us < 0:
+            return self._last_data_sent + 1.0
+        return self._last_data_sent + self._peer_rto_us / _US + 2 * SYN_INTERVAL
+
     def _exp_deadline(self) -> float:
         count = self._exp_count
         interval = (count * (self.rtt_us + 4 * self.rtt_var_us) + _SYN_US) / _US
@@ -251,6 +293,7 @@ class UdtTransfer:
         """The peer acknowledged or reported something: the EXP timer starts over."""
         self._exp_base = now
         self._exp_count = 1
+        self._probed = False
 
     # --- the peer's control packets -----------------------------------------------------------
 
@@ -278,7 +321,10 @@ class UdtTransfer:
         if seq <= sender.last_data_ack:
             return  # a repeated ACK: nothing for the congestion control
         sender.last_data_ack = seq
-        self._fold_rtt(min(packet.rtt, _MAX_RTT_US))
+        reported = min(packet.rtt, _MAX_RTT_US)
+        if reported != _INITIAL_RTT_US:  # the peer has measured the path
+            self._peer_rto_us = reported + 4 * min(packet.rtt_variance, _MAX_RTT_US)
+        self._fold_rtt(reported)
         # 4.11 averages every positive sample into placeholders (16 and 1 packets/s), so
         # its link capacity needs a dozen ACKs to come within half of a measured value;
         # here the first sample replaces the placeholder, the rest are averaged as 4.11 does.
