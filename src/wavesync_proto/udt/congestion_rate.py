@@ -155,6 +155,7 @@ class DeliveryRateCongestion(CongestionControl):
         self._timeout_window = False
         self._full_bw = 0.0
         self._full_bw_rounds = 0
+        self._full_bw_time = now
         self._state = _STARTUP
         self._state_start = now
         self._cycle_index = 0
@@ -384,6 +385,15 @@ class DeliveryRateCongestion(CongestionControl):
             if self._ceiling > 2.0 * bandwidth:
                 self._ceiling = math.inf
         if self._state == _STARTUP:
+            # A round is one look at the growth in BBR, where rounds last an RTT and a
+            # sample spans one. Here a sample spans a SYN or more: on a sub-ms path
+            # three rounds pass before a sample shows what STARTUP's gain did, and it
+            # would end with a tenth of the rate. A look needs min RTT + 2 SYN.
+            rtt = self._min_rtt if self._min_rtt < math.inf else 0.0
+            if not 0.0 <= now - self._full_bw_time < rtt + 2 * SYN_INTERVAL:
+                self._full_bw_time = now
+            else:
+                return
             if bandwidth >= self._full_bw * _FULL_BW_GROWTH:
                 self._full_bw = bandwidth
                 self._full_bw_rounds = 0

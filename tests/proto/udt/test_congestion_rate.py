@@ -434,3 +434,29 @@ def test_thirty_percent_loss_is_heavy_and_the_rate_backs_off() -> None:
         assert transfer.b_received() == data
     # Measured: 9.0 s against 19.0 s of virtual time.
     assert transfers["rate"] < transfers["native"]
+
+
+# --- a loopback-like path: rounds far shorter than a SYN ----------------------------------
+
+
+def loopback_toy(loss: float) -> ToyPath:
+    """50,000 packets/s and a 0.2 ms RTT, ``loss`` of first transmissions lost (seeded).
+
+    A round lasts a fraction of a millisecond, a gain-cycle phase (min RTT + 2 SYN)
+    dozens of rounds, and a rate sample spans a SYN or more.
+    """
+    rng = random.Random(1)  # noqa: S311 - a reproducible loss pattern
+    return ToyPath(control(), rate=50_000, rtt=0.0002, lose=lambda seq: rng.random() < loss)
+
+
+def test_startup_on_a_sub_millisecond_path_ends_near_the_bottleneck() -> None:
+    path = loopback_toy(0.05)
+    while path.cc.in_slow_start and path.now < 1.0:
+        path.run(0.001, step=0.0001)
+    assert not path.cc.in_slow_start
+    cc = path.cc
+    assert isinstance(cc, DeliveryRateCongestion)
+    # Three rounds without growth came within a millisecond, long before a sample could
+    # show what the gain did: STARTUP ended at 6,100 packets/s. Growth is looked at
+    # once per min RTT + 2 SYN. Measured: 49,063.
+    assert cc.bottleneck_rate > 0.8 * 50_000, cc.bottleneck_rate
