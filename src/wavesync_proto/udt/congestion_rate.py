@@ -77,6 +77,7 @@ _SNAPSHOT_SPACING = 0.001
 _MAX_SNAPSHOTS = 4096
 _MAX_LOSS_RANGES = 4096
 _MAX_MARKS = 64
+_MAX_MAXIMA = 1024
 _HALF = 1 << 30
 
 _STARTUP, _DRAIN, _PROBE_BW = "startup", "drain", "probe_bw"
@@ -142,8 +143,9 @@ class DeliveryRateCongestion(CongestionControl):
         self._snapshots: deque[_Snapshot] = deque()
         self._sent_count = 0  # every data packet sent, new or retransmitted
         self._last_snapshot = -math.inf
-        # Bottleneck rate (packets/s): per-round maxima of the last 10 rounds.
-        self._round_maxima: deque[tuple[int, float]] = deque()
+        # Bottleneck rate (packets/s): per-round maxima (round, rate, time) of the last
+        # 10 rounds, and at least of the last gain cycle (see _sample).
+        self._round_maxima: deque[tuple[int, float, float]] = deque()
         self._min_rtt = math.inf
         self._min_rtt_stamp = now
         self._round = 0
@@ -181,7 +183,7 @@ class DeliveryRateCongestion(CongestionControl):
     @property
     def bottleneck_rate(self) -> float:
         """The windowed-max delivery rate, packets per second (0 before any sample)."""
-        return max((rate for _, rate in self._round_maxima), default=0.0)
+        return max((rate for _, rate, _ in self._round_maxima), default=0.0)
 
     @property
     def min_rtt(self) -> float:
@@ -354,10 +356,20 @@ class DeliveryRateCongestion(CongestionControl):
         maxima = self._round_maxima
         if maxima and maxima[-1][0] == self._round:
             if rate > maxima[-1][1]:
-                maxima[-1] = (self._round, rate)
+                maxima[-1] = (self._round, rate, now)
         else:
-            maxima.append((self._round, rate))
-        while maxima and maxima[0][0] <= self._round - _BW_FILTER_ROUNDS:
+            maxima.append((self._round, rate, now))
+        # BBR's 10 rounds hold the 1.25 phase's sample through a gain cycle because a
+        # phase lasts one round. Here a phase lasts min RTT + 2 SYN: on a sub-ms path
+        # that is dozens of rounds, and 10 rounds would let the 0.75 phase (and, under
+        # loss, every phase: a sample is the deliveries, below the sending rate) pull
+        # the estimate down cycle after cycle. The filter spans a whole cycle too.
+        rtt = self._min_rtt if self._min_rtt < math.inf else 0.0
+        span = (len(_PROBE_GAINS) + 1) * (rtt + 2 * SYN_INTERVAL)
+        while maxima and (
+            len(maxima) > _MAX_MAXIMA
+            or (maxima[0][0] <= self._round - _BW_FILTER_ROUNDS and now - maxima[0][2] > span)
+        ):
             maxima.popleft()
 
     def _end_round(self, now: float) -> None:
