@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 import trustme
 
@@ -186,6 +187,37 @@ async def test_getpost_through_default_squid_ends_cleanly_both_ways(
                 payload = os.urandom(3 << 20)
                 # getpost's ends are in band: the half-close survives squid.
                 assert await round_trip(stream, payload, block=100_000) == payload
+
+
+async def test_getpost_upload_to_a_slow_reader_through_squid_is_not_cut(
+    squids: dict[str, Squid],
+) -> None:
+    """An origin that reads slower than the client sends lets squid's request buffer fill.
+    Squid 5.7 (bug 5405) then reads the client with no room, takes that for its EOF and
+    aborts the POST: with one 10**9-byte POST this broke within ~5 MB here, every time.
+    POSTs of the default ``post_length`` (496 KiB) cannot fill the 512 KiB buffer."""
+    payload = os.urandom(8 << 20)
+    received = bytearray()
+
+    async def slow_reader(stream: anyio.abc.ByteStream) -> None:
+        while len(received) < len(payload):
+            await anyio.sleep(0.01)  # ~6 MB/s: the client and squid get ahead
+            received.extend(await stream.receive(65536))
+        await stream.send(b"k")
+
+    async with anyio.create_task_group() as group:
+        server = TunnelServer(slow_reader)
+        bound = await group.start(server.serve, "127.0.0.1", 0)
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(
+                f"127.0.0.1:{bound[1]}", GETPOST, proxy=proxy_of(squids["default"])
+            )
+            async with stream:
+                for start in range(0, len(payload), 65536):
+                    await stream.send(payload[start : start + 65536])
+                assert await stream.receive() == b"k"
+        group.cancel_scope.cancel()
+    assert received == payload
 
 
 def test_the_squid_fixture_writes_nothing_but_its_config_and_log(

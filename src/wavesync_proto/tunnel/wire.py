@@ -76,8 +76,13 @@ class TunnelLimits:
     max_head: int = 8192
     #: One getpost upstream chunk, and the longest chunk the getpost sender writes.
     max_chunk: int = 65536
-    #: Content-Length of each getpost POST: the upstream bytes one POST carries.
-    post_length: int = 1_000_000_000
+    #: Content-Length of each getpost POST: the upstream bytes one POST carries. 496 KiB, so
+    #: that a POST's head and body (a head is under 16 KiB) never fill squid's request buffer
+    #: (``client_request_buffer_max_size``, 512 KiB by default): squid before the fix of its
+    #: bug 5405 (5.7 included) then reads with no room, takes that for the client's EOF and
+    #: aborts the POST, whenever the origin drains it slower than the client sends
+    #: (docs/tunnel.md §5.2). The cost is one round trip per POST.
+    post_length: int = 496 * 1024
     #: Bytes of an error body kept as the reason of a refusal.
     max_reason: int = 512
 

@@ -76,7 +76,7 @@ def test_the_get_is_exactly_this_and_the_post_waits_for_its_200() -> None:
     assert client.data_to_send(1) == (
         f"POST /wavesync/tunnel/v1/getpost/{TID}/0 HTTP/1.1\r\n".encode()
         + b"Host: mediator.example:8080\r\nContent-Type: application/octet-stream\r\n"
-        b"Content-Length: 1000000000\r\nCache-Control: no-cache, no-store\r\n"
+        b"Content-Length: 507904\r\nCache-Control: no-cache, no-store\r\n"
         b"Pragma: no-cache\r\n\r\n2\r\nhi\r\n"
     )
 
