@@ -330,22 +330,29 @@ class _ProbeRun:
         self._group: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> tuple[TunnelStream, TunnelKind]:
-        chosen: TunnelStream | None = None
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
                 group.start_soon(self._timer)
                 self._apply(self._probe.start(anyio.current_time()))
-        finally:
-            result = self._outcome
-            for attempt_id, record in self._attempts.items():
-                if isinstance(result, ProbeChosen) and attempt_id == result.attempt_id:
-                    chosen = record.stream
-                elif record.stream is not None:
-                    await anyio.aclose_forcefully(record.stream)
-        if isinstance(result, ProbeChosen) and chosen is not None:
-            return chosen, result.kind
+        except BaseException:
+            # Cancelled from outside (or failed): nobody will take even the chosen
+            # stream, so every attempt's connection closes here.
+            await self._close_attempts(keep=None)
+            raise
+        result = self._outcome
+        if isinstance(result, ProbeChosen):
+            chosen = self._attempts[result.attempt_id].stream
+            await self._close_attempts(keep=result.attempt_id)
+            if chosen is not None:
+                return chosen, result.kind
+        await self._close_attempts(keep=None)
         raise TunnelError(None, f"no method works: {result}")
+
+    async def _close_attempts(self, *, keep: int | None) -> None:
+        for attempt_id, record in self._attempts.items():
+            if attempt_id != keep and record.stream is not None:
+                await anyio.aclose_forcefully(record.stream)
 
     async def _attempt(self, attempt_id: int, record: _Attempt) -> None:
         with record.scope:

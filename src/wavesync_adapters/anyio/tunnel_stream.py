@@ -140,7 +140,12 @@ class TunnelStream(anyio.abc.ByteStream):
         while self._opening:
             leg = self._opening.pop(0)
             assert self._open_leg is not None, "only a getpost client opens legs"
-            self._legs[leg] = await self._open_leg()
+            opened = await self._open_leg()
+            if self._closed:
+                # aclose() ran while this leg was connecting and closed the others.
+                await anyio.aclose_forcefully(opened)
+                raise anyio.ClosedResourceError
+            self._legs[leg] = opened
         for leg in list(self._legs):
             await self._flush_leg(leg, wait=wait)
 
