@@ -6,12 +6,14 @@ asyncio and trio, and every wait is bounded by ``fail_after``.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import ssl
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 import trustme
 
@@ -162,6 +164,28 @@ async def test_the_probe_picks_the_cheapest_validated_method_and_remembers(
     assert [r.getMessage() for r in caplog.records if "trying" in r.getMessage()] == [
         f"probe: trying {kind}"
     ]
+
+
+@pytest.mark.parametrize("after_checkpoints", range(0, 60, 3))
+async def test_a_probe_cancelled_at_any_moment_leaves_no_connection_open(
+    after_checkpoints: int,
+) -> None:
+    # A caller that gives up (its own deadline, its task group cancelled) must not
+    # leave the attempts' sockets, not even the chosen one's, to the garbage
+    # collector (a ResourceWarning is an error in this suite).
+    async def probe_then_close(target: str) -> None:
+        stream, _ = await probe_tunnel(target, PLAIN, proxy=None, memory=TunnelMemory())
+        await stream.aclose()  # finished before the cancel came: closed as a caller would
+
+    async with echo_server() as server:
+        assert server.bound is not None
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(probe_then_close, f"127.0.0.1:{server.bound[1]}")
+                for _ in range(after_checkpoints):
+                    await anyio.lowlevel.checkpoint()
+                group.cancel_scope.cancel()
+    gc.collect()
 
 
 async def test_a_probe_where_nothing_works_says_why_for_each_method() -> None:

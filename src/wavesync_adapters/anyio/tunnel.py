@@ -185,7 +185,9 @@ async def open_tunnel(
             raise TunnelError(kind, failure.reason, status=failure.status, headers=failure.headers)
     except BaseException as exc:
         if stream is not None:
-            await anyio.aclose_forcefully(stream)
+            # Shielded: cancelled from outside, the close would raise that Cancelled.
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
         if isinstance(exc, TimeoutError):
             raise TunnelError(kind, f"not established within {timeout:g} s") from None
         if isinstance(exc, anyio.EndOfStream):  # e.g. a TLS handshake the server hung up on
@@ -234,7 +236,8 @@ async def _open_leg(route: _Route) -> anyio.abc.ByteStream:
                 standard_compatible=False,
             )
     except BaseException:
-        await anyio.aclose_forcefully(stream)
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
         raise
     return stream
 
@@ -350,9 +353,12 @@ class _ProbeRun:
         raise TunnelError(None, f"no method works: {result}")
 
     async def _close_attempts(self, *, keep: int | None) -> None:
-        for attempt_id, record in self._attempts.items():
-            if attempt_id != keep and record.stream is not None:
-                await anyio.aclose_forcefully(record.stream)
+        # Shielded: cancelled from outside, the first close would raise that Cancelled
+        # and leave the other attempts' streams (and the chosen one) to the collector.
+        with anyio.CancelScope(shield=True):
+            for attempt_id, record in self._attempts.items():
+                if attempt_id != keep and record.stream is not None:
+                    await anyio.aclose_forcefully(record.stream)
 
     async def _attempt(self, attempt_id: int, record: _Attempt) -> None:
         with record.scope:

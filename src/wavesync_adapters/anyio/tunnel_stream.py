@@ -143,7 +143,8 @@ class TunnelStream(anyio.abc.ByteStream):
             opened = await self._open_leg()
             if self._closed:
                 # aclose() ran while this leg was connecting and closed the others.
-                await anyio.aclose_forcefully(opened)
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(opened)
                 raise anyio.ClosedResourceError
             self._legs[leg] = opened
         for leg in list(self._legs):
@@ -352,6 +353,9 @@ class TunnelStream(anyio.abc.ByteStream):
                 scope.cancel()
             self._readable.set()
             self._room.set()
-            for stream in list(self._legs.values()):
-                await anyio.aclose_forcefully(stream)
+            # Shielded: under a cancel from outside, each aclose_forcefully raises the
+            # Cancelled once its leg is closed, which would leave the other legs open.
+            with anyio.CancelScope(shield=True):
+                for stream in list(self._legs.values()):
+                    await anyio.aclose_forcefully(stream)
             self._legs.clear()
