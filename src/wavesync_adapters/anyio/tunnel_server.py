@@ -127,7 +127,8 @@ class TunnelServer:
             await anyio.aclose_forcefully(stream)
             return
         except BaseException:  # cancelled: the server is stopping
-            await anyio.aclose_forcefully(stream)
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
             raise
         if request is None:
             await self._run(self._tunnel(machine, stream), stream)
@@ -189,9 +190,7 @@ class TunnelServer:
     async def _open_getpost(self, request: TunnelRequest, stream: anyio.abc.ByteStream) -> None:
         opened = self.registry.open(request, anyio.current_time())
         if isinstance(opened, RequestRejected):
-            with contextlib.suppress(*_LOST):
-                await stream.send(opened.response)
-            await anyio.aclose_forcefully(stream)
+            await self._refuse(stream, opened.response)
             return
         self._timer.changed()
         kind = TunnelKind(method=TunnelMethod.GETPOST, tls=self._ssl_context is not None)
@@ -211,9 +210,7 @@ class TunnelServer:
     async def _join(self, request: TunnelRequest, stream: anyio.abc.ByteStream) -> None:
         joined = self.registry.join(request)
         if isinstance(joined, RequestRejected):
-            with contextlib.suppress(*_LOST):
-                await stream.send(joined.response)
-            await anyio.aclose_forcefully(stream)
+            await self._refuse(stream, joined.response)
             return
         machine, leg = joined
         tunnel = self._getpost[machine.tunnel_id]
@@ -223,7 +220,16 @@ class TunnelServer:
             await tunnel.flush(wait=False)
             await self._read_leg(tunnel, leg, stream)
         finally:
-            await anyio.aclose_forcefully(stream)
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: anyio.abc.ByteStream, response: bytes) -> None:
+        try:
+            with contextlib.suppress(*_LOST):
+                await stream.send(response)
+        finally:  # closed even when the server is stopping during the send
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
 
     async def _read_leg(self, tunnel: TunnelStream, leg: int, stream: anyio.abc.ByteStream) -> None:
         scope = anyio.CancelScope()
