@@ -62,7 +62,9 @@ class UdtConfig:
     """``close()`` waits at most this long for the send buffer to be acknowledged."""
     congestion: Callable[..., CongestionControl] | None = None
     """Called with ``initial_sequence_number``, ``max_flow_window``, ``random``, ``now``
-    and ``mss`` (``UdtNativeCongestion``'s keywords); None means ``UdtNativeCongestion``."""
+    and ``mss``; None means ``DeliveryRateCongestion``, the loss-tolerant control
+    (``UdtNativeCongestion`` is UDT 4.11's DAIMD; docs/protocol.md §4.7.4 says why the
+    default is not 4.11's)."""
 
     def __post_init__(self) -> None:
         if not MIN_MSS <= self.mss <= 0xFFFF:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .congestion import SYN_INTERVAL, CongestionControl, UdtNativeCongestion
+from .congestion import SYN_INTERVAL, CongestionControl
+from .congestion_rate import DeliveryRateCongestion
 from .connection_types import UdtConfig, UdtConnectionCounters, payload_size
 from .handshake import HandshakeEstablished
 from .packet_types import Ack, Ack2, ControlPacket, KeepAlive, LightAck, Nak, SocketType
@@ -121,7 +122,7 @@ class UdtTransfer:
             out=self.out,
             now=now,
         )
-        factory = config.congestion or UdtNativeCongestion
+        factory = config.congestion or DeliveryRateCongestion
         self.cc: CongestionControl = factory(
             initial_sequence_number=established.local_isn,
             max_flow_window=max(min(established.flow_window, 1 << 20), 2),
