@@ -31,7 +31,7 @@ from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
-from ._udp import open_udp_socket, tune_udp_socket
+from .._udp_socket import open_udp_socket, tune_udp_socket
 from .udt_transport import UdtConnectError, UdtConnectionResetError, UdtTransport
 
 __all__ = [

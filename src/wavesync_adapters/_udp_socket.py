@@ -1,8 +1,7 @@
-"""The UDP socket under a ``UdtEndpoint``: bound, non-blocking, with large kernel buffers.
+"""The UDP socket under every adapter's UDT endpoint: bound, non-blocking, large buffers.
 
-The same choices as the anyio adapter's (``wavesync_adapters.anyio._udp``), kept
-here so that the asyncio adapter imports nothing of anyio's (it must run on uvloop
-without it).
+Standard library only, so that each runtime's adapter can share it: the asyncio
+adapter must import nothing of anyio's (it runs on uvloop without it).
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 def tune_udp_socket(sock: socket.socket, buffer_bytes: int = SOCKET_BUFFER_BYTES) -> None:
     """Make ``sock`` non-blocking and ask for ``buffer_bytes`` of kernel buffer each way.
 
-    The kernel caps the request at net.core.rmem_max / wmem_max.
+    The kernel caps the request at net.core.rmem_max / wmem_max (SO_RCVBUFFORCE would
+    pass the cap, but only as root, and a library should not need root).
     """
     sock.setblocking(False)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
