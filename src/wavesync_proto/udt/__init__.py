@@ -1,11 +1,9 @@
 """UDT4 (UDT 4.11, draft-gg-udt-03): reliable UDP that interoperates with libudt.
 
-``UdtMultiplexer`` runs every connection of one UDP socket; ``UdtConnection`` is one
-reliable stream (handshake, then data transfer); ``CongestionControl`` is the
-rate-control hook interface with UDT's native DAIMD. ``UdtHandshake`` and
-``UdtListener`` set connections up, ``decode_packet`` / ``encode_packet`` are the
-datagram codec and ``seqnum`` the wrap-around arithmetic of sequence, message and
-ACK numbers. Nothing here does I/O or reads a clock.
+``decode_packet`` / ``encode_packet`` are the datagram codec and ``seqnum`` the
+wrap-around arithmetic of sequence, message and ACK numbers; ``UdtHandshake`` and
+``UdtListener`` set connections up; ``CongestionControl`` is the rate-control hook
+interface with UDT's native DAIMD. Nothing here does I/O or reads a clock.
 docs/protocol.md §4 is the reference.
 """
 
@@ -18,12 +16,17 @@ from .congestion import (
     CongestionControl,
     UdtNativeCongestion,
 )
+from .congestion_rate import (
+    HEAVY_LOSS_FRACTION,
+    DeliveryRateCongestion,
+)
 from .connection import (
     HOLD_LIMIT,
     KEEPALIVE_INTERVAL,
     MAX_RTT,
     MIN_EXP_INTERVAL,
     MIN_NAK_INTERVAL,
+    SHUTDOWN_COPIES,
     UdtConnection,
 )
 from .connection_types import (
@@ -71,6 +74,7 @@ from .multiplexer import (
 from .packets import (
     HANDSHAKE_LENGTH,
     HEADER_LENGTH,
+    SHUTDOWN_ABORTED,
     UDT_VERSION,
     Ack,
     Ack2,
@@ -121,6 +125,7 @@ __all__ = [
     "DEFAULT_MSS",
     "HANDSHAKE_LENGTH",
     "HEADER_LENGTH",
+    "HEAVY_LOSS_FRACTION",
     "HOLD_LIMIT",
     "KEEPALIVE_INTERVAL",
     "MAX_PACKET_SEND_PERIOD",
@@ -133,6 +138,8 @@ __all__ = [
     "REGULAR_CONNECT_TIMEOUT",
     "RENDEZVOUS_CONNECT_TIMEOUT",
     "SEQ_MAX",
+    "SHUTDOWN_ABORTED",
+    "SHUTDOWN_COPIES",
     "SYN_INTERVAL",
     "UDP_IP_OVERHEAD",
     "UDT_VERSION",
@@ -153,6 +160,7 @@ __all__ = [
     "ControlType",
     "DataPacket",
     "DataReceived",
+    "DeliveryRateCongestion",
     "ErrorSignal",
     "FailureReason",
     "Handshake",

@@ -66,6 +66,20 @@ _MAX_DECREASES_PER_EPOCH = 5
 _WINDOW_HEADROOM = 16
 
 
+def check_settings(initial_sequence_number: int, max_flow_window: int, mss: int) -> None:
+    """Refuse what no control can start from (every control's constructor calls this)."""
+    if not 0 <= initial_sequence_number <= SEQ_MAX:
+        raise LocalProtocolError(
+            f"initial sequence number {initial_sequence_number} is not a 31-bit number"
+        )
+    if max_flow_window < MIN_CONGESTION_WINDOW:
+        raise LocalProtocolError(
+            f"flow window {max_flow_window} is below {MIN_CONGESTION_WINDOW} packets"
+        )
+    if mss <= 0:
+        raise LocalProtocolError(f"MSS {mss} is not positive")
+
+
 class CongestionControl(abc.ABC):
     """What a UDT connection asks of a congestion control, and tells it.
 
@@ -181,16 +195,7 @@ class UdtNativeCongestion(CongestionControl):
         receive_rate: int = 16,
         link_capacity: int = 1,
     ) -> None:
-        if not 0 <= initial_sequence_number <= SEQ_MAX:
-            raise LocalProtocolError(
-                f"initial sequence number {initial_sequence_number} is not a 31-bit number"
-            )
-        if max_flow_window < MIN_CONGESTION_WINDOW:
-            raise LocalProtocolError(
-                f"flow window {max_flow_window} is below {MIN_CONGESTION_WINDOW} packets"
-            )
-        if mss <= 0:
-            raise LocalProtocolError(f"MSS {mss} is not positive")
+        check_settings(initial_sequence_number, max_flow_window, mss)
         self._mss = mss
         self._max_flow_window = max_flow_window
         self._random = random

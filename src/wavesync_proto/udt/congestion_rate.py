@@ -39,6 +39,7 @@ from .congestion import (
     MIN_CONGESTION_WINDOW,
     SYN_INTERVAL,
     CongestionControl,
+    check_settings,
 )
 from .seqnum import SEQ_MAX
 
@@ -103,16 +104,7 @@ class DeliveryRateCongestion(CongestionControl):
         now: float,
         mss: int = 1500,
     ) -> None:
-        if not 0 <= initial_sequence_number <= SEQ_MAX:
-            raise LocalProtocolError(
-                f"initial sequence number {initial_sequence_number} is not a 31-bit number"
-            )
-        if max_flow_window < MIN_CONGESTION_WINDOW:
-            raise LocalProtocolError(
-                f"flow window {max_flow_window} is below {MIN_CONGESTION_WINDOW} packets"
-            )
-        if mss <= 0:
-            raise LocalProtocolError(f"MSS {mss} is not positive")
+        check_settings(initial_sequence_number, max_flow_window, mss)
         self._max_flow_window = max_flow_window
         self._random = random
         # Unwrapped sequence numbers: the ISN as given, counting on past 2**31.
