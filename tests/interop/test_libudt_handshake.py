@@ -446,10 +446,13 @@ def test_rendezvous_with_libudt(udt_peer: Path, udp: socket.socket, first: str) 
     assert established.peer_isn == theirs[0].initial_sequence_number  # each side its own
     assert established.mss == 1400
     assert established.flow_window == 8192
-    # Either way libudt is finished by our -2: when it heard our -1 it still said 0 (it
-    # heard us first), or it said -1 but had heard only our 0 (we heard its 0 and -1
-    # together and were connected without sending a -1); its repeated -1 gets the -2.
-    assert loop.wire.sent_types()[-1] == RequestType.RENDEZVOUS_RESPONSE
+    # libudt is finished by our -2 when it heard our -1 while it still said 0 (it heard
+    # us first), or said -1 having heard only our 0 (we heard its 0 and -1 together and
+    # were connected without sending a -1): its repeated -1 gets the -2. When both -1s
+    # cross, our -1 finishes it (4.11: ours -1 and the peer's -1 connect) and nothing
+    # follows. Which happens is a race on the wire (the -1 ending was seen once in about
+    # twenty runs): both endings are right, and the loop above saw libudt connected.
+    assert loop.wire.sent_types()[-1] in {RequestType.RESPONSE, RequestType.RENDEZVOUS_RESPONSE}
     assert ours.counters.wrong_peer == 0
 
 
