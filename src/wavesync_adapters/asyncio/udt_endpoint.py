@@ -1,0 +1,449 @@
+"""UDT on plain asyncio (uvloop too): ``UdtEndpoint``, one UDP socket's connections.
+
+Thin by design: one UDP socket under an ``asyncio.DatagramProtocol``, one sans-I/O
+``UdtMultiplexer``, the core's timer on ``loop.call_at``. Every datagram goes into
+the multiplexer as it arrives; the answer (``datagrams_to_send``) is computed once
+per burst, in a callback deferred with ``call_soon``, and written with
+``transport.sendto``. The core decides everything about the protocol (DESIGN.md §3).
+``UdtEndpoint.create_connection(protocol_factory, peer)`` and
+``start_serving(protocol_factory)`` give ``UdtTransport``/``Protocol`` pairs; the
+stream pairs are built on them in ``udt.py``.
+
+This module imports nothing of anyio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.udt.connection import UdtConnection
+from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
+from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
+
+from .._udp_socket import open_udp_socket, tune_udp_socket
+from .udt_transport import UdtConnectError, UdtTransport
+
+__all__ = ["DEFAULT_LIMIT", "UdtEndpoint", "create_udt_endpoint"]
+
+log = logging.getLogger("wavesync.udt")
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+#: asyncio's own default for a StreamReader (``asyncio.streams._DEFAULT_LIMIT``).
+DEFAULT_LIMIT = 64 * 1024
+#: A deadline nearer than this is not put on the loop's timer: ``epoll_wait`` sleeps in
+#: whole milliseconds, so a pacing gap of a few microseconds would become one. The run
+#: is queued with ``call_soon`` instead (the loop still polls its sockets in between).
+_SPIN_SECONDS = 100e-6
+#: Datagrams read per wake-up before the core gets to answer: bounds the latency of our
+#: ACKs while a fast peer floods us.
+_RECEIVE_BATCH = 256
+#: While the datagram transport's buffer is above its high-water mark, the core's timer
+#: is not run sooner than this (its pacing slot stays due until we may send again).
+_PAUSED_POLL_SECONDS = 0.005
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
+    """The endpoint's side of the UDP transport."""
+
+    def __init__(self, endpoint: UdtEndpoint) -> None:
+        self._endpoint = endpoint
+        self.datagram_received = endpoint._datagram_received  # type: ignore[method-assign]
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error queued on the socket (port unreachable after a send to a peer
+        # that is gone): it says nothing the UDT timers will not find out.
+        self._endpoint.errors_received += 1
+        log.debug("udp: %s", exc)
+
+    def pause_writing(self) -> None:
+        self._endpoint._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._endpoint._writing_paused = False
+        self._endpoint._kick()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._endpoint._udp_lost(exc)
+
+
+class UdtEndpoint:
+    """All UDT connections of one UDP socket: connect, rendezvous, serve.
+
+    Made by ``await create_udt_endpoint(local)`` (a socket of its own) or
+    ``await create_udt_endpoint(sock=sock)`` (a socket handed in, a hole-punched one:
+    it is made non-blocking, its kernel buffers enlarged, and it is left open at the
+    end). ``close()`` aborts the connections still open (``UdtConnectionResetError`` on
+    their side): close each transport first for a graceful close.
+    ``foreign_datagram`` receives what is not UDT (a STUN answer on a punched socket).
+    ``clock`` is what the core is given as ``now`` (the loop's ``time`` by default).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        config: UdtConfig | None = None,
+        foreign_datagram: Callable[[bytes, Endpoint], None] | None = None,
+        clock: Callable[[], float] | None = None,
+        owns_socket: bool = False,
+    ) -> None:
+        if sock.type != socket.SOCK_DGRAM:
+            raise ValueError("a UdtEndpoint needs a UDP socket")
+        tune_udp_socket(sock)
+        self.loop = loop
+        self.config = config or UdtConfig()
+        self._sock = sock
+        self._owns_socket = owns_socket
+        self._clock = clock or loop.time
+        #: The loop's clock minus ours: the timer is armed on the loop's, stamped with ours.
+        self._offset = loop.time() - self._clock()
+        self._foreign = foreign_datagram
+        self._ipv6 = sock.family == socket.AF_INET6
+        self.multiplexer = UdtMultiplexer(
+            now=self._clock(),
+            random_bits=secrets.randbits,
+            cookie_secret=secrets.token_bytes(32),
+            config=self.config,
+        )
+        local = sock.getsockname()
+        self.local_address: Endpoint = (str(local[0]), int(local[1]))
+        self.family = socket.AddressFamily(sock.family)
+        self.errors_received = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._transports: dict[int, UdtTransport] = {}
+        self._serving: Callable[[], asyncio.BaseProtocol] | None = None
+        self._accepted: set[UdtTransport] = set()
+        self._accepted_done: asyncio.Event | None = None
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._writing_paused = False
+        self._closing = False
+        self._close_when_idle = False
+        self._closed: asyncio.Future[None] = loop.create_future()
+        if foreign_datagram is None:
+            self._feed: Callable[[bytes, Endpoint, float], object] = (
+                self.multiplexer.receive_datagram
+            )
+        else:
+            self._feed = self._feed_or_hand_on
+
+    async def _start(self) -> None:
+        # The transport gets a duplicate of the socket: it closes that one at the end,
+        # and ours stays the caller's (a handed-in socket) or ours to close.
+        transport, _ = await self.loop.create_datagram_endpoint(
+            lambda: _DatagramProtocol(self), sock=self._sock.dup()
+        )
+        self._udp = transport
+
+    def now(self) -> float:
+        """The endpoint's clock: what it passes the core as ``now``."""
+        return self._clock()
+
+    @property
+    def connections(self) -> list[UdtTransport]:
+        """The transports of the connections open (or opening) on this endpoint."""
+        return list(self._transports.values())
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    async def __aenter__(self) -> UdtEndpoint:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def close(self) -> None:
+        """Stop: abort every connection still open, send their Shutdowns, close the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self._serving = None
+        for transport in list(self._transports.values()):
+            transport._break("endpoint closed")
+        udp = self._udp
+        if udp is not None and not udp.is_closing():
+            # One last send: the peers hear our Shutdowns rather than time out.
+            for data, address in self.multiplexer.datagrams_to_send(self._clock()):
+                udp.sendto(data, address)
+            udp.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._owns_socket:
+            self._sock.close()
+        if udp is None and not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until ``close()`` has finished (the UDP transport is closed)."""
+        await asyncio.shield(self._closed)
+
+    # --- opening connections ------------------------------------------------------------
+
+    async def create_connection(
+        self, protocol_factory: Callable[[], _P], peer: Endpoint
+    ) -> tuple[UdtTransport, _P]:
+        """A regular UDT connect to a listener at ``peer``, as ``loop.create_connection``.
+
+        Raises ``UdtConnectError`` when the core gives up (no answer within its connect
+        timeout, 3 s as in UDT 4.11, or a refusal).
+        """
+        peer = await self._address(peer)
+        transport = self._adopt(self.multiplexer.connect(peer, self._clock()), protocol_factory)
+        transport.what = f"connect to {format_endpoint(peer)}"
+        return await self._established(transport, protocol_factory)
+
+    async def create_rendezvous(
+        self, protocol_factory: Callable[[], _P], candidates: Sequence[Endpoint]
+    ) -> tuple[UdtTransport, _P]:
+        """A rendezvous connect toward every candidate at once; the first that answers wins.
+
+        Both peers call this with each other's addresses (hole punching). Raises
+        ``UdtConnectError`` when none answers within the core's rendezvous timeout.
+        """
+        if not candidates:
+            raise ValueError("rendezvous needs at least one candidate address")
+        addresses = [await self._address(candidate) for candidate in candidates]
+        transport = self._adopt(
+            self.multiplexer.rendezvous(addresses, self._clock()), protocol_factory
+        )
+        transport.what = "rendezvous with " + ", ".join(format_endpoint(a) for a in addresses)
+        return await self._established(transport, protocol_factory)
+
+    def start_serving(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """Accept regular connects from now on: each gets ``protocol_factory()``."""
+        if self._closing:
+            raise RuntimeError("the UdtEndpoint is closed")
+        self._serving = protocol_factory
+        self.multiplexer.listen()
+        log.info("udt listening on %s", format_endpoint(self.local_address))
+
+    def stop_serving(self) -> None:
+        """Accept no more connects (those that arrive are aborted); open ones go on."""
+        self._serving = None
+
+    def is_serving(self) -> bool:
+        return self._serving is not None
+
+    async def wait_accepted_closed(self) -> None:
+        """Wait until every connection accepted so far has ended."""
+        while self._accepted:
+            self._accepted_done = asyncio.Event()
+            await self._accepted_done.wait()
+
+    async def _address(self, endpoint: Endpoint) -> Endpoint:
+        try:
+            ipaddress.ip_address(endpoint[0])
+        except ValueError:
+            host, port = endpoint
+            infos = await self.loop.getaddrinfo(
+                host, port, family=self.family, type=socket.SOCK_DGRAM
+            )
+            if not infos:
+                raise OSError(f"{host!r} resolves to no address") from None
+            address = infos[0][4]
+            return (str(address[0]), int(address[1]))
+        return endpoint
+
+    async def _established(
+        self, transport: UdtTransport, protocol_factory: Callable[[], _P]
+    ) -> tuple[UdtTransport, _P]:
+        try:
+            await transport.established
+        except asyncio.CancelledError:
+            transport.abort()  # do not leave a handshake running for nobody
+            raise
+        protocol = transport.get_protocol()
+        return transport, protocol  # type: ignore[return-value]
+
+    # --- the driver -----------------------------------------------------------------------
+
+    def _adopt(
+        self,
+        connection: UdtConnection,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        accepted: bool = False,
+    ) -> UdtTransport:
+        if self._closing:
+            connection.abort(self._clock())
+            raise UdtConnectError(
+                "the UdtEndpoint is closed", reason=CloseReason.ABORTED, detail="endpoint closed"
+            )
+        transport = UdtTransport(self, connection, protocol_factory, accepted=accepted)
+        self._transports[connection.socket_id] = transport
+        self._kick()
+        return transport
+
+    def _forget(self, transport: UdtTransport) -> None:
+        self._transports.pop(transport.connection.socket_id, None)
+        if transport in self._accepted:
+            self._accepted.discard(transport)
+            if not self._accepted and self._accepted_done is not None:
+                self._accepted_done.set()
+        if self._close_when_idle and not self._transports and self._serving is None:
+            # After this turn's send: the connection's last datagrams go out first.
+            self.loop.call_soon(self.close)
+
+    def _kick(self) -> None:
+        """Something changed (input, a write, a close): run the core soon, once."""
+        if not self._scheduled and not self._closing:
+            self._scheduled = True
+            self.loop.call_soon(self._run)
+
+    def _feed_or_hand_on(self, data: bytes, source: Endpoint, now: float) -> None:
+        if not self.multiplexer.receive_datagram(data, source, now):
+            assert self._foreign is not None
+            self._foreign(data, source)
+
+    def _datagram_received(self, data: bytes, addr: Any) -> None:
+        """One datagram from the transport, then every other one waiting: one batch."""
+        if self._closing:
+            return
+        feed = self._feed
+        clock = self._clock
+        ipv6 = self._ipv6
+        feed(data, (addr[0], addr[1]) if ipv6 else addr, clock())
+        # The selector transport reads one datagram per loop iteration; the rest of the
+        # burst is read here, so the core answers a burst once, not every datagram.
+        recvfrom = self._sock.recvfrom
+        size = self.config.mss
+        for _ in range(_RECEIVE_BATCH - 1):
+            try:
+                data, addr = recvfrom(size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.errors_received += 1
+                log.debug("udp receive: %s", exc)
+                continue
+            feed(data, (addr[0], addr[1]) if ipv6 else addr, clock())
+        self._kick()
+
+    def _run(self) -> None:
+        """Fire the timer if due, hand events out, send the answer, re-arm the timer."""
+        if self._closing:
+            self._scheduled = False
+            return
+        multiplexer = self.multiplexer
+        now = self._clock()
+        deadline = multiplexer.get_timer()
+        if deadline is not None and deadline <= now:
+            multiplexer.handle_timer(now)
+        # Events first: writes the protocols make meanwhile go out in this same send.
+        while (event := multiplexer.next_event()) is not None:
+            if isinstance(event, ConnectionAccepted):
+                self._take_accepted(event.connection)
+        for transport in list(self._transports.values()):
+            transport._pump()
+        self._scheduled = False
+        if self._closing:
+            return
+        udp = self._udp
+        if not self._writing_paused and udp is not None:
+            outgoing = multiplexer.datagrams_to_send(self._clock())
+            if outgoing:
+                sendto = udp.sendto
+                for data, address in outgoing:
+                    sendto(data, address)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.multiplexer.get_timer()
+        if deadline is None or self._scheduled:
+            return  # nothing timed, or a run is queued (it re-arms)
+        now = self._clock()
+        if self._writing_paused:
+            deadline = max(deadline, now + _PAUSED_POLL_SECONDS)
+        elif deadline - now < _SPIN_SECONDS:
+            self._kick()
+            return
+        when = deadline + self._offset
+        timer = self._timer
+        if timer is not None:
+            if self._timer_when <= when:
+                return  # an earlier wake-up is armed: it runs and re-arms
+            timer.cancel()
+        self._timer_when = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._scheduled:
+            self._scheduled = True
+            self._run()
+
+    def _take_accepted(self, connection: UdtConnection) -> None:
+        factory = self._serving
+        if factory is None:
+            log.info("udt: aborting a connection from %s: not serving", connection.peer_address)
+            connection.abort(self._clock())
+            return
+        transport = self._adopt(connection, factory, accepted=True)
+        peer = connection.peer_address
+        transport.what = "accept from " + ("?" if peer is None else format_endpoint(peer))
+        self._accepted.add(transport)
+
+    def _udp_lost(self, exc: Exception | None) -> None:
+        if not self._closing:
+            why = f"udp transport lost: {exc!r}"
+            log.warning("udt endpoint %s: %s", format_endpoint(self.local_address), why)
+            for transport in list(self._transports.values()):
+                transport._break(why)
+            self._closing = True
+            if self._owns_socket:
+                self._sock.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+async def create_udt_endpoint(
+    local: Endpoint | None = None,
+    *,
+    sock: socket.socket | None = None,
+    config: UdtConfig | None = None,
+    foreign_datagram: Callable[[bytes, Endpoint], None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> UdtEndpoint:
+    """An endpoint on a new UDP socket bound to ``local`` (port 0: any free port), or on
+    ``sock`` (handed in, left open at the end). ``async with`` it, or ``close()`` it."""
+    if (local is None) == (sock is None):
+        raise ValueError("give exactly one of local and sock")
+    loop = asyncio.get_running_loop()
+    owns = sock is None
+    if sock is None:
+        assert local is not None
+        sock = open_udp_socket(local)
+    try:
+        endpoint = UdtEndpoint(
+            sock,
+            loop=loop,
+            config=config,
+            foreign_datagram=foreign_datagram,
+            clock=clock,
+            owns_socket=owns,
+        )
+        await endpoint._start()
+    except BaseException:
+        if owns:
+            sock.close()
+        raise
+    return endpoint
