@@ -11,11 +11,14 @@ import selectors
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["WAVESYNC", "run_wavesync", "wavesync_daemon"]
+from wavesync_proto.mediator.systems import parse_systems
+
+__all__ = ["WAVESYNC", "new_system", "run_wavesync", "wavesync_daemon"]
 
 # The console script installed next to this interpreter: tests run the real entry point.
 WAVESYNC = str(Path(sys.executable).parent / "wavesync")
@@ -27,6 +30,16 @@ def run_wavesync(*args: str, timeout: float = 30.0) -> subprocess.CompletedProce
     return subprocess.run(  # noqa: S603 - our own program with test-chosen arguments
         [WAVESYNC, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def new_system(folder: Path, name: str | None = None) -> tuple[Path, uuid.UUID, str]:
+    """``wavesync keygen`` one system into ``folder/systems.toml``: (its path, id, key)."""
+    entry = run_wavesync("keygen", *(("--name", name) if name else ()))
+    assert entry.returncode == 0, entry.stderr
+    path = folder / "systems.toml"
+    path.write_text(entry.stdout, encoding="utf-8")
+    [(system_id, key)] = parse_systems(entry.stdout).items()
+    return path, system_id, key
 
 
 @contextmanager

@@ -21,11 +21,10 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.daemons import run_wavesync, wavesync_daemon
+from tests.daemons import new_system, wavesync_daemon
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import RelayConnectError, open_relay_stream
 from wavesync_proto.addresses import Endpoint
-from wavesync_proto.mediator.systems import parse_systems
 
 READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
 WAIT = 15.0  # seconds any one step may take before the test fails
@@ -48,11 +47,7 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    entry = run_wavesync("keygen", "--name", "relay-e2e")
-    assert entry.returncode == 0, entry.stderr
-    path: Path = tmp_path_factory.mktemp("relay") / "systems.toml"
-    path.write_text(entry.stdout, encoding="utf-8")
-    [(system_id, key)] = parse_systems(entry.stdout).items()
+    path, system_id, key = new_system(tmp_path_factory.mktemp("relay"), "relay-e2e")
     with wavesync_daemon(
         "relay", "--listen", "127.0.0.1:0", "--systems", str(path), ready=READY
     ) as (_, ready):
@@ -200,10 +195,7 @@ async def test_the_relay_is_not_an_open_proxy(
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_relay_reports_its_counters_on_sigterm(tmp_path: Path) -> None:
-    entry = run_wavesync("keygen")
-    systems = tmp_path / "systems.toml"
-    systems.write_text(entry.stdout, encoding="utf-8")
-    [(system_id, key)] = parse_systems(entry.stdout).items()
+    systems, system_id, key = new_system(tmp_path)
     with wavesync_daemon(
         "relay", "--listen", "127.0.0.1:0", "--systems", str(systems), "--log-level", "info",
         ready=READY,

@@ -19,14 +19,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 
 from tests.adapters.tunnels import round_trip
-from tests.daemons import WAVESYNC, run_wavesync, wavesync_daemon
+from tests.daemons import WAVESYNC, new_system, wavesync_daemon
 from wavesync_adapters.anyio._dial import AUTO, TunnelChoice, parse_tunnel_choice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
@@ -34,7 +33,6 @@ from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
-from wavesync_proto.mediator.systems import parse_systems
 from wavesync_proto.tunnel import TunnelKind, TunnelMethod
 
 MEDIATOR_READY = (
@@ -62,11 +60,7 @@ class Mediator:
 
 @pytest.fixture(scope="module")
 def mediator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mediator]:
-    entry = run_wavesync("keygen", "--name", "faces")
-    assert entry.returncode == 0, entry.stderr
-    path: Path = tmp_path_factory.mktemp("faces") / "systems.toml"
-    path.write_text(entry.stdout, encoding="utf-8")
-    [(system_id, key)] = parse_systems(entry.stdout).items()
+    path, system_id, key = new_system(tmp_path_factory.mktemp("faces"), "faces")
     with wavesync_daemon(
         "mediator", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
         "--systems", str(path), ready=MEDIATOR_READY,
@@ -192,11 +186,7 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    entry = run_wavesync("keygen", "--name", "faces-relay")
-    assert entry.returncode == 0, entry.stderr
-    path: Path = tmp_path_factory.mktemp("faces-relay") / "systems.toml"
-    path.write_text(entry.stdout, encoding="utf-8")
-    [(system_id, key)] = parse_systems(entry.stdout).items()
+    path, system_id, key = new_system(tmp_path_factory.mktemp("faces-relay"), "faces-relay")
     with wavesync_daemon(
         "relay", "--listen", "127.0.0.1:0", "--systems", str(path), "--standby-count", "2",
         ready=RELAY_READY,

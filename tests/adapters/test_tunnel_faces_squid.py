@@ -15,14 +15,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 
 from tests.adapters.tunnels import round_trip
-from tests.daemons import run_wavesync, wavesync_daemon
+from tests.daemons import new_system, run_wavesync, wavesync_daemon
 from tests.squid import DEFAULT, Squid, squid_binary, squid_proxy
 from wavesync_adapters.anyio._dial import AUTO
 from wavesync_adapters.anyio.connect import request_connection
@@ -32,7 +31,6 @@ from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import parse_target
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
-from wavesync_proto.mediator.systems import parse_systems
 from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory, TunnelMethod
 
 MEDIATOR_READY = (
@@ -68,11 +66,7 @@ class Services:
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     folder = tmp_path_factory.mktemp("faces-squid")
-    entry = run_wavesync("keygen", "--name", "behind-squid")
-    assert entry.returncode == 0, entry.stderr
-    path: Path = folder / "systems.toml"
-    path.write_text(entry.stdout, encoding="utf-8")
-    [(system_id, key)] = parse_systems(entry.stdout).items()
+    path, system_id, key = new_system(folder, "behind-squid")
     with (
         squid_proxy(folder, DEFAULT) as squid,
         wavesync_daemon(
