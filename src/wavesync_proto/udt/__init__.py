@@ -1,10 +1,13 @@
 """UDT4 (UDT 4.11, draft-gg-udt-03): reliable UDP that interoperates with libudt.
 
-``decode_packet`` / ``encode_packet`` are the datagram codec and ``seqnum`` the
-wrap-around arithmetic of sequence, message and ACK numbers; ``UdtHandshake`` and
-``UdtListener`` set connections up; ``CongestionControl`` is the rate-control hook
-interface with UDT's native DAIMD. Nothing here does I/O or reads a clock.
-docs/protocol.md §4 is the reference.
+``UdtMultiplexer`` runs every connection of one UDP socket; ``UdtConnection`` is one
+reliable stream (handshake, then data transfer); ``CongestionControl`` is the
+rate-control hook interface, with the loss-tolerant ``DeliveryRateCongestion`` (the
+default) and UDT 4.11's native DAIMD (``UdtNativeCongestion``). ``UdtHandshake`` and
+``UdtListener`` set connections up; ``packet_types`` holds the typed packets,
+``decode_packet`` / ``encode_packet`` are their datagram codec, and ``seqnum`` the
+wrap-around arithmetic of sequence, message and ACK numbers. Nothing here does I/O
+or reads a clock. docs/protocol.md §4 is the reference.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from .multiplexer import (
     MultiplexerEvent,
     UdtMultiplexer,
 )
-from .packets import (
+from .packet_types import (
     HANDSHAKE_LENGTH,
     HEADER_LENGTH,
     SHUTDOWN_ABORTED,
@@ -95,6 +98,8 @@ from .packets import (
     SocketType,
     UdtDecodeError,
     UserDefinedControl,
+)
+from .packets import (
     decode_packet,
     encode_packet,
     pack_peer_ip,

@@ -31,7 +31,6 @@ from .packet_types import (
     HANDSHAKE_LENGTH,
     HEADER_LENGTH,
     SHUTDOWN_ABORTED,
-    UDT_VERSION,
     Ack,
     Ack2,
     Boundary,
@@ -46,43 +45,13 @@ from .packet_types import (
     MessageDropRequest,
     Nak,
     Packet,
-    RequestType,
     Shutdown,
-    SocketType,
     UdtDecodeError,
     UserDefinedControl,
 )
 from .seqnum import seq_offset
 
-__all__ = [
-    "HANDSHAKE_LENGTH",
-    "HEADER_LENGTH",
-    "SHUTDOWN_ABORTED",
-    "UDT_VERSION",
-    "Ack",
-    "Ack2",
-    "Boundary",
-    "CongestionWarning",
-    "ControlPacket",
-    "ControlType",
-    "DataPacket",
-    "ErrorSignal",
-    "Handshake",
-    "KeepAlive",
-    "LightAck",
-    "MessageDropRequest",
-    "Nak",
-    "Packet",
-    "RequestType",
-    "Shutdown",
-    "SocketType",
-    "UdtDecodeError",
-    "UserDefinedControl",
-    "decode_packet",
-    "encode_packet",
-    "pack_peer_ip",
-    "unpack_peer_ip",
-]
+__all__ = ["decode_packet", "encode_packet", "pack_peer_ip", "unpack_peer_ip"]
 
 
 _HEADER = struct.Struct("!IIII")
