@@ -319,6 +319,40 @@ async def test_a_handed_in_socket_carries_other_datagrams_and_stays_open() -> No
         assert sock.fileno() != -1  # still the punching code's socket
 
 
+async def test_the_datagram_port_shares_the_socket_with_a_live_connection() -> None:
+    # The punching socket's shape: a STUN exchange (the connect request, the ack) and
+    # UDT connections on one socket, so the mediator sees the mapping UDT will use.
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
+    async with UdtEndpoint.bind(LOOPBACK) as server, UdtEndpoint.bind(LOOPBACK) as client:
+        with anyio.fail_after(WAIT):
+            outgoing, incoming = await connected_pair(client, server)
+            port = client.datagram_port()
+            await port.send((stun, server.local_address))
+            assert await server.receive_foreign() == (stun, client.local_address)
+            await outgoing.send(b"still flowing")
+            assert await receive_exactly(incoming, 13) == b"still flowing"
+            answer = stun[:-1] + b"\x01"  # another transaction id
+            server.send_datagram(answer, client.local_address)
+            assert await port.receive() == (answer, server.local_address)
+            await outgoing.aclose()
+            await incoming.aclose()
+
+
+async def test_foreign_datagrams_nobody_takes_are_dropped_beyond_a_bound() -> None:
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.bind(LOOPBACK)
+        async with UdtEndpoint.bind(LOOPBACK) as endpoint:
+            with anyio.fail_after(WAIT):
+                for _ in range(100):
+                    other.sendto(stun, endpoint.local_address)
+                while endpoint.foreign_dropped < 100 - 64:
+                    await anyio.wait_all_tasks_blocked()
+            assert endpoint.foreign_dropped == 36
+            for _ in range(64):
+                assert (await endpoint.receive_foreign())[0] == stun
+
+
 async def test_gso_sends_runs_of_datagrams_as_one_and_they_arrive_whole() -> None:
     payload = os.urandom(4 * 1024 * 1024)
     async with (

@@ -5,13 +5,23 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
 from wavesync_proto.addresses import Endpoint
 
-__all__ = ["ServiceTimer", "open_udp_for", "resolve", "sleep_until_or"]
+__all__ = ["DatagramPort", "ServiceTimer", "open_udp_for", "resolve", "sleep_until_or"]
+
+
+class DatagramPort(Protocol):
+    """What a STUN exchange needs of a UDP socket: an ``anyio.abc.UDPSocket``, or a
+    ``UdtEndpoint``'s ``datagram_port()`` (the punching socket, shared with UDT)."""
+
+    async def send(self, item: tuple[bytes, tuple[str, int]], /) -> None: ...
+
+    async def receive(self) -> tuple[bytes, tuple[Any, ...]]: ...
 
 
 async def resolve(endpoint: Endpoint) -> Endpoint:

@@ -19,7 +19,7 @@ from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, Conne
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ._dial import TunnelChoice, dialer_for
-from ._net import open_udp_for, resolve, sleep_until_or
+from ._net import DatagramPort, open_udp_for, resolve, sleep_until_or
 
 __all__ = ["ConnectError", "request_connection"]
 
@@ -43,7 +43,7 @@ async def request_connection(
     *,
     server_id: uuid.UUID | None = None,
     system_id: uuid.UUID | None = None,
-    udp: anyio.abc.UDPSocket | None = None,
+    udp: DatagramPort | None = None,
     timeout: float = 10.0,
     tunnel: TunnelChoice | None = None,
     http: str | None = None,
@@ -79,8 +79,9 @@ async def request_connection(
         server_id=server_id, system_id=system_id, now=anyio.current_time(), timeout=timeout
     )
     sid = request.connect_session_id.hex()[:12]
-    own_socket = udp is None
-    socket = udp if udp is not None else await open_udp_for(target)
+    own_socket = None if udp is not None else await open_udp_for(target)
+    socket = udp or own_socket
+    assert socket is not None  # exactly one of the two is set
     wake = anyio.Event()
 
     def changed() -> None:
@@ -120,8 +121,14 @@ async def request_connection(
                 request.handle_timer(anyio.current_time())
             group.cancel_scope.cancel()
     finally:
-        if own_socket:
-            await socket.aclose()
+        if own_socket is not None:
+            await own_socket.aclose()
+    return _outcome(request, mediator)
+
+
+def _outcome(request: ConnectRequest, mediator: Endpoint) -> ConnectSucceeded:
+    """The finished request's answer, logged; ``ConnectError`` if it failed."""
+    sid = request.connect_session_id.hex()[:12]
     event = request.next_event()
     if isinstance(event, ConnectSucceeded):
         log.info(

@@ -36,7 +36,7 @@ from wavesync_proto.stun.transaction import ResponseReceived, TransactionTimedOu
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ._dial import TunnelChoice, dialer_for
-from ._net import resolve, sleep_until_or
+from ._net import DatagramPort, resolve, sleep_until_or
 
 __all__ = ["MediatorListener", "RegistrationError"]
 
@@ -151,7 +151,7 @@ class MediatorListener:
             raise anyio.EndOfStream from None
 
     async def acknowledge(
-        self, connect_session_id: bytes, udp: anyio.abc.UDPSocket
+        self, connect_session_id: bytes, udp: DatagramPort
     ) -> Endpoint | None:
         """Send the signed connection_ack from ``udp``; the server's punched endpoint, or None.
 

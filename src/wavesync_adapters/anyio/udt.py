@@ -37,7 +37,7 @@ from ._net import resolve
 from ._udp import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from .udt_stream import UdtConnectError, UdtStream
 
-__all__ = ["UdtConnectError", "UdtEndpoint", "UdtStream"]
+__all__ = ["UdtConnectError", "UdtDatagramPort", "UdtEndpoint", "UdtStream"]
 
 log = logging.getLogger("wavesync.udt")
 
@@ -54,6 +54,9 @@ _SPIN_SECONDS = 100e-6
 #: Datagrams read per driver turn before the core gets to send: bounds the latency of
 #: ACKs while a fast peer floods us.
 _RECEIVE_BATCH = 256
+#: Foreign (non-UDT) datagrams kept for ``receive_foreign`` when no callback takes them:
+#: a handful of STUN answers at a time; a flood of junk is dropped, not stored.
+_FOREIGN_QUEUE = 64
 
 
 class UdtEndpoint:
@@ -64,9 +67,12 @@ class UdtEndpoint:
     made non-blocking and its kernel buffers enlarged) and leaves it open at the end.
     Leaving the block aborts the connections still open: ``aclose`` each stream first
     for a graceful close. ``foreign_datagram`` receives what is not UDT (a STUN answer
-    on a punched socket, say). ``gso=True`` sends runs of datagrams with Linux UDP GSO:
-    off by default, as on loopback it made bursts the Python receiver dropped (206 MB/s
-    with 1% loss against 300 MB/s with none, 200 MiB, docs/udt.md).
+    on a punched socket, say); without it such datagrams wait (at most 64) for
+    ``receive_foreign``, and ``send_datagram`` sends one from the same socket, so a
+    mediator exchange and the UDT connections share one NAT mapping. ``gso=True``
+    sends runs of datagrams with Linux UDP GSO: off by default, as on loopback it made
+    bursts the Python receiver dropped (206 MB/s with 1% loss against 300 MB/s with
+    none, 200 MiB, docs/udt.md).
     """
 
     def __init__(
@@ -91,6 +97,10 @@ class UdtEndpoint:
         self._high_water = receive_high_water
         self._backlog = accept_backlog
         self._foreign = foreign_datagram
+        self._foreign_queue: deque[tuple[bytes, Endpoint]] = deque()
+        self._foreign_waiter: anyio.Event | None = None
+        #: Foreign datagrams dropped because nobody took the queued ones.
+        self.foreign_dropped = 0
         self._io = BatchedUdpSocket(sock, datagram_bytes=self.config.mss, clock=clock, gso=gso)
         self.multiplexer = UdtMultiplexer(
             now=clock(),
@@ -221,6 +231,37 @@ class UdtEndpoint:
             while True:
                 group.start_soon(run, await self.accept())
 
+    # --- datagrams that are not UDT --------------------------------------------------------
+
+    def send_datagram(self, data: bytes, peer: Endpoint) -> None:
+        """Send one datagram that is not UDT (a STUN request) from this endpoint's socket."""
+        if self._stopped is not None:
+            raise anyio.BrokenResourceError(self._stopped)
+        self._io.send_all([(data, peer)])
+
+    async def receive_foreign(self) -> tuple[bytes, Endpoint]:
+        """The next datagram that was not UDT (only without a ``foreign_datagram`` callback)."""
+        while not self._foreign_queue:
+            if self._stopped is not None:
+                raise anyio.BrokenResourceError(self._stopped)
+            self._foreign_waiter = anyio.Event()
+            await self._foreign_waiter.wait()
+        return self._foreign_queue.popleft()
+
+    def datagram_port(self) -> UdtDatagramPort:
+        """This endpoint as an anyio-UDP-socket-like port for STUN exchanges
+        (``request_connection(udp=...)``, ``MediatorListener.acknowledge``)."""
+        return UdtDatagramPort(self)
+
+    def _queue_foreign(self, data: bytes, source: Endpoint) -> None:
+        if len(self._foreign_queue) >= _FOREIGN_QUEUE:
+            self.foreign_dropped += 1
+            return
+        self._foreign_queue.append((data, source))
+        if self._foreign_waiter is not None:
+            self._foreign_waiter.set()
+            self._foreign_waiter = None
+
     async def _address(self, endpoint: Endpoint) -> Endpoint:
         try:
             ipaddress.ip_address(endpoint[0])
@@ -259,6 +300,8 @@ class UdtEndpoint:
             stream._break(why)
         if self._accept_waiter is not None:
             self._accept_waiter.set()
+        if self._foreign_waiter is not None:
+            self._foreign_waiter.set()
 
     def _deliver(self) -> None:
         multiplexer = self.multiplexer
@@ -288,15 +331,12 @@ class UdtEndpoint:
         io = self._io
         sock = self._sock
         clock = self._clock
-        foreign = self._foreign
-        feed: Callable[[bytes, Endpoint, float], object] = multiplexer.receive_datagram
-        if foreign is not None:
+        foreign = self._foreign or self._queue_foreign
+        receive_datagram = multiplexer.receive_datagram
 
-            def feed_or_hand_on(data: bytes, source: Endpoint, now: float) -> None:
-                if not multiplexer.receive_datagram(data, source, now):
-                    foreign(data, source)
-
-            feed = feed_or_hand_on
+        def feed(data: bytes, source: Endpoint, now: float) -> None:
+            if not receive_datagram(data, source, now):
+                foreign(data, source)
 
         try:
             while True:
@@ -329,3 +369,22 @@ class UdtEndpoint:
             self._wait_scope = None
             self._stop(f"udt endpoint stopped: {exc!r}")
             raise
+
+
+class UdtDatagramPort:
+    """An endpoint's non-UDT datagrams, shaped like an anyio UDP socket's send/receive.
+
+    STUN transactions written for ``anyio.abc.UDPSocket`` run on it unchanged, so the
+    mediator sees the very socket (and NAT mapping) the UDT connections use.
+    """
+
+    def __init__(self, endpoint: UdtEndpoint) -> None:
+        self.endpoint = endpoint
+
+    async def send(self, item: tuple[bytes, tuple[str, int]]) -> None:
+        data, peer = item
+        self.endpoint.send_datagram(data, (str(peer[0]), int(peer[1])))
+        await anyio.lowlevel.checkpoint()
+
+    async def receive(self) -> tuple[bytes, Endpoint]:
+        return await self.endpoint.receive_foreign()

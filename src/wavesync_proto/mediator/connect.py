@@ -81,6 +81,8 @@ class ConnectSucceeded(ConnectEvent):
     """The transport whose copy was answered first."""
     elapsed: float
     """Seconds from the request's start to the answer."""
+    connect_session_id: bytes
+    """The request's session id: the client's tunnel_syn on a punched stream names it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,7 +308,14 @@ class ConnectRequest:
             wanted.system_id is not None and response.system_id != wanted.system_id
         ):
             return "connect response for a server we did not ask for"
-        self._finish(ConnectSucceeded(response=response, via=via, elapsed=elapsed))
+        self._finish(
+            ConnectSucceeded(
+                response=response,
+                via=via,
+                elapsed=elapsed,
+                connect_session_id=self.connect_session_id,
+            )
+        )
         return ""
 
     def _tcp_failed(self, reason: str, now: float) -> None:

@@ -168,7 +168,14 @@ def test_a_udp_answer_first_wins_and_the_tcp_answer_is_ignored() -> None:
     request.datagrams_to_send(100.0)
     request.tcp_data_to_send()
     request.datagram_received(success(UDP_TID), 100.25)
-    assert events(request) == [ConnectSucceeded(response=RESPONSE, via="udp", elapsed=0.25)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=RESPONSE,
+            via="udp",
+            elapsed=0.25,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
     assert_finished(request, 100.5)
     assert request.dropped_messages == 0
 
@@ -181,7 +188,14 @@ def test_a_tcp_answer_first_wins_and_the_udp_answer_is_ignored() -> None:
     assert request.buffered == 30
     assert not request.done
     request.tcp_data_received(answer[30:], 100.5)
-    assert events(request) == [ConnectSucceeded(response=RESPONSE, via="tcp", elapsed=0.5)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=RESPONSE,
+            via="tcp",
+            elapsed=0.5,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
     assert request.buffered == 0
     assert_finished(request, 101.0)
 
@@ -219,7 +233,14 @@ def test_foreign_and_duplicate_responses_are_ignored() -> None:
     assert not request.done
     request.datagram_received(success(UDP_TID), 0.2)
     request.datagram_received(success(UDP_TID), 0.3)  # a retransmission's duplicate answer
-    assert events(request) == [ConnectSucceeded(response=RESPONSE, via="udp", elapsed=0.2)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=RESPONSE,
+            via="udp",
+            elapsed=0.2,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
 
 
 def test_garbage_and_unusable_udp_answers_are_dropped_and_retransmission_goes_on() -> None:
@@ -246,7 +267,14 @@ def test_a_system_id_request_accepts_any_server_of_that_system_only() -> None:
     assert request.dropped_messages == 1
     any_server = ConnectResponse(server_id=OTHER_SERVER, system_id=SYSTEM)
     request.datagram_received(success(UDP_TID, any_server), 0.2)
-    assert events(request) == [ConnectSucceeded(response=any_server, via="udp", elapsed=0.2)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=any_server,
+            via="udp",
+            elapsed=0.2,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -378,7 +406,14 @@ def test_the_udp_copy_still_succeeds_after_the_tcp_copy_failed() -> None:
     request = new_request()
     request.tcp_data_received(b"\xff" * 20, 0.1)
     request.datagram_received(success(UDP_TID), 0.2)
-    assert events(request) == [ConnectSucceeded(response=RESPONSE, via="udp", elapsed=0.2)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=RESPONSE,
+            via="udp",
+            elapsed=0.2,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
 
 
 def test_messages_that_are_not_our_answer_do_not_break_the_tcp_stream() -> None:
@@ -388,7 +423,14 @@ def test_messages_that_are_not_our_answer_do_not_break_the_tcp_stream() -> None:
     )
     request.tcp_data_received(encode_message(indication) + success(TCP_TID), 0.4)
     assert request.dropped_messages == 1
-    assert events(request) == [ConnectSucceeded(response=RESPONSE, via="tcp", elapsed=0.4)]
+    assert events(request) == [
+        ConnectSucceeded(
+            response=RESPONSE,
+            via="tcp",
+            elapsed=0.4,
+            connect_session_id=request.connect_session_id,
+        )
+    ]
 
 
 # --- connection_result and misuse --------------------------------------------------------
