@@ -50,9 +50,10 @@ __all__ = [
     "TunnelSynResponder",
 ]
 
-# A request is at most 56 bytes and an answer 80 (header, two ids, a session id, and an
-# error phrase of fewer than 128 characters fits too): a length field asking for more is
-# not a wavesync peer, and nothing longer is ever buffered.
+# A request is at most 60 bytes (header, target id, session id) and an answer 80 (both
+# ids); an error answer with a 127-character phrase (at most 763 bytes of UTF-8, RFC 8489
+# §14.8) and 16 unknown attribute types still fits. A length field asking for more is not
+# a wavesync peer, and nothing longer is ever buffered.
 MAX_SYN_MESSAGE = 1024
 # How many of a foreign peer's first bytes a failure quotes: enough to recognise
 # "HTTP/1.1 400 Bad" or an SSH banner, short enough for a log line.
