@@ -1,7 +1,7 @@
 """The ``wavesync`` command.
 
-Each subcommand is a thin program over an adapter; later issues add server,
-client and demo. Exit status: 0 on success, 1 when the
+Each subcommand is a thin program over an adapter (server, client and demo live
+in cli_connect.py, tunnel-probe in cli_tunnel.py). Exit status: 0 on success, 1 when the
 network operation failed, 2 for a usage error (argparse's convention).
 """
 
@@ -39,6 +39,7 @@ from .anyio.mediator import MediatorDaemon
 from .anyio.relay import RelayDaemon
 from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
+from .cli_connect import add_connect_commands, run_client, run_demo_command, run_server
 from .cli_tunnel import add_tunnel_probe_command, run_tunnel_probe
 
 __all__ = ["main"]
@@ -255,6 +256,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_udt_commands(commands, common)
     add_tunnel_probe_command(commands, common)
+    add_connect_commands(commands, common)
     return parser
 
 
@@ -530,9 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.json_logs)
     runners = {
+        "client": run_client,
+        "demo": run_demo_command,
         "keygen": _run_keygen,
         "mediator": _run_mediator,
         "relay": _run_relay,
+        "server": run_server,
         "stun-binding": _run_stun_binding,
         "stun-server": _run_stun_server,
         "tunnel-probe": run_tunnel_probe,

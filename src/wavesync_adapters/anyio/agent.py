@@ -1,0 +1,381 @@
+"""The server agent on anyio: every path a client can take ends in one ``serve`` handler.
+
+``ServerAgent`` runs the server's side of DESIGN.md §1 at once: the listen session
+with the mediator, one punching UDP socket per connect request (the signed
+connection_ack and the UDT rendezvous leave from it, and it keeps listening so the
+client's later connections reuse the hole), a TCP listener for direct and LAN
+clients, the relay standby pools and the LAN responder. Whatever the path, a new
+stream must first pass ``tunnel_syn`` (``answer_client``); only then does the
+application's handler see it, as an ``AcceptedStream``.
+
+Thin by design: registration, punching, standby policy, discovery answers and
+verification are the core's machines; this module wires them to sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.mediator.listen import ClientUdpEndpointLearned, ConnectionRequestReceived
+from wavesync_proto.race import PathKind
+from wavesync_proto.udt.connection_types import UdtConfig
+
+from .lan import LanResponder
+from .listen import MediatorListener
+from .relay_agent import RelayAgent, RelayTunnelInfo
+from .tunnel import parse_target
+from .udt import UdtConnectError, UdtEndpoint
+from .verify import VerificationError, answer_client
+
+__all__ = ["AcceptedStream", "AgentCounters", "ServerAgent", "StreamHandler"]
+
+#: How a tunnel_syn exchange fails: a refusal, or the stream breaking under it.
+_NOT_VERIFIED = (VerificationError, OSError, anyio.EndOfStream, anyio.BrokenResourceError)
+
+log = logging.getLogger("wavesync.agent")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcceptedStream:
+    """A verified stream from a client, whichever path it came by."""
+
+    stream: anyio.abc.ByteStream
+    #: TCP (direct or LAN: the server cannot tell them apart), UDP or RELAY.
+    path: PathKind
+    #: The client's address as this side sees it (the relay's, for a relayed stream).
+    peer: Endpoint | None
+    #: The client's connect session, when it came through the mediator.
+    connect_session_id: bytes | None
+
+
+StreamHandler = Callable[[AcceptedStream], Awaitable[None]]
+
+
+@dataclass
+class AgentCounters:
+    """What the agent did, for logs and tests."""
+
+    accepted: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PathKind})
+    rejected: int = 0
+    connect_requests: int = 0
+    punches_refused: int = 0
+    rendezvous_failed: int = 0
+    over_capacity: int = 0
+
+
+@dataclass(eq=False)
+class _Punch:
+    """One punching socket: the sessions acked from it and its rendezvous in flight."""
+
+    endpoint: UdtEndpoint
+    sessions: set[bytes]
+    group: anyio.abc.TaskGroup
+    pending_rendezvous: int = 0
+    tried: set[Endpoint] = field(default_factory=set)
+
+
+class ServerAgent:
+    """A server behind NAT: registered, punching, listening, in the relay pools.
+
+    ``await group.start(agent.serve, handler)`` returns once the TCP listener is bound
+    (``tcp_endpoint``); ``handler`` runs in its own task for each verified stream, and
+    the stream is closed when it returns.
+    """
+
+    def __init__(
+        self,
+        *,
+        system_id: uuid.UUID,
+        server_id: uuid.UUID,
+        key: str,
+        mediator: Endpoint | None = None,
+        relays: Sequence[str] = (),
+        tcp_listen: Endpoint = ("0.0.0.0", 0),  # noqa: S104 - a server's default
+        udp_host: str = "0.0.0.0",  # noqa: S104 - a server's default
+        advertise: Sequence[Endpoint] | None = None,
+        lan: bool = True,
+        lan_group: Endpoint = DEFAULT_GROUP,
+        lan_interfaces: Sequence[str] = ("0.0.0.0",),  # noqa: S104 - the kernel's pick
+        standby_count: int = 7,
+        verify_timeout: float = 5.0,
+        max_punch_sockets: int = 64,
+        hole_linger: float = 30.0,
+        max_streams: int = 1024,
+        udt_config: UdtConfig | None = None,
+    ) -> None:
+        """``advertise``: the TCP endpoints to report to the mediator and LAN clients
+        (default: the bound listener, with an unspecified host replaced by the address
+        this host reaches the mediator from). ``hole_linger``: how long a punching
+        socket stays open after its last connection closed, for the client's next
+        connection to reuse the hole."""
+        if verify_timeout <= 0 or hole_linger < 0 or max_punch_sockets < 1 or max_streams < 1:
+            raise LocalProtocolError("timeouts and limits must be positive")
+        self.system_id, self.server_id, self._key = system_id, server_id, key
+        self.mediator = mediator
+        self.relays = tuple(relays)
+        self._tcp_listen = tcp_listen
+        self._udp_host = udp_host
+        self._advertise = tuple(advertise) if advertise is not None else None
+        self._lan = lan
+        self._lan_group = lan_group
+        self._lan_interfaces = tuple(lan_interfaces)
+        self._standby_count = standby_count
+        self._verify_timeout = verify_timeout
+        self._max_punches = max_punch_sockets
+        self._hole_linger = hole_linger
+        self._max_streams = max_streams
+        self._udt_config = udt_config
+        self._punches: dict[bytes, _Punch] = {}
+        self._streams = 0
+        self._handler: StreamHandler | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        #: The bound TCP listener's address, once ``serve`` has started.
+        self.tcp_endpoint: Endpoint | None = None
+        #: The TCP endpoints reported to the mediator and to LAN searches.
+        self.advertised: tuple[Endpoint, ...] = ()
+        self.listener: MediatorListener | None = None
+        self.relay_agents: list[RelayAgent] = []
+        self.counters = AgentCounters()
+
+    # --- running ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        handler: StreamHandler,
+        *,
+        task_status: anyio.abc.TaskStatus[Endpoint] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run every part until cancelled; ``task_status`` gets the TCP listener's address."""
+        tcp = await anyio.create_tcp_listener(
+            local_host=self._tcp_listen[0], local_port=self._tcp_listen[1], reuse_port=False
+        )
+        async with tcp, anyio.create_task_group() as group:
+            self._handler, self._group = handler, group
+            bound = tcp.extra(anyio.abc.SocketAttribute.local_address)
+            self.tcp_endpoint = (str(bound[0]), int(bound[1]))
+            self.advertised = self._advertise or (self._reachable(self.tcp_endpoint),)
+            log.info(
+                "server %s accepting on tcp %s (advertised %s)",
+                self.server_id,
+                format_endpoint(self.tcp_endpoint),
+                ", ".join(format_endpoint(e) for e in self.advertised),
+            )
+            group.start_soon(tcp.serve, self._tcp_stream, group)
+            if self.mediator is not None:
+                self.listener = MediatorListener(
+                    self.mediator,
+                    system_id=self.system_id,
+                    server_id=self.server_id,
+                    system_key=self._key,
+                    local_endpoints=self.advertised,
+                )
+                await group.start(self.listener.run)
+                group.start_soon(self._take_requests, self.listener)
+            for url in self.relays:
+                agent = RelayAgent(
+                    parse_target(url),
+                    system_id=self.system_id,
+                    server_id=self.server_id,
+                    key=self._key,
+                    target=self._standby_count,
+                )
+                self.relay_agents.append(agent)
+                await group.start(agent.serve, self._relay_tunnel)
+            if self._lan:
+                responder = DiscoveryResponder(
+                    system_id=self.system_id, server_id=self.server_id, endpoints=self.advertised
+                )
+                lan = LanResponder(
+                    responder, group=self._lan_group, interfaces=self._lan_interfaces
+                )
+                await group.start(lan.run)
+            task_status.started(self.tcp_endpoint)
+
+    def _reachable(self, bound: Endpoint) -> Endpoint:
+        """``bound``, or with a wildcard host the address the route to the mediator uses."""
+        host, port = bound
+        if not ipaddress.ip_address(host).is_unspecified:
+            return bound
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        toward = self.mediator[0] if self.mediator else ("::1" if ":" in host else "127.0.0.1")
+        try:
+            # A connected UDP socket sends nothing: the kernel only picks the route.
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((toward, 9))
+                return (str(probe.getsockname()[0]), port)
+        except OSError:
+            return ("::1" if family == socket.AF_INET6 else "127.0.0.1", port)
+
+    # --- the paths --------------------------------------------------------------------
+
+    async def _tcp_stream(self, stream: anyio.abc.SocketStream) -> None:
+        remote = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        peer = (str(remote[0]), int(remote[1]))
+        await self._verify_and_handle(stream, PathKind.TCP, peer, None)
+
+    async def _relay_tunnel(self, stream: anyio.abc.ByteStream, info: RelayTunnelInfo) -> None:
+        # The relay agent closes the stream when this returns, as the handler does.
+        await self._verify_and_handle(stream, PathKind.RELAY, info.client_address, None)
+
+    async def _take_requests(self, listener: MediatorListener) -> None:
+        assert self._group is not None
+        while True:
+            try:
+                request = await listener.next_request()
+            except anyio.EndOfStream:
+                return
+            if isinstance(request, ConnectionRequestReceived):
+                self.counters.connect_requests += 1
+                if len(self._punches) >= self._max_punches:
+                    self.counters.punches_refused += 1
+                    log.warning(
+                        "connect %s: not punching, %d punching sockets open",
+                        request.connect_session_id.hex()[:12],
+                        len(self._punches),
+                    )
+                    continue
+                self._group.start_soon(self._punch, listener, request)
+            elif isinstance(request, ClientUdpEndpointLearned):
+                punch = self._punches.get(request.connect_session_id)
+                if punch is not None:
+                    self._start_rendezvous(punch, request.client_udp_endpoint)
+
+    async def _punch(self, listener: MediatorListener, request: ConnectionRequestReceived) -> None:
+        """Ack from a fresh socket and rendezvous toward the client; keep the hole open."""
+        session_id = request.connect_session_id
+        sid = session_id.hex()[:12]
+        endpoint = UdtEndpoint.bind((self._udp_host, 0), config=self._udt_config)
+        async with endpoint, anyio.create_task_group() as group:
+            punch = _Punch(endpoint=endpoint, sessions={session_id}, group=group)
+            self._punches[session_id] = punch
+            try:
+                endpoint.listen()  # the client's next connections come as regular connects
+                group.start_soon(self._accept_reused, punch)
+                if request.client_udp_endpoint is not None:
+                    self._start_rendezvous(punch, request.client_udp_endpoint)
+                punched = await listener.acknowledge(session_id, endpoint.datagram_port())
+                log.info(
+                    "connect %s: acked from udp %s (seen as %s)",
+                    sid,
+                    format_endpoint(endpoint.local_address),
+                    format_endpoint(punched) if punched else "nothing: no answer",
+                )
+                await self._hold_hole(punch)
+            finally:
+                del self._punches[session_id]
+                group.cancel_scope.cancel()
+        log.debug("connect %s: punching socket closed", sid)
+
+    def _start_rendezvous(self, punch: _Punch, client: Endpoint) -> None:
+        if client in punch.tried:
+            return
+        punch.tried.add(client)
+        punch.pending_rendezvous += 1
+        punch.group.start_soon(self._rendezvous, punch, client)
+
+    async def _rendezvous(self, punch: _Punch, client: Endpoint) -> None:
+        try:
+            stream = await punch.endpoint.rendezvous([client])
+        except (UdtConnectError, anyio.BrokenResourceError) as exc:
+            self.counters.rendezvous_failed += 1
+            log.info("rendezvous with %s failed: %s", format_endpoint(client), exc)
+            return
+        finally:
+            punch.pending_rendezvous -= 1
+        await self._verify_and_handle(
+            stream, PathKind.UDP, client, punch.sessions.__contains__, require_session=True
+        )
+
+    async def _accept_reused(self, punch: _Punch) -> None:
+        while True:
+            stream = await punch.endpoint.accept()
+            peer = stream.connection.peer_address
+            punch.group.start_soon(
+                self._verify_and_handle,
+                stream,
+                PathKind.UDP,
+                peer,
+                punch.sessions.__contains__,
+                True,
+            )
+
+    async def _hold_hole(self, punch: _Punch) -> None:
+        """Return once the socket has had no connection and no rendezvous for a while."""
+        idle_since = anyio.current_time()
+        linger = self._hole_linger
+        while True:
+            busy = punch.pending_rendezvous or punch.endpoint.multiplexer.connections
+            now = anyio.current_time()
+            if busy:
+                idle_since = now
+            elif now - idle_since >= linger:
+                return
+            # Polled, not signalled: a second's slack on a 30 s linger costs nothing.
+            await anyio.sleep(1.0 if busy else min(1.0, idle_since + linger - now))
+
+    # --- every path ends here ---------------------------------------------------------
+
+    async def _verify_and_handle(
+        self,
+        stream: anyio.abc.ByteStream,
+        path: PathKind,
+        peer: Endpoint | None,
+        known_session: Callable[[bytes], bool] | None,
+        require_session: bool = False,
+    ) -> None:
+        if self._streams >= self._max_streams:
+            self.counters.over_capacity += 1
+            log.warning("refusing a %s stream: %d streams open", path.value, self._streams)
+            await anyio.aclose_forcefully(stream)
+            return
+        self._streams += 1
+        try:
+            try:
+                verified, accepted = await answer_client(
+                    stream,
+                    system_id=self.system_id,
+                    server_id=self.server_id,
+                    require_session=require_session,
+                    known_session=known_session,
+                    timeout=self._verify_timeout,
+                )
+            except _NOT_VERIFIED as exc:
+                self.counters.rejected += 1
+                where = format_endpoint(peer) if peer else "?"
+                log.info("%s stream from %s not verified: %s", path.value, where, exc)
+                return
+            self.counters.accepted[path.value] += 1
+            log.info(
+                "accepted a %s stream from %s",
+                path.value,
+                format_endpoint(peer) if peer else "?",
+            )
+            assert self._handler is not None
+            try:
+                await self._handler(
+                    AcceptedStream(
+                        stream=verified,
+                        path=path,
+                        peer=peer,
+                        connect_session_id=accepted.connect_session_id,
+                    )
+                )
+            except Exception:
+                # One stream's failure is its handler's bug or its peer's doing; the
+                # agent and its other streams carry on.
+                log.exception("the %s stream handler failed", path.value)
+        finally:
+            self._streams -= 1
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)

@@ -1,0 +1,419 @@
+"""The client connector on anyio: one call, a verified stream by whichever path won.
+
+``Connector.connect()`` runs a ``PathRace`` (wavesync_proto.race): the race says
+when to search the LAN, when to ask the mediator, which attempts to start and
+which to cancel; this module dials TCP, punches UDT from the socket the connect
+request left from, asks relays, passes ``tunnel_syn`` on each new stream
+(``verify_server``) and reports back. The first verified stream is returned, the
+others are closed.
+
+A punched socket outlives the connect that made it: while it holds a connection
+(and ``hole_linger`` seconds after), the next ``connect()`` to the same server
+first tries a new UDT connection through the same hole, without the mediator
+(DESIGN.md §1 step 7); the race falls back to every path if that fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+import anyio.abc
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.race import (
+    ALL_PATHS,
+    AskMediator,
+    Attempt,
+    AttemptFailure,
+    CancelAttempt,
+    PathKind,
+    PathRace,
+    RaceAction,
+    RaceFailed,
+    RaceWon,
+    StartAttempt,
+    StartLanSearch,
+)
+from wavesync_proto.udt.connection_types import UdtConfig
+
+from ._net import sleep_until_or
+from .connect import ConnectError, request_connection
+from .lan import search_lan
+from .relay_client import RelayConnectError, open_relay_stream
+from .tunnel import parse_target
+from .udt import UdtConnectError, UdtEndpoint, UdtStream
+from .verify import VerificationError, verify_server
+
+__all__ = ["Connection", "Connector", "PathRaceError"]
+
+#: How a tunnel_syn exchange fails: a refusal, or the stream breaking under it.
+_NOT_VERIFIED = (VerificationError, OSError, anyio.EndOfStream, anyio.BrokenResourceError)
+
+log = logging.getLogger("wavesync.connector")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connection:
+    """A verified stream to the server, and how it was reached."""
+
+    stream: anyio.abc.ByteStream
+    path: PathKind
+    #: The winning attempt, e.g. "udp 203.0.113.5:40000" or "relay http://relay:3479".
+    target: str
+    #: Seconds from ``connect()`` to the verified stream.
+    elapsed: float
+    #: A new connection through a hole an earlier connect punched (no mediator asked).
+    reused_hole: bool
+    #: What failed before the winner came in (or was still running).
+    failures: tuple[AttemptFailure, ...]
+
+
+class PathRaceError(OSError):
+    """Every path failed, or the deadline passed; ``failures`` says why each did."""
+
+    def __init__(self, result: RaceFailed) -> None:
+        super().__init__(f"no path to the server: {result.reason}\n{result.describe()}")
+        self.reason = result.reason
+        self.failures = result.failures
+
+
+@dataclass(eq=False)
+class _Hole:
+    """A punched socket and the peer it reaches; its holder task lives in the connector."""
+
+    endpoint: UdtEndpoint
+    peer: Endpoint | None
+    connect_session_id: bytes | None
+    server_id: uuid.UUID | None
+    release: anyio.Event
+
+
+class Connector:
+    """Connects to one server (``server_id``) or any server of a system (``system_id``).
+
+    Use as ``async with Connector(...) as connector: connection = await
+    connector.connect()``; leaving the block closes the punched sockets it keeps.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_id: uuid.UUID | None = None,
+        system_id: uuid.UUID | None = None,
+        mediator: Endpoint | None = None,
+        relays: Sequence[str] = (),
+        paths: frozenset[PathKind] = ALL_PATHS,
+        lan: bool = True,
+        lan_group: Endpoint = DEFAULT_GROUP,
+        lan_interface: str | None = None,
+        lan_timeout: float = 1.0,
+        deadline: float = 10.0,
+        start_delays: Mapping[PathKind, float] | None = None,
+        verify_timeout: float = 5.0,
+        udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
+        hole_linger: float = 30.0,
+        udt_config: UdtConfig | None = None,
+    ) -> None:
+        if (server_id is None) == (system_id is None):
+            raise LocalProtocolError("name exactly one of server_id and system_id")
+        if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:
+            raise LocalProtocolError("timeouts must be positive")
+        self.server_id, self.system_id = server_id, system_id
+        self.mediator = mediator
+        self.relays = tuple(relays)
+        self.paths = paths
+        self._lan = lan
+        self._lan_group = lan_group
+        self._lan_interface = lan_interface
+        self._lan_timeout = lan_timeout
+        self._deadline = deadline
+        self._start_delays = start_delays
+        self._verify_timeout = verify_timeout
+        self._udp_host = udp_host
+        self._hole_linger = hole_linger
+        self._udt_config = udt_config
+        self._group: anyio.abc.TaskGroup | None = None
+        #: Live punched sockets, by the server they reach (None: not known yet).
+        self._holes: dict[uuid.UUID, _Hole] = {}
+        #: Connect requests sent to the mediator (a reused hole sends none).
+        self.mediator_requests = 0
+
+    async def __aenter__(self) -> Connector:
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._group is not None
+        self._group.cancel_scope.cancel()
+        return await self._group.__aexit__(exc_type, exc, traceback)
+
+    async def connect(self) -> Connection:
+        """A verified stream to the server by the first path that works.
+
+        Raises ``PathRaceError`` (listing each path's failure) when none does within
+        the deadline.
+        """
+        if self._group is None:
+            raise RuntimeError("use the Connector in an `async with` block")
+        hole = self._hole_for(self.server_id)
+        reuse: tuple[Endpoint, ...] = ()
+        if hole is not None and hole.peer is not None and PathKind.UDP in self.paths:
+            reuse = (hole.peer,)
+        race = PathRace(
+            now=anyio.current_time(),
+            paths=self.paths,
+            deadline=self._deadline,
+            start_delays=self._start_delays,
+            lan=self._lan,
+            mediator=self.mediator is not None,
+            relays=self.relays,
+            reuse=reuse,
+        )
+        return await _RaceRun(self, race, hole).run()
+
+    def _hole_for(self, server_id: uuid.UUID | None) -> _Hole | None:
+        if server_id is not None:
+            return self._holes.get(server_id)
+        # A system target: any server of it that we reach already will do.
+        return next(iter(self._holes.values()), None)
+
+    async def _open_hole(self) -> _Hole:
+        """A new punching socket, held open by a task of the connector's."""
+        assert self._group is not None
+        endpoint = UdtEndpoint.bind((self._udp_host, 0), config=self._udt_config)
+        hole = _Hole(
+            endpoint=endpoint,
+            peer=None,
+            connect_session_id=None,
+            server_id=None,
+            release=anyio.Event(),
+        )
+        await self._group.start(self._hold, hole)
+        return hole
+
+    async def _hold(
+        self, hole: _Hole, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep ``hole`` open until released, then while it carries connections and
+        ``hole_linger`` seconds after its last."""
+        async with hole.endpoint:
+            task_status.started()
+            await hole.release.wait()
+            idle_since = anyio.current_time()
+            while True:
+                now = anyio.current_time()
+                if hole.endpoint.multiplexer.connections:
+                    idle_since = now
+                elif now - idle_since >= self._hole_linger or hole.peer is None:
+                    break
+                # Polled: a second's slack on a 30 s linger costs nothing.
+                await anyio.sleep(min(1.0, max(0.01, idle_since + self._hole_linger - now)))
+        if hole.server_id is not None and self._holes.get(hole.server_id) is hole:
+            del self._holes[hole.server_id]
+        log.debug("punched socket %s closed", format_endpoint(hole.endpoint.local_address))
+
+
+class _RaceRun:
+    """One ``connect()``: runs the race's actions and feeds it what they found."""
+
+    def __init__(self, connector: Connector, race: PathRace, reuse_hole: _Hole | None) -> None:
+        self.connector = connector
+        self.race = race
+        self.reuse_hole = reuse_hole
+        self.hole: _Hole | None = None  # the one this run punched, if it asked the mediator
+        self.server_id = connector.server_id  # learned from the connect response
+        self.wake = anyio.Event()
+        self.scopes: dict[int, anyio.CancelScope] = {}
+        self.verified: dict[int, anyio.abc.ByteStream] = {}
+
+    def changed(self) -> None:
+        self.wake.set()
+
+    async def run(self) -> Connection:
+        race = self.race
+        try:
+            async with anyio.create_task_group() as group:
+                while True:
+                    for action in race.actions():
+                        self._act(action, group)
+                    event = race.next_event()
+                    if event is not None:
+                        break
+                    await sleep_until_or(self.wake, race.get_timer())
+                    self.wake = anyio.Event()
+                    race.handle_timer(anyio.current_time())
+                group.cancel_scope.cancel()
+        finally:
+            if self.hole is not None:
+                self.hole.release.set()
+            winner = race.winner
+            for attempt_id, stream in self.verified.items():
+                if winner is None or attempt_id != winner.attempt_id:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.aclose_forcefully(stream)
+        if isinstance(event, RaceFailed):
+            log.info("connect failed: %s\n%s", event.reason, event.describe())
+            raise PathRaceError(event)
+        assert isinstance(event, RaceWon)
+        attempt = event.attempt
+        log.info("connected by %s in %.1f ms", attempt.describe(), event.elapsed * 1000)
+        return Connection(
+            stream=self.verified[attempt.attempt_id],
+            path=attempt.kind,
+            target=attempt.describe(),
+            elapsed=event.elapsed,
+            reused_hole=attempt.reuse,
+            failures=event.failures,
+        )
+
+    def _act(self, action: RaceAction, group: anyio.abc.TaskGroup) -> None:
+        if isinstance(action, StartLanSearch):
+            group.start_soon(self._search_lan)
+        elif isinstance(action, AskMediator):
+            group.start_soon(self._ask_mediator)
+        elif isinstance(action, StartAttempt):
+            scope = anyio.CancelScope()
+            self.scopes[action.attempt.attempt_id] = scope
+            group.start_soon(self._attempt, action.attempt, scope)
+        elif isinstance(action, CancelAttempt):
+            running = self.scopes.get(action.attempt.attempt_id)
+            if running is not None:
+                log.debug("cancelling %s: %s", action.attempt.describe(), action.reason)
+                running.cancel()
+
+    # --- the sources ------------------------------------------------------------------
+
+    async def _search_lan(self) -> None:
+        connector = self.connector
+
+        def found(server: ServerFound) -> None:
+            self.race.offer_lan(server.endpoints, anyio.current_time())
+            self.changed()
+
+        try:
+            await search_lan(
+                found,
+                server_id=connector.server_id,
+                system_id=connector.system_id,
+                timeout=connector._lan_timeout,
+                group=connector._lan_group,
+                interface=connector._lan_interface,
+            )
+        except OSError as exc:
+            log.info("lan search failed: %s", exc)
+        self.race.lan_search_finished(anyio.current_time())
+        self.changed()
+
+    async def _ask_mediator(self) -> None:
+        connector = self.connector
+        assert connector.mediator is not None
+        try:
+            self.hole = await connector._open_hole()
+            connector.mediator_requests += 1
+            answer = await request_connection(
+                connector.mediator,
+                server_id=connector.server_id,
+                system_id=connector.system_id,
+                udp=self.hole.endpoint.datagram_port(),
+                timeout=connector._deadline,
+            )
+        except (ConnectError, OSError) as exc:
+            self.race.mediator_failed(str(exc), anyio.current_time())
+        else:
+            self.hole.connect_session_id = answer.connect_session_id
+            self.hole.server_id = self.server_id = answer.response.server_id
+            self.race.offer_connect_response(answer.response, anyio.current_time())
+        self.changed()
+
+    # --- the attempts -----------------------------------------------------------------
+
+    async def _attempt(self, attempt: Attempt, scope: anyio.CancelScope) -> None:
+        race = self.race
+        with scope:
+            try:
+                stream, session_id = await self._open(attempt)
+            except (OSError, RelayConnectError, TimeoutError, anyio.BrokenResourceError) as exc:
+                race.attempt_failed(attempt.attempt_id, _why(exc), anyio.current_time())
+                self.changed()
+                return
+            race.attempt_connected(attempt.attempt_id, anyio.current_time())
+            try:
+                verified, _answer = await verify_server(
+                    stream,
+                    server_id=self.server_id,
+                    system_id=None if self.server_id else self.connector.system_id,
+                    connect_session_id=session_id,
+                    timeout=self.connector._verify_timeout,
+                )
+            except _NOT_VERIFIED as exc:
+                await anyio.aclose_forcefully(stream)
+                race.attempt_failed(attempt.attempt_id, _why(exc), anyio.current_time())
+                self.changed()
+                return
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(stream)
+                raise
+            self.verified[attempt.attempt_id] = verified
+            if isinstance(stream, UdtStream):
+                self._keep_hole(attempt, stream.connection.peer_address)
+            race.attempt_verified(attempt.attempt_id, anyio.current_time())
+            self.changed()
+
+    async def _open(self, attempt: Attempt) -> tuple[anyio.abc.ByteStream, bytes | None]:
+        """The attempt's transport, and the connect session its tunnel_syn names."""
+        timeout = self.connector._deadline
+        if attempt.kind in (PathKind.TCP, PathKind.LAN):
+            assert attempt.tcp_endpoint is not None
+            host, port = attempt.tcp_endpoint
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_tcp(host, port)
+            return stream, self.hole.connect_session_id if self.hole else None
+        if attempt.kind is PathKind.RELAY:
+            assert attempt.relay_url is not None
+            relayed = await open_relay_stream(
+                parse_target(attempt.relay_url),
+                server_id=self.server_id,
+                system_id=None if self.server_id else self.connector.system_id,
+                timeout=timeout,
+            )
+            return relayed.stream, None
+        if attempt.reuse:
+            hole = self.reuse_hole
+            assert hole is not None
+            assert hole.peer is not None
+            return await hole.endpoint.connect(hole.peer), hole.connect_session_id
+        hole = self.hole
+        if hole is None:  # the race offers UDP only after a connect response
+            raise OSError("no punched socket for a UDP attempt")
+        return await hole.endpoint.rendezvous(attempt.udp_candidates), hole.connect_session_id
+
+    def _keep_hole(self, attempt: Attempt, peer: Endpoint | None) -> None:
+        """A verified UDT stream proves the hole: later connects may reuse it."""
+        hole = self.reuse_hole if attempt.reuse else self.hole
+        if hole is None or peer is None or self.server_id is None:
+            return
+        hole.peer = peer
+        hole.server_id = self.server_id
+        self.connector._holes[self.server_id] = hole
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, UdtConnectError):
+        return f"udt: {exc}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__

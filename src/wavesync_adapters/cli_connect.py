@@ -1,0 +1,274 @@
+"""``wavesync server``, ``client`` and ``demo``: the programs that make the parts a product.
+
+``server`` exposes a local TCP service behind NAT (every accepted stream is piped
+to ``--forward``); ``client`` opens a local port whose connections reach that
+service by the best path, or the one ``--path`` names; ``demo`` runs all of it
+in one process on loopback and prints what worked and how fast (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
+from wavesync_proto.discovery import DEFAULT_GROUP
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.race import ALL_PATHS, PathKind
+
+from .anyio.agent import AcceptedStream, ServerAgent
+from .anyio.connector import Connector
+from .anyio.demo import run_demo
+from .anyio.forward import forward_to_service, serve_local_port
+from .anyio.listen import RegistrationError
+
+__all__ = ["add_connect_commands", "run_client", "run_demo_command", "run_server"]
+
+log = logging.getLogger("wavesync")
+
+MEDIATOR_PORT = 3478  # the mediator speaks STUN: RFC 8489's default port
+
+
+def _endpoint(text: str, default_port: int | None = None) -> Endpoint:
+    try:
+        return parse_endpoint(text, default_port=default_port)
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mediator(text: str) -> Endpoint:
+    return _endpoint(text, MEDIATOR_PORT)
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+def _relay_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        text = f"http://{text}"
+    return text
+
+
+def add_connect_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    """Add ``server``, ``client`` and ``demo`` to the ``wavesync`` command."""
+    server = commands.add_parser(
+        "server",
+        parents=[common],
+        help="expose a local TCP service behind NAT",
+        description=(
+            "Register with the mediator, keep standby connections to the relays, answer LAN"
+            " searches and accept streams by every path; each is piped to --forward."
+        ),
+    )
+    server.add_argument("--system-id", type=_uuid, required=True, metavar="UUID")
+    server.add_argument("--key", required=True, help="the system's key (from keygen)")
+    server.add_argument(
+        "--server-id", type=_uuid, metavar="UUID", help="this server's id (default: a new one)"
+    )
+    _add_reach_options(server)
+    server.add_argument(
+        "--forward", type=_endpoint, required=True, metavar="HOST:PORT", help="the local service"
+    )
+    server.add_argument(
+        "--tcp-listen",
+        type=_endpoint,
+        default=("0.0.0.0", 0),  # noqa: S104 - a server's default is every interface
+        metavar="HOST:PORT",
+        help="where direct and LAN clients connect (default 0.0.0.0, any free port)",
+    )
+    server.add_argument(
+        "--udp-host",
+        default="0.0.0.0",  # noqa: S104 - punching sockets answer only their peers
+        metavar="HOST",
+        help="address the punching UDP sockets bind (default 0.0.0.0)",
+    )
+    server.add_argument(
+        "--standby-count",
+        type=int,
+        default=7,
+        metavar="N",
+        help="idle connections kept at each relay (default 7)",
+    )
+
+    client = commands.add_parser(
+        "client",
+        parents=[common],
+        help="a local port that reaches a service behind NAT",
+        description=(
+            "Listen on --listen; each connection there is carried to the server's service"
+            " by the first path that works (LAN, direct TCP, punched UDT, relay), or by"
+            " the one --path names."
+        ),
+    )
+    target = client.add_mutually_exclusive_group(required=True)
+    target.add_argument("--system-id", type=_uuid, metavar="UUID", help="any server of a system")
+    target.add_argument("--server-id", type=_uuid, metavar="UUID", help="one server")
+    _add_reach_options(client)
+    client.add_argument(
+        "--listen", type=_endpoint, required=True, metavar="HOST:PORT", help="the local port"
+    )
+    client.add_argument(
+        "--path",
+        choices=["auto", *(kind.value for kind in PathKind)],
+        default="auto",
+        help="race every path (auto, the default) or use one",
+    )
+    client.add_argument(
+        "--deadline",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting after this long (default 10)",
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run everything on loopback and connect over every path",
+        description=(
+            "Start a mediator, a relay, a server agent in front of a small HTTP service and"
+            " a client, all in this process on loopback; fetch a page over each path in"
+            " turn and over auto, and print a table. Exit 0 when every path worked."
+        ),
+    )
+    demo.add_argument(
+        "--page-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        metavar="N",
+        help="size of the page fetched over each path (default 4 MiB)",
+    )
+
+
+def _add_reach_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mediator", type=_mediator, metavar="HOST[:PORT]", help="the mediator (port 3478)"
+    )
+    parser.add_argument(
+        "--relay",
+        type=_relay_url,
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a relay, http://HOST:PORT (repeatable)",
+    )
+    parser.add_argument(
+        "--no-lan", dest="lan", action="store_false", help="no LAN discovery (search or answer)"
+    )
+    parser.add_argument(
+        "--lan-interface",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="the IPv4 address of an interface LAN discovery uses (default: the kernel's pick)",
+    )
+    parser.add_argument(
+        "--lan-group",
+        type=_endpoint,
+        default=DEFAULT_GROUP,
+        metavar="GROUP:PORT",
+        help=f"the discovery multicast group (default {format_endpoint(DEFAULT_GROUP)})",
+    )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    server_id = args.server_id or uuid.uuid4()
+    if args.mediator is None and not args.relay and not args.lan:
+        print("wavesync server: give --mediator, --relay or LAN discovery", file=sys.stderr)
+        return 2
+    agent = ServerAgent(
+        system_id=args.system_id,
+        server_id=server_id,
+        key=args.key,
+        mediator=args.mediator,
+        relays=args.relay,
+        tcp_listen=args.tcp_listen,
+        udp_host=args.udp_host,
+        lan=args.lan,
+        lan_group=args.lan_group,
+        lan_interfaces=args.lan_interface or ("0.0.0.0",),  # noqa: S104 - kernel's pick
+        standby_count=args.standby_count,
+    )
+
+    async def forward(accepted: AcceptedStream) -> None:
+        await forward_to_service(accepted, args.forward)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as group:
+            bound = await group.start(agent.serve, forward)
+            print(
+                f"server {server_id} of system {args.system_id} accepting on tcp"
+                f" {format_endpoint(bound)}, forwarding to {format_endpoint(args.forward)}",
+                flush=True,
+            )
+            await _until_signal(group)
+
+    status = _run("server", serve)
+    log.info("server stopped: %s", agent.counters)
+    return status
+
+
+def run_client(args: argparse.Namespace) -> int:
+    paths = ALL_PATHS if args.path == "auto" else frozenset({PathKind(args.path)})
+    connector = Connector(
+        server_id=args.server_id,
+        system_id=args.system_id,
+        mediator=args.mediator,
+        relays=args.relay,
+        paths=paths,
+        lan=args.lan,
+        lan_group=args.lan_group,
+        lan_interface=args.lan_interface[0] if args.lan_interface else None,
+        deadline=args.deadline,
+    )
+
+    async def serve() -> None:
+        async with connector, anyio.create_task_group() as group:
+            bound = await group.start(serve_local_port, connector, args.listen)
+            print(f"client listening on tcp {format_endpoint(bound)}", flush=True)
+            await _until_signal(group)
+
+    return _run("client", serve)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    rows = anyio.run(functools.partial(run_demo, page_bytes=args.page_bytes))
+    failed = [row.path for row in rows if not row.connected]
+    if failed:
+        print(f"wavesync demo: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _until_signal(group: anyio.abc.TaskGroup) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("stopping on %s", signal.Signals(signum).name)
+            group.cancel_scope.cancel()
+            return
+
+
+def _run(command: str, program: Callable[[], Awaitable[None]]) -> int:
+    try:
+        anyio.run(program)
+    except RegistrationError as exc:
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
