@@ -384,7 +384,10 @@ def _raise_open_file_limit() -> None:
 
 def _run_keygen(args: argparse.Namespace) -> int:
     # 32 bytes of the OS's randomness, URL-safe base64: ASCII, no quoting needed in TOML.
+    # Not starting with "-", which `--key KEY` would read as an option (1 key in 64).
     key = secrets.token_urlsafe(32)
+    while key.startswith("-"):
+        key = secrets.token_urlsafe(32)
     print(format_system_entry(uuid.uuid4(), key, args.name), end="")
     return 0
 

@@ -33,7 +33,9 @@ __all__ = ["add_connect_commands", "run_client", "run_demo_command", "run_server
 
 log = logging.getLogger("wavesync")
 
-MEDIATOR_PORT = 3478  # the mediator speaks STUN: RFC 8489's default port
+MEDIATOR_PORT = 3478
+#: How long ``wavesync server`` waits to be reachable before it says it is ready anyway.
+_READY_SECONDS = 10.0  # the mediator speaks STUN: RFC 8489's default port
 
 
 def _endpoint(text: str, default_port: int | None = None) -> Endpoint:
@@ -210,6 +212,11 @@ def run_server(args: argparse.Namespace) -> int:
     async def serve() -> None:
         async with anyio.create_task_group() as group:
             bound = await group.start(agent.serve, forward)
+            # "Ready" means reachable: registered, and a standby connection at each relay.
+            with anyio.move_on_after(_READY_SECONDS) as waiting:
+                await agent.wait_ready()
+            if waiting.cancelled_caught:
+                log.warning("not yet registered or in every relay pool; serving anyway")
             print(
                 f"server {server_id} of system {args.system_id} accepting on tcp"
                 f" {format_endpoint(bound)}, forwarding to {format_endpoint(args.forward)}",

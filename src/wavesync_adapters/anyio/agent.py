@@ -202,6 +202,15 @@ class ServerAgent:
                 await group.start(lan.run)
             task_status.started(self.tcp_endpoint)
 
+    async def wait_ready(self) -> None:
+        """Return once the mediator holds this server online and every relay has an idle
+        standby connection (bound it with a timeout). Raises ``RegistrationError`` if
+        the mediator refuses the key."""
+        if self.listener is not None:
+            await self.listener.wait_registered()
+        for agent in self.relay_agents:
+            await agent.wait_for_idle(1)
+
     def _reachable(self, bound: Endpoint) -> Endpoint:
         """``bound``, or with a wildcard host the address the route to the mediator uses."""
         host, port = bound

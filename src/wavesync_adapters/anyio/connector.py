@@ -79,7 +79,7 @@ class PathRaceError(OSError):
     """Every path failed, or the deadline passed; ``failures`` says why each did."""
 
     def __init__(self, result: RaceFailed) -> None:
-        super().__init__(f"no path to the server: {result.reason}\n{result.describe()}")
+        super().__init__(result.describe())
         self.reason = result.reason
         self.failures = result.failures
 

@@ -92,9 +92,7 @@ async def run_demo(
 
         await group.start(agent.serve, forward)
         with anyio.fail_after(10):
-            assert agent.listener is not None
-            await agent.listener.wait_registered()
-            await agent.relay_agents[0].wait_for_idle(1)
+            await agent.wait_ready()
         announce(
             f"mediator {format_endpoint(mediator)}, relay {relay_url},"
             f" server {server_id} forwarding to http://{format_endpoint(page)}"
