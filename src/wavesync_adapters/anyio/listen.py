@@ -150,9 +150,7 @@ class MediatorListener:
         except anyio.ClosedResourceError:
             raise anyio.EndOfStream from None
 
-    async def acknowledge(
-        self, connect_session_id: bytes, udp: DatagramPort
-    ) -> Endpoint | None:
+    async def acknowledge(self, connect_session_id: bytes, udp: DatagramPort) -> Endpoint | None:
         """Send the signed connection_ack from ``udp``; the server's punched endpoint, or None.
 
         ``udp`` is the socket the server punches from: the mediator reports the
