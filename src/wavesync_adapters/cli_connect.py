@@ -15,6 +15,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -28,6 +29,7 @@ from .anyio.connector import Connector
 from .anyio.demo import run_demo
 from .anyio.forward import forward_to_service, serve_local_port
 from .anyio.listen import RegistrationError
+from .cli_tunnel import add_tunnel_options, tunnel_settings
 
 __all__ = ["add_connect_commands", "run_client", "run_demo_command", "run_server"]
 
@@ -169,6 +171,12 @@ def _add_reach_options(parser: argparse.ArgumentParser) -> None:
         help="a relay, http://HOST:PORT (repeatable)",
     )
     parser.add_argument(
+        "--mediator-http",
+        metavar="HOST:PORT|URL",
+        help="the mediator's HTTP face, for --tunnel (default: --mediator)",
+    )
+    add_tunnel_options(parser, default=None)
+    parser.add_argument(
         "--no-lan", dest="lan", action="store_false", help="no LAN discovery (search or answer)"
     )
     parser.add_argument(
@@ -187,11 +195,31 @@ def _add_reach_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tunnel(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], int | None]:
+    """The tunnel keyword arguments for the agent or the connector, or an exit status."""
+    if args.tunnel is None:
+        return {}, None
+    target = args.mediator_http or (format_endpoint(args.mediator) if args.mediator else None)
+    target = target or (args.relay[0] if args.relay else None)
+    if target is None:
+        print(f"wavesync {command}: --tunnel needs --mediator or --relay", file=sys.stderr)
+        return {}, 2
+    try:
+        tunnel, proxy = tunnel_settings(args, target)
+    except (ValueError, LocalProtocolError) as exc:
+        print(f"wavesync {command}: {exc}", file=sys.stderr)
+        return {}, 2
+    return {"tunnel": tunnel, "proxy": proxy, "mediator_http": args.mediator_http}, None
+
+
 def run_server(args: argparse.Namespace) -> int:
     server_id = args.server_id or uuid.uuid4()
     if args.mediator is None and not args.relay and not args.lan:
         print("wavesync server: give --mediator, --relay or LAN discovery", file=sys.stderr)
         return 2
+    tunnel, status = _tunnel(args, "server")
+    if status is not None:
+        return status
     agent = ServerAgent(
         system_id=args.system_id,
         server_id=server_id,
@@ -204,6 +232,7 @@ def run_server(args: argparse.Namespace) -> int:
         lan_group=args.lan_group,
         lan_interfaces=args.lan_interface or ("0.0.0.0",),  # noqa: S104 - kernel's pick
         standby_count=args.standby_count,
+        **tunnel,
     )
 
     async def forward(accepted: AcceptedStream) -> None:
@@ -231,6 +260,9 @@ def run_server(args: argparse.Namespace) -> int:
 
 def run_client(args: argparse.Namespace) -> int:
     paths = ALL_PATHS if args.path == "auto" else frozenset({PathKind(args.path)})
+    tunnel, status = _tunnel(args, "client")
+    if status is not None:
+        return status
     connector = Connector(
         server_id=args.server_id,
         system_id=args.system_id,
@@ -241,6 +273,7 @@ def run_client(args: argparse.Namespace) -> int:
         lan_group=args.lan_group,
         lan_interface=args.lan_interface[0] if args.lan_interface else None,
         deadline=args.deadline,
+        **tunnel,
     )
 
     async def serve() -> None:

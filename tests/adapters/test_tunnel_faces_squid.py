@@ -24,13 +24,16 @@ from tests.adapters.tunnels import round_trip
 from tests.daemons import new_system, run_wavesync, wavesync_daemon
 from tests.squid import DEFAULT, Squid, squid_binary, squid_proxy
 from wavesync_adapters.anyio._dial import AUTO
+from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
 from wavesync_adapters.anyio.connect import request_connection
+from wavesync_adapters.anyio.connector import Connector
 from wavesync_adapters.anyio.listen import MediatorListener
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import parse_target
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
+from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory, TunnelMethod
 
 MEDIATOR_READY = (
@@ -169,3 +172,45 @@ def test_tunnel_probe_through_default_squid_says_getpost(services: Services) -> 
     )
     assert found.returncode == 0, found.stderr
     assert found.stdout == f"getpost (proxy 127.0.0.1:{services.squid.port})\n"
+
+
+async def test_server_agent_and_connector_behind_squid_meet_through_the_relay(
+    services: Services,
+) -> None:
+    # The product's own pieces, told only "tunnel: auto" and the proxy: the agent's
+    # listen session and standby pool, and the client's connect request and relay
+    # session, each find the method squid passes (getpost) on their own.
+    proxy = ProxyConfig.from_url(services.squid.url)
+    server_id = uuid.uuid4()
+    tunnelled = {"tunnel": AUTO, "mediator_http": services.http, "proxy": proxy}
+    agent = ServerAgent(
+        system_id=services.system_id, server_id=server_id, key=services.key,
+        mediator=services.mediator, relays=(services.relay_url,), tcp_listen=("127.0.0.1", 0),
+        udp_host="127.0.0.1", lan=False, standby_count=2, **tunnelled,
+    )  # fmt: skip
+    payload = os.urandom(128 * 1024)
+
+    async def echo_accepted(accepted: AcceptedStream) -> None:
+        while True:
+            try:
+                data = await accepted.stream.receive()
+            except anyio.EndOfStream:
+                return
+            await accepted.stream.send(data)
+
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as group:
+            await group.start(agent.serve, echo_accepted)
+            await agent.wait_ready()
+            async with Connector(
+                server_id=server_id, mediator=services.mediator,
+                paths=frozenset({PathKind.RELAY}), lan=False, **tunnelled,
+            ) as client:  # fmt: skip
+                connection = await client.connect()
+                async with connection.stream:
+                    echoed = await round_trip(connection.stream, payload, block=16384)
+            group.cancel_scope.cancel()
+    assert connection.path is PathKind.RELAY
+    assert connection.target == f"relay {services.relay_url}"  # learned from the mediator
+    assert echoed == payload
+    assert agent.relay_agents[0].dialer.last_kind == GETPOST

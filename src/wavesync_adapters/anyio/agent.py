@@ -29,8 +29,10 @@ from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.listen import ClientUdpEndpointLearned, ConnectionRequestReceived
 from wavesync_proto.race import PathKind
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from ._dial import TunnelChoice
 from .lan import LanResponder
 from .listen import MediatorListener
 from .relay_agent import RelayAgent, RelayTunnelInfo
@@ -113,8 +115,16 @@ class ServerAgent:
         hole_linger: float = 30.0,
         max_streams: int = 1024,
         udt_config: UdtConfig | None = None,
+        tunnel: TunnelChoice | None = None,
+        mediator_http: str | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
-        """``advertise``: the TCP endpoints to report to the mediator and LAN clients
+        """``tunnel``: the listen session and the standby connections ride HTTP tunnels
+        of that kind, or the one the probe picks (``"auto"``), through ``proxy`` when
+        given; the mediator's at its HTTP face ``mediator_http`` (docs/tunnel.md).
+        UDP (the ack, the punching) is never tunnelled.
+
+        ``advertise``: the TCP endpoints to report to the mediator and LAN clients
         (default: the bound listener, with an unspecified host replaced by the address
         this host reaches the mediator from). ``hole_linger``: how long a punching
         socket stays open after its last connection closed, for the client's next
@@ -136,6 +146,9 @@ class ServerAgent:
         self._hole_linger = hole_linger
         self._max_streams = max_streams
         self._udt_config = udt_config
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        # One memory for both services: each location's winning method is kept apart.
+        self._tunnel_memory = TunnelMemory()
         self._punches: dict[bytes, _Punch] = {}
         self._streams = 0
         self._handler: StreamHandler | None = None
@@ -179,6 +192,10 @@ class ServerAgent:
                     server_id=self.server_id,
                     system_key=self._key,
                     local_endpoints=self.advertised,
+                    tunnel=self._tunnel,
+                    http=self._mediator_http,
+                    proxy=self._proxy,
+                    tunnel_memory=self._tunnel_memory,
                 )
                 await group.start(self.listener.run)
                 group.start_soon(self._take_requests, self.listener)
@@ -189,6 +206,9 @@ class ServerAgent:
                     server_id=self.server_id,
                     key=self._key,
                     target=self._standby_count,
+                    tunnel=self._tunnel,
+                    proxy=self._proxy,
+                    tunnel_memory=self._tunnel_memory,
                 )
                 self.relay_agents.append(agent)
                 await group.start(agent.serve, self._relay_tunnel)

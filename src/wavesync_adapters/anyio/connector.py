@@ -41,8 +41,10 @@ from wavesync_proto.race import (
     StartAttempt,
     StartLanSearch,
 )
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from ._dial import TunnelChoice
 from ._net import sleep_until_or
 from .connect import ConnectError, request_connection
 from .lan import search_lan
@@ -120,7 +122,14 @@ class Connector:
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
         hole_linger: float = 30.0,
         udt_config: UdtConfig | None = None,
+        tunnel: TunnelChoice | None = None,
+        mediator_http: str | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
+        """``tunnel``: the TCP copy of the connect request and the relay sessions ride
+        HTTP tunnels of that kind, or the one the probe picks (``"auto"``, remembered
+        for later connects), through ``proxy`` when given; the mediator's at its HTTP
+        face ``mediator_http``. Direct TCP, LAN and UDT are never tunnelled."""
         if (server_id is None) == (system_id is None):
             raise LocalProtocolError("name exactly one of server_id and system_id")
         if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:
@@ -139,6 +148,8 @@ class Connector:
         self._udp_host = udp_host
         self._hole_linger = hole_linger
         self._udt_config = udt_config
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        self._tunnel_memory = TunnelMemory()
         self._group: anyio.abc.TaskGroup | None = None
         #: Live punched sockets, by the server they reach (None: not known yet).
         self._holes: dict[uuid.UUID, _Hole] = {}
@@ -329,6 +340,10 @@ class _RaceRun:
                 system_id=connector.system_id,
                 udp=self.hole.endpoint.datagram_port(),
                 timeout=connector._deadline,
+                tunnel=connector._tunnel,
+                http=connector._mediator_http,
+                proxy=connector._proxy,
+                tunnel_memory=connector._tunnel_memory,
             )
         except (ConnectError, OSError) as exc:
             self.race.mediator_failed(str(exc), anyio.current_time())
@@ -389,6 +404,9 @@ class _RaceRun:
                 server_id=self.server_id,
                 system_id=None if self.server_id else self.connector.system_id,
                 timeout=timeout,
+                tunnel=self.connector._tunnel,
+                proxy=self.connector._proxy,
+                tunnel_memory=self.connector._tunnel_memory,
             )
             return relayed.stream, None
         if attempt.reuse:
