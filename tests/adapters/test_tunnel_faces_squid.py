@@ -182,11 +182,11 @@ async def test_server_agent_and_connector_behind_squid_meet_through_the_relay(
     # session, each find the method squid passes (getpost) on their own.
     proxy = ProxyConfig.from_url(services.squid.url)
     server_id = uuid.uuid4()
-    tunnelled = {"tunnel": AUTO, "mediator_http": services.http, "proxy": proxy}
     agent = ServerAgent(
         system_id=services.system_id, server_id=server_id, key=services.key,
         mediator=services.mediator, relays=(services.relay_url,), tcp_listen=("127.0.0.1", 0),
-        udp_host="127.0.0.1", lan=False, standby_count=2, **tunnelled,
+        udp_host="127.0.0.1", lan=False, standby_count=2, tunnel=AUTO, mediator_http=services.http,
+        proxy=proxy,
     )  # fmt: skip
     payload = os.urandom(128 * 1024)
 
@@ -204,7 +204,8 @@ async def test_server_agent_and_connector_behind_squid_meet_through_the_relay(
             await agent.wait_ready()
             async with Connector(
                 server_id=server_id, mediator=services.mediator,
-                paths=frozenset({PathKind.RELAY}), lan=False, **tunnelled,
+                paths=frozenset({PathKind.RELAY}), lan=False, tunnel=AUTO,
+                mediator_http=services.http, proxy=proxy,
             ) as client:  # fmt: skip
                 connection = await client.connect()
                 async with connection.stream:
