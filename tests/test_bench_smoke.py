@@ -69,3 +69,12 @@ def test_tunnel_bench_runs_and_reports_every_row() -> None:
     assert len(plain) in (3, 11)
     assert "Traceback" not in output
     assert "FAILED" not in output
+
+
+def test_connect_bench_runs_and_reports_every_row() -> None:
+    output = run_bench("connect.py", "--quick")
+    # Six forced or auto wavesync rows, two floors, aioice; each connect proven by an echo.
+    rows = ("lan ", "tcp ", "udp ", "udp-reused ", "relay ", "auto ", "floor: ", "aioice ")
+    assert len(rows_starting(output, *rows)) == 9
+    assert len(rows_starting(output, "targets:")) == 1
+    assert "Traceback" not in output

@@ -1,0 +1,597 @@
+"""Connect latency per path on loopback, next to aioice's gather + connect (issue 7).
+
+Issue 7 targets, loopback: a punched UDT connect p50 ≤ 5 ms; a relay or direct
+(TCP) connect p50 ≤ 3 ms; i.e. ≥ 4 x faster than aioice's ICE (≈ 21 ms measured).
+
+One run, one process, one anyio (asyncio) event loop, as ``wavesync demo``: a
+RelayDaemon, a MediatorDaemon offering it, a ServerAgent whose handler echoes, and a
+client ``Connector`` per row with its path forced alone: lan, tcp, udp (a NEW
+Connector per connect, so a fresh punch every time), udp-reused (one Connector: the
+connects after its first reuse the hole), relay, and auto (every path, a new
+Connector each time). Every connect is proven: one byte sent through the stream comes
+back through the server's handler, then the stream is closed. Before a relay connect
+the agent's standby pool is full again. The latency is ``time.perf_counter()`` around
+``await connector.connect()`` (the user's view); ``Connection.elapsed`` (the
+connector's own clock) is printed next to it.
+
+The daemons run in this process on purpose: the figures are the protocol's cost, not
+the cost of waking three processes on 2 cores, and ``wavesync demo`` runs this way.
+In-process, each daemon's work is serialised with the client's on one loop, so a
+figure here is an upper bound of what separate daemons would add on an idle machine.
+
+aioice (the reference): two ``aioice.Connection`` agents (controlling and controlled),
+one component, IPv4, no STUN/TURN server, host candidates on 127.0.0.1 only (aioice
+leaves loopback out of its host addresses: ``get_host_addresses`` is replaced for
+the run). Per pair: both gather, exchange credentials and candidates in-process, both
+``connect()``; the clock runs from the first gather to both connected. Closed after.
+
+``--breakdown N``: N more connects per forced path with time stamps around the
+connector's and the agent's steps (wrappers installed by this script, nothing in
+src/ is changed): when each step starts and how long it takes, median over the N.
+
+    python bench/connect.py [--connects 200] [--pairs N] [--breakdown N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import importlib.metadata
+import os
+import platform
+import secrets
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from wavesync_adapters.anyio import agent as agent_module
+from wavesync_adapters.anyio import connector as connector_module
+from wavesync_adapters.anyio import listen as listen_module
+from wavesync_adapters.anyio import udt as udt_module
+from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
+from wavesync_adapters.anyio.connector import Connection, Connector, PathRaceError
+from wavesync_adapters.anyio.mediator import MediatorDaemon
+from wavesync_adapters.anyio.relay import RelayDaemon
+from wavesync_proto import __version__
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
+from wavesync_proto.mediator.service import MediatorService
+from wavesync_proto.mediator.service_types import MediatorLimits
+from wavesync_proto.race import ALL_PATHS, PathKind
+from wavesync_proto.relay import RelayService
+
+LOOPBACK = "127.0.0.1"
+TARGET_UDT_P50_MS = 5.0
+TARGET_DIRECT_P50_MS = 3.0
+TARGET_RATIO = 4.0
+STANDBY = 2
+#: Any one connect, echo or pool refill taking longer than this stops the bench.
+STEP_TIMEOUT = 10.0
+#: The agent's punching sockets linger this long after their last connection: short,
+#: so 200 fresh punches do not pile up against ``max_punch_sockets``.
+SERVER_HOLE_LINGER = 0.5
+
+
+@dataclass
+class Samples:
+    """Milliseconds: the user's view (perf_counter) and the connector's (elapsed)."""
+
+    user: list[float] = field(default_factory=list)
+    connector: list[float] = field(default_factory=list)
+    winners: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: Connects that raised PathRaceError: (ms it took, the race's reason, each failure).
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    #: The agent's UDT connections still open 0.1 s after the row's last connect closed.
+    left_open: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# --- time stamps of the steps of a connect --------------------------------------------------
+
+
+@dataclass
+class Stamps:
+    """(step, start, end) in ms since the current connect began; only while one runs."""
+
+    began: float | None = None
+    steps: list[tuple[str, float, float]] = field(default_factory=list)
+    per_connect: list[list[tuple[str, float, float]]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[None]:
+        self.began, self.steps = time.perf_counter(), []
+        try:
+            yield
+        finally:
+            self.per_connect.append(self.steps)
+            self.began = None
+
+    def record(self, step: str, start: float) -> None:
+        if self.began is not None:
+            end = time.perf_counter()
+            self.steps.append((step, (start - self.began) * 1e3, (end - self.began) * 1e3))
+
+
+STAMPS = Stamps()
+
+
+def _wrap_async(step: str, function: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    async def stamped(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            STAMPS.record(step, start)
+
+    return stamped
+
+
+def _wrap_sync(step: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def stamped(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            STAMPS.record(step, start)
+
+    return stamped
+
+
+def install_stamps() -> None:
+    """Wrap the steps of a connect, client side (c:) and server side (s:)."""
+    patches: list[tuple[Any, str, str, bool]] = [
+        (connector_module, "request_connection", "c: mediator round trip", True),
+        (connector_module, "search_lan", "c: lan search", True),
+        (connector_module, "open_relay_stream", "c: relay pairing (connect + 101)", True),
+        (connector_module, "verify_server", "c: tunnel_syn (verify_server)", True),
+        (connector_module.Connector, "_open_hole", "c: bind punching socket + holder task", True),
+        (agent_module, "answer_client", "s: tunnel_syn (answer_client)", True),
+        (listen_module.MediatorListener, "acknowledge", "s: connection_ack round trip", True),
+    ]
+    for owner, name, step, is_async in patches:
+        original = getattr(owner, name)
+        setattr(owner, name, (_wrap_async if is_async else _wrap_sync)(step, original))
+    # UdtEndpoint's steps run on both sides: tell them apart by the calling function.
+    endpoint = udt_module.UdtEndpoint
+    rendezvous, connect = endpoint.rendezvous, endpoint.connect
+
+    async def stamped_rendezvous(self: Any, candidates: Any) -> Any:
+        side = "s" if sys._getframe(1).f_code.co_name == "_rendezvous" else "c"
+        return await _wrap_async(f"{side}: udt rendezvous", rendezvous)(self, candidates)
+
+    async def stamped_connect(self: Any, peer: Any) -> Any:
+        return await _wrap_async("c: udt connect through the hole", connect)(self, peer)
+
+    endpoint.rendezvous = stamped_rendezvous  # type: ignore[method-assign]
+    endpoint.connect = stamped_connect  # type: ignore[method-assign]
+    original_connect_tcp = anyio.connect_tcp
+    # The connector module calls ``anyio.connect_tcp``: give it an ``anyio`` of its own.
+    vars(connector_module)["anyio"] = _AnyioWithStampedDial(original_connect_tcp)
+
+
+class _AnyioWithStampedDial:
+    """``anyio`` as the connector module sees it, with ``connect_tcp`` stamped."""
+
+    def __init__(self, connect_tcp: Callable[..., Awaitable[Any]]) -> None:
+        self.connect_tcp = _wrap_async("c: tcp connect", connect_tcp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(anyio, name)
+
+
+def summarise_stamps(per_connect: list[list[tuple[str, float, float]]]) -> list[str]:
+    """Per step: how many connects had it, median start and median duration (ms)."""
+    starts: dict[str, list[float]] = defaultdict(list)
+    spans: dict[str, list[float]] = defaultdict(list)
+    for steps in per_connect:
+        for step, start, end in steps:
+            starts[step].append(start)
+            spans[step].append(end - start)
+    order = sorted(starts, key=lambda step: statistics.median(starts[step]))
+    return [
+        f"  {step:48} {len(starts[step]):>5} {statistics.median(starts[step]):>8.2f}"
+        f" {statistics.median(spans[step]):>8.2f} {percentile(spans[step], 0.95):>8.2f}"
+        for step in order
+    ]
+
+
+# --- the wavesync side ------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    server_id: uuid.UUID
+    mediator: Endpoint
+    relay_url: str
+    lan_group: Endpoint
+    agent: ServerAgent
+    close_checkpoint: bool = True
+
+    def server_connections(self) -> str:
+        """The UDT connections the agent's punching sockets still hold, by state."""
+        states: dict[str, int] = defaultdict(int)
+        for punch in self.agent._punches.values():
+            for connection in punch.endpoint.multiplexer.connections.values():
+                states[connection.state.value] += 1
+        held = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        return f"{held or 'none'} ({len(self.agent._punches)} punching sockets open)"
+
+    def connector(self, paths: frozenset[PathKind]) -> Connector:
+        return Connector(
+            server_id=self.server_id,
+            mediator=self.mediator,
+            relays=(self.relay_url,),
+            paths=paths,
+            lan_group=self.lan_group,
+            lan_interface=LOOPBACK,
+            udp_host=LOOPBACK,
+            deadline=5.0,
+        )
+
+
+async def echo(accepted: AcceptedStream) -> None:
+    """The server's handler: every byte straight back, until the client closes."""
+    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        while True:
+            await accepted.stream.send(await accepted.stream.receive())
+
+
+async def timed_connect(connector: Connector, samples: Samples) -> None:
+    """One connect, proven by a byte through the server and back; the stream closed."""
+    with anyio.fail_after(STEP_TIMEOUT):
+        start = time.perf_counter()
+        try:
+            connection: Connection = await connector.connect()
+        except PathRaceError as exc:
+            # Counted and shown, not hidden in the figures: a failed connect has no latency.
+            failed_after = (time.perf_counter() - start) * 1e3
+            why = "; ".join(f.describe() for f in exc.failures) or exc.reason
+            samples.failures.append((failed_after, why))
+            return
+        took = time.perf_counter() - start
+        async with connection.stream:
+            await connection.stream.send(b"!")
+            if await connection.stream.receive() != b"!":
+                raise RuntimeError(f"{connection.target}: the echo came back wrong")
+    samples.user.append(took * 1e3)
+    samples.connector.append(connection.elapsed * 1e3)
+    samples.winners[connection.path.value + (" (reused)" if connection.reused_hole else "")] += 1
+
+
+async def run_row(world: World, row: str, count: int, *, stamped: bool = False) -> Samples:
+    samples = Samples()
+    # One untimed connect first: imports, first-use caches, the first hole for "reused".
+    rounds = [(False, None)] + [(True, index) for index in range(count)]
+    if row == "udp-reused":
+        async with world.connector(frozenset({PathKind.UDP})) as client:
+            for timed, _ in rounds:
+                await _one(world, client, samples if timed else Samples(), stamped and timed)
+        await anyio.sleep(0.1)
+        samples.left_open = world.server_connections()
+        return samples
+    paths = ALL_PATHS if row == "auto" else frozenset({PathKind(row)})
+    for timed, _ in rounds:
+        async with world.connector(paths) as client:
+            await _one(world, client, samples if timed else Samples(), stamped and timed)
+    await anyio.sleep(0.1)
+    samples.left_open = world.server_connections()
+    return samples
+
+
+async def _one(world: World, client: Connector, samples: Samples, stamped: bool) -> None:
+    with anyio.fail_after(STEP_TIMEOUT):
+        await world.agent.relay_agents[0].wait_for_idle(STANDBY)
+    if stamped:
+        with STAMPS.connect():
+            await timed_connect(client, samples)
+    else:
+        await timed_connect(client, samples)
+    if world.close_checkpoint:
+        # The stream's aclose() has queued UDT's Shutdown; leaving the Connector at once
+        # cancels the punching socket's driver before it sends it (the agent then holds
+        # the connection until its peer timeout, ~10 s). One checkpoint lets it go out.
+        await anyio.lowlevel.checkpoint()
+
+
+async def floors(count: int) -> dict[str, Samples]:
+    """What this loop needs for a bare TCP connect + 1-byte echo, and a UDP echo."""
+    results = {"tcp": Samples(), "udp": Samples()}
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await stream.send(await stream.receive())
+
+    async with (
+        await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0) as listener,
+        await anyio.create_udp_socket(local_host=LOOPBACK) as server_udp,
+        anyio.create_task_group() as group,
+    ):
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        group.start_soon(listener.serve, answer)
+
+        async def udp_echo() -> None:
+            async for data, source in server_udp:
+                await server_udp.send((data, source))
+
+        group.start_soon(udp_echo)
+        udp_port = server_udp.extra(anyio.abc.SocketAttribute.local_port)
+        for _ in range(count):
+            start = time.perf_counter()
+            async with await anyio.connect_tcp(LOOPBACK, port) as stream:
+                await stream.send(b"!")
+                await stream.receive()
+                results["tcp"].user.append((time.perf_counter() - start) * 1e3)
+            async with await anyio.create_connected_udp_socket(LOOPBACK, udp_port) as udp:
+                start = time.perf_counter()
+                await udp.send(b"!")
+                await udp.receive()
+                results["udp"].user.append((time.perf_counter() - start) * 1e3)
+        group.cancel_scope.cancel()
+    return results
+
+
+#: Rates no bench row reaches: every client here is 127.0.0.1, hundreds of times a second.
+UNLIMITED_RATE, UNLIMITED_BURST = 1e6, 1_000_000
+
+
+def lift_rate_limits() -> MediatorLimits:
+    """The mediator's per-source limits, and the agent's LAN responder's, out of the way."""
+    vars(agent_module)["DiscoveryResponder"] = functools.partial(
+        DiscoveryResponder, per_source_rate=UNLIMITED_RATE, burst=UNLIMITED_BURST
+    )
+    return MediatorLimits(rate_limit_per_second=UNLIMITED_RATE, rate_limit_burst=UNLIMITED_BURST)
+
+
+@contextlib.asynccontextmanager
+async def world(*, default_limits: bool, close_checkpoint: bool = True) -> Any:
+    """Relay, mediator, echo agent on loopback, ready (registered, standby pool full)."""
+    limits = MediatorLimits() if default_limits else lift_rate_limits()
+    system_id, server_id = uuid.uuid4(), uuid.uuid4()
+    key = secrets.token_urlsafe(32)
+    systems = {system_id: key}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        lan_group = (DEFAULT_GROUP[0], int(probe.getsockname()[1]))
+    async with anyio.create_task_group() as group:
+        relay_bound = await group.start(RelayDaemon(RelayService(systems)).serve, LOOPBACK, 0)
+        relay_url = f"http://{format_endpoint(relay_bound)}"
+        service = MediatorService(
+            systems=systems,
+            relay_urls=(relay_url,),
+            nonce_secret=secrets.token_bytes(32),
+            limits=limits,
+        )
+        mediator = await group.start(MediatorDaemon(service).serve, LOOPBACK, 0)
+        agent = ServerAgent(
+            system_id=system_id,
+            server_id=server_id,
+            key=key,
+            mediator=mediator,
+            relays=(relay_url,),
+            tcp_listen=(LOOPBACK, 0),
+            udp_host=LOOPBACK,
+            lan_group=lan_group,
+            lan_interfaces=(LOOPBACK,),
+            standby_count=STANDBY,
+            hole_linger=SERVER_HOLE_LINGER,
+            max_punch_sockets=1024,
+        )
+        await group.start(agent.serve, echo)
+        with anyio.fail_after(STEP_TIMEOUT):
+            assert agent.listener is not None
+            await agent.listener.wait_registered()
+            await agent.relay_agents[0].wait_for_idle(STANDBY)
+        yield World(server_id, mediator, relay_url, lan_group, agent, close_checkpoint)
+        group.cancel_scope.cancel()
+
+
+ROWS = ("lan", "tcp", "udp", "udp-reused", "relay", "auto")
+TARGETS = {
+    "tcp": TARGET_DIRECT_P50_MS,
+    "relay": TARGET_DIRECT_P50_MS,
+    "udp": TARGET_UDT_P50_MS,
+    "udp-reused": TARGET_UDT_P50_MS,
+}
+
+
+async def wavesync_rows(
+    connects: int, breakdown: int, default_limits: bool, close_checkpoint: bool
+) -> tuple[dict[str, Samples], list[str]]:
+    results: dict[str, Samples] = {}
+    report: list[str] = []
+    async with world(
+        default_limits=default_limits, close_checkpoint=close_checkpoint
+    ) as bench_world:
+        for row in ROWS:
+            results[row] = await run_row(bench_world, row, connects)
+        results.update({f"floor: {k}": v for k, v in (await floors(connects)).items()})
+        if breakdown:
+            install_stamps()
+            for row in ROWS[:-1]:
+                STAMPS.per_connect = []
+                samples = await run_row(bench_world, row, breakdown, stamped=True)
+                report.append(
+                    f"{row}: {breakdown} stamped connects, p50 {percentile(samples.user, 0.5):.2f}"
+                    f" ms (the wrappers add a little)"
+                )
+                report.append(
+                    f"  {'step':48} {'count':>5} {'start':>8} {'took':>8} {'took p95':>8}"
+                )
+                report.extend(summarise_stamps(STAMPS.per_connect))
+    return results, report
+
+
+# --- aioice ------------------------------------------------------------------------------------
+
+
+async def aioice_pairs(pairs: int) -> Samples:
+    """Gather + connect of two local aioice agents on 127.0.0.1, ``pairs`` times."""
+    import aioice  # noqa: PLC0415 - the reference, imported only where it runs
+    import aioice.ice  # noqa: PLC0415
+
+    def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [LOOPBACK]
+
+    aioice.ice.get_host_addresses = loopback_only
+    samples = Samples()
+    for index in range(pairs + 1):  # the first pair is the untimed warm-up
+        controlling = aioice.Connection(ice_controlling=True, use_ipv6=False)
+        controlled = aioice.Connection(ice_controlling=False, use_ipv6=False)
+        start = time.perf_counter()
+        await asyncio.gather(controlling.gather_candidates(), controlled.gather_candidates())
+        for local, remote in ((controlling, controlled), (controlled, controlling)):
+            local.remote_username = remote.local_username
+            local.remote_password = remote.local_password
+            for candidate in remote.local_candidates:
+                await local.add_remote_candidate(candidate)
+            await local.add_remote_candidate(None)
+        await asyncio.wait_for(asyncio.gather(controlling.connect(), controlled.connect()), 10)
+        took = time.perf_counter() - start
+        await controlling.send(b"!")
+        if await asyncio.wait_for(controlled.recv(), 10) != b"!":
+            raise RuntimeError("aioice: the datagram came back wrong")
+        await controlling.close()
+        await controlled.close()
+        if index:
+            samples.user.append(took * 1e3)
+    return samples
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def print_table(results: dict[str, Samples], reference: Samples) -> float:
+    """The rows side by side, failures and what the agent still holds; aioice's p50."""
+    aioice_p50 = percentile(reference.user, 0.5)
+    print(
+        f"{'path, milliseconds':32} {'p50':>7} {'p95':>7} {'min':>7} {'max':>7}"
+        f" {'elapsed p50':>11} {'aioice/p50':>10} {'failed':>6}  won by"
+    )
+    failed_lines: list[str] = []
+    for name, samples in {**results, "aioice gather+connect": reference}.items():
+        values = samples.user
+        failed = len(samples.failures)
+        if not values:
+            print(f"{name:32} every connect failed ({failed})")
+        else:
+            marks = [percentile(values, 0.5), percentile(values, 0.95), min(values), max(values)]
+            own = f"{percentile(samples.connector, 0.5):>11.2f}" if samples.connector else " " * 11
+            winners = ", ".join(f"{k} {v}" for k, v in sorted(samples.winners.items()))
+            print(
+                f"{name:32}"
+                + "".join(f" {mark:>7.2f}" for mark in marks)
+                + f" {own} {aioice_p50 / marks[0]:>10.1f} {failed:>6}  {winners}".rstrip()
+            )
+        reasons: dict[str, list[float]] = defaultdict(list)
+        for after, why in samples.failures:
+            reasons[why].append(after)
+        failed_lines += [
+            f"  {name}: {len(times)} x after {statistics.median(times):.0f} ms: {why}"
+            for why, times in reasons.items()
+        ]
+    print(
+        "\np50/p95/min/max: perf_counter around `await connector.connect()`, successful connects"
+        " only; elapsed: the connector's own Connection.elapsed; failed: PathRaceError (listed"
+        " below); floor rows: a bare TCP connect + 1-byte echo and a UDP echo on this loop"
+        " (no wavesync); aioice: gather + connect of both agents\n"
+    )
+    print("UDT connections the agent still held 0.1 s after each row:")
+    for name, samples in results.items():
+        if samples.left_open:
+            print(f"  {name}: {samples.left_open}")
+    print()
+    if failed_lines:
+        print("failed connects (the race's failures, and when the connect gave up):")
+        print("\n".join(failed_lines) + "\n")
+    return aioice_p50
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--connects", type=int, default=200, help="timed connects per row")
+    parser.add_argument("--pairs", type=int, default=0, help="aioice pairs (default: --connects)")
+    parser.add_argument("--breakdown", type=int, default=50, help="stamped connects per path")
+    parser.add_argument(
+        "--default-limits",
+        action="store_true",
+        help="keep the mediator's and LAN responder's per-source rate limits",
+    )
+    parser.add_argument(
+        "--no-close-checkpoint",
+        action="store_true",
+        help="leave each Connector right after closing its stream (loses UDT's Shutdown)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for the smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.connects, args.breakdown = 5, 3
+    pairs = args.pairs or args.connects
+    print(
+        f"wavesync {__version__} connect latency, Python {platform.python_version()},"
+        f" anyio {importlib.metadata.version('anyio')} (asyncio),"
+        f" aioice {importlib.metadata.version('aioice')},"
+        f" {platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
+    )
+    print("command: " + " ".join(["python", "bench/connect.py", *sys.argv[1:]]))
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        "setup: relay, mediator, echo server agent and client on one asyncio loop in this"
+        f" process (pid {os.getpid()}), loopback; {args.connects} connects per row after one"
+        " untimed; each proven by a 1-byte echo through the server, then closed"
+    )
+    limits = "defaults" if args.default_limits else "lifted (every client here is 127.0.0.1)"
+    checkpoint = "no" if args.no_close_checkpoint else "yes (see --no-close-checkpoint)"
+    print(
+        f"mediator + LAN responder per-source rate limits: {limits}; one checkpoint between"
+        f" closing the stream and leaving the Connector: {checkpoint}\n"
+    )
+    reference = asyncio.run(aioice_pairs(pairs))
+    results, breakdown = anyio.run(
+        wavesync_rows,
+        args.connects,
+        args.breakdown,
+        args.default_limits,
+        not args.no_close_checkpoint,
+    )
+    aioice_p50 = print_table(results, reference)
+    if breakdown:
+        print("where the time goes (ms since connect() began; c: client, s: server):")
+        print("\n".join(breakdown) + "\n")
+    verdicts = []
+    for row, target in TARGETS.items():
+        if not results[row].user:
+            verdicts.append(f"{row}: NOT met (no connect succeeded)")
+            continue
+        p50 = percentile(results[row].user, 0.5)
+        ratio = aioice_p50 / p50
+        verdicts.append(
+            f"{row} p50 {p50:.2f} ≤ {target:g} ms: {'met' if p50 <= target else 'NOT met'}"
+            f" (aioice/{row} {ratio:.1f}, ≥ {TARGET_RATIO:g}: "
+            f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})"
+        )
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print("targets: " + "; ".join(verdicts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
