@@ -73,8 +73,10 @@ def test_tunnel_bench_runs_and_reports_every_row() -> None:
 
 def test_connect_bench_runs_and_reports_every_row() -> None:
     output = run_bench("connect.py", "--quick")
-    # Six forced or auto wavesync rows, two floors, aioice; each connect proven by an echo.
-    rows = ("lan ", "tcp ", "udp ", "udp-reused ", "relay ", "auto ", "floor: ", "aioice ")
-    assert len(rows_starting(output, *rows)) == 9
+    # Six forced or auto wavesync rows back to back and again after idle time, two floors,
+    # aioice both ways; each connect proven by an echo through the server.
+    paths = ("lan", "tcp", "udp", "udp-reused", "relay", "auto", "aioice gather+connect")
+    rows = [f"{path} " for path in paths] + [f"{path}, " for path in paths] + ["floor: "]
+    assert len(rows_starting(output, *rows)) == 16
     assert len(rows_starting(output, "targets:")) == 1
     assert "Traceback" not in output
