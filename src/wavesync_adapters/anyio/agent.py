@@ -14,6 +14,7 @@ verification are the core's machines; this module wires them to sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -85,6 +86,8 @@ class _Punch:
     group: anyio.abc.TaskGroup
     pending_rendezvous: int = 0
     tried: set[Endpoint] = field(default_factory=set)
+    #: A UDT connection was established on this socket: the hole is worth keeping.
+    punched: bool = False
 
 
 class ServerAgent:
@@ -113,6 +116,7 @@ class ServerAgent:
         verify_timeout: float = 5.0,
         max_punch_sockets: int = 64,
         hole_linger: float = 30.0,
+        rendezvous_timeout: float = 10.0,
         max_streams: int = 1024,
         udt_config: UdtConfig | None = None,
         tunnel: TunnelChoice | None = None,
@@ -128,9 +132,15 @@ class ServerAgent:
         (default: the bound listener, with an unspecified host replaced by the address
         this host reaches the mediator from). ``hole_linger``: how long a punching
         socket stays open after its last connection closed, for the client's next
-        connection to reuse the hole."""
+        connection to reuse the hole. ``rendezvous_timeout``: how long the agent punches
+        toward a client (a client's race gives up after 10 s by default; UDT 4.11 would
+        try for 30 s). A socket that never carried a connection closes when its
+        rendezvous ends."""
         if verify_timeout <= 0 or hole_linger < 0 or max_punch_sockets < 1 or max_streams < 1:
             raise LocalProtocolError("timeouts and limits must be positive")
+        punch_config = udt_config or UdtConfig()
+        if punch_config.connect_timeout is None:
+            punch_config = dataclasses.replace(punch_config, connect_timeout=rendezvous_timeout)
         self.system_id, self.server_id, self._key = system_id, server_id, key
         self.mediator = mediator
         self.relays = tuple(relays)
@@ -144,8 +154,9 @@ class ServerAgent:
         self._verify_timeout = verify_timeout
         self._max_punches = max_punch_sockets
         self._hole_linger = hole_linger
+        self._rendezvous_timeout = rendezvous_timeout
         self._max_streams = max_streams
-        self._udt_config = udt_config
+        self._udt_config = punch_config
         self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
         # One memory for both services: each location's winning method is kept apart.
         self._tunnel_memory = TunnelMemory()
@@ -322,6 +333,7 @@ class ServerAgent:
             return
         finally:
             punch.pending_rendezvous -= 1
+        punch.punched = True
         await self._verify_and_handle(
             stream, PathKind.UDP, client, punch.sessions.__contains__, require_session=True
         )
@@ -340,15 +352,20 @@ class ServerAgent:
             )
 
     async def _hold_hole(self, punch: _Punch) -> None:
-        """Return once the socket has had no connection and no rendezvous for a while."""
+        """Return once the socket is idle: ``hole_linger`` after its last connection; at
+        once when its rendezvous failed; after the rendezvous timeout when the client's
+        UDP address never came (a TCP-only connect request)."""
         idle_since = anyio.current_time()
-        linger = self._hole_linger
         while True:
-            busy = punch.pending_rendezvous or punch.endpoint.multiplexer.connections
             now = anyio.current_time()
+            busy = punch.pending_rendezvous or punch.endpoint.multiplexer.connections
             if busy:
                 idle_since = now
-            elif now - idle_since >= linger:
+            if punch.punched:
+                linger = self._hole_linger
+            else:
+                linger = 0.0 if punch.tried else self._rendezvous_timeout
+            if not busy and now - idle_since >= linger:
                 return
             # Polled, not signalled: a second's slack on a 30 s linger costs nothing.
             await anyio.sleep(1.0 if busy else min(1.0, idle_since + linger - now))

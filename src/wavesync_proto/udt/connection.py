@@ -217,6 +217,7 @@ class UdtConnection:
             mss=config.mss,
             flow_window=config.flow_window,
             socket_type=config.socket_type,
+            timeout=config.connect_timeout,
         )
         return cls(
             socket_id=socket_id,

@@ -60,6 +60,10 @@ class UdtConfig:
     """Nothing heard from the peer for this long: ``ConnectionClosed(TIMEOUT)``."""
     linger: float = 180.0
     """``close()`` waits at most this long for the send buffer to be acknowledged."""
+    connect_timeout: float | None = None
+    """Seconds a connect or a rendezvous may take; None: 4.11's, 3 s for a regular
+    connect and 30 s for a rendezvous. A server agent punching for a client that raced
+    other paths shortens its rendezvous to the client's race deadline."""
     congestion: Callable[..., CongestionControl] | None = None
     """Called with ``initial_sequence_number``, ``max_flow_window``, ``random``, ``now``
     and ``mss``; None means ``DeliveryRateCongestion``, the loss-tolerant control
@@ -83,6 +87,8 @@ class UdtConfig:
             raise LocalProtocolError(f"idle timeout {self.idle_timeout!r} is not positive")
         if not 0.0 <= self.linger < float("inf"):
             raise LocalProtocolError(f"linger {self.linger!r} is not a duration")
+        if self.connect_timeout is not None and not 0.0 < self.connect_timeout < float("inf"):
+            raise LocalProtocolError(f"connect timeout {self.connect_timeout!r} is not positive")
 
 
 class ConnectionState(enum.Enum):

@@ -239,6 +239,7 @@ class UdtHandshake:
         mss: int = DEFAULT_MSS,
         flow_window: int = DEFAULT_FLOW_WINDOW,
         socket_type: SocketType = SocketType.STREAM,
+        timeout: float | None = None,
     ) -> None:
         check_settings(socket_id, mss, flow_window)
         if not 0 <= isn <= SEQ_MAX:
@@ -265,9 +266,12 @@ class UdtHandshake:
         self._peer: Handshake | None = None  # the peer's last handshake (4.11 m_ConnRes)
         self._reported_ip = bytes(16)
         self._next_send = now  # 4.11 sends the first request from connect() itself
-        timeout = (
-            REGULAR_CONNECT_TIMEOUT if role is HandshakeRole.CALLER else RENDEZVOUS_CONNECT_TIMEOUT
-        )
+        if timeout is None:
+            timeout = (
+                REGULAR_CONNECT_TIMEOUT
+                if role is HandshakeRole.CALLER
+                else RENDEZVOUS_CONNECT_TIMEOUT
+            )
         self._deadline = now + timeout
         self._outbox: list[tuple[bytes, Endpoint]] = []
         self._events: deque[HandshakeEvent] = deque()

@@ -273,6 +273,27 @@ def test_handshake_failure_closes_with_its_reason() -> None:
         a.send(b"more")
 
 
+def test_a_rendezvous_gives_up_at_the_configured_connect_timeout() -> None:
+    # 4.11 waits 30 s for a rendezvous peer; a server punching for a client that raced
+    # other paths gives up at that client's deadline instead.
+    config = UdtConfig(connect_timeout=10.0)
+    a = UdtConnection.rendezvous(
+        [B], socket_id=A_ID, isn=A_ISN, now=0.0, random=seeded(1).random, config=config
+    )
+    pair = Pair(a)
+    pair.advance(9.9)
+    assert state(a) is ConnectionState.CONNECTING
+    pair.advance(10.1)
+    (closed,) = events(a)
+    assert isinstance(closed, ConnectionClosed)
+    assert closed.reason is CloseReason.HANDSHAKE_FAILED
+
+
+def test_a_connect_timeout_must_be_positive() -> None:
+    with pytest.raises(LocalProtocolError, match="connect timeout"):
+        UdtConfig(connect_timeout=0.0)
+
+
 def test_a_late_rendezvous_handshake_is_answered_with_minus_two() -> None:
     pair = connected()
     late = Handshake(
