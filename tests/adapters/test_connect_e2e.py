@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -107,7 +108,9 @@ async def echo(accepted: AcceptedStream) -> None:
 
 
 @asynccontextmanager
-async def running_agent(services: Services, server_id: uuid.UUID) -> AsyncIterator[ServerAgent]:
+async def running_agent(
+    services: Services, server_id: uuid.UUID, **options: Any
+) -> AsyncIterator[ServerAgent]:
     agent = ServerAgent(
         system_id=services.system_id,
         server_id=server_id,
@@ -119,6 +122,7 @@ async def running_agent(services: Services, server_id: uuid.UUID) -> AsyncIterat
         lan_group=services.lan_group,
         lan_interfaces=(LOOPBACK,),
         standby_count=2,
+        **options,
     )
     async with anyio.create_task_group() as group:
         await group.start(agent.serve, echo)
@@ -199,6 +203,21 @@ async def test_a_second_connection_reuses_the_punched_hole(services: Services) -
     assert client.mediator_requests == 1
     assert agent.counters.connect_requests == 1
     assert agent.counters.accepted["udp"] == 2
+
+
+async def test_at_the_punching_cap_a_stale_punch_makes_room_for_a_live_one(
+    services: Services,
+) -> None:
+    # A client that wins by TCP leaves the agent punching toward it for 10 s; with one
+    # punching socket allowed, the next client's UDP connect must still get one.
+    server_id = uuid.uuid4()
+    with anyio.fail_after(WAIT):
+        async with running_agent(services, server_id, max_punch_sockets=1) as agent:
+            for kind in (PathKind.TCP, PathKind.UDP):
+                async with connector_for(services, server_id, frozenset({kind})) as client:
+                    assert await echoed(await client.connect())
+    assert agent.counters.punches_evicted == 1
+    assert agent.counters.punches_refused == 0
 
 
 async def test_without_the_mediator_lan_and_the_punched_hole_still_work(

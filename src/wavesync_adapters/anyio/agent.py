@@ -73,6 +73,7 @@ class AgentCounters:
     rejected: int = 0
     connect_requests: int = 0
     punches_refused: int = 0
+    punches_evicted: int = 0
     rendezvous_failed: int = 0
     over_capacity: int = 0
 
@@ -88,6 +89,7 @@ class _Punch:
     tried: set[Endpoint] = field(default_factory=set)
     #: A UDT connection was established on this socket: the hole is worth keeping.
     punched: bool = False
+    evicted: bool = False
 
 
 class ServerAgent:
@@ -277,10 +279,10 @@ class ServerAgent:
                 return
             if isinstance(request, ConnectionRequestReceived):
                 self.counters.connect_requests += 1
-                if len(self._punches) >= self._max_punches:
+                if len(self._punches) >= self._max_punches and not self._evict_stale_punch():
                     self.counters.punches_refused += 1
                     log.warning(
-                        "connect %s: not punching, %d punching sockets open",
+                        "connect %s: not punching, %d punching sockets carry connections",
                         request.connect_session_id.hex()[:12],
                         len(self._punches),
                     )
@@ -316,6 +318,22 @@ class ServerAgent:
                 del self._punches[session_id]
                 group.cancel_scope.cancel()
         log.debug("connect %s: punching socket closed", sid)
+
+    def _evict_stale_punch(self) -> bool:
+        """Close the oldest punching socket that never connected; False if all did.
+
+        A client that won by another path leaves the agent punching toward it until the
+        rendezvous times out; at the cap, the newest request (the likeliest live client)
+        is worth more than the oldest such socket.
+        """
+        for session_id, punch in self._punches.items():
+            if not punch.punched and not punch.evicted:
+                punch.evicted = True
+                punch.group.cancel_scope.cancel()
+                self.counters.punches_evicted += 1
+                log.info("connect %s: punching socket evicted", session_id.hex()[:12])
+                return True
+        return False
 
     def _start_rendezvous(self, punch: _Punch, client: Endpoint) -> None:
         if client in punch.tried:
