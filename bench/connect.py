@@ -84,7 +84,8 @@ STEP_TIMEOUT = 10.0
 #: less, a hole between two reused connects 100 ms apart can be closed under the client).
 SERVER_HOLE_LINGER = 2.0
 #: A punch for a client that never rendezvouses (TCP or relay forced, or another path
-#: won) keeps a UDT rendezvous connecting for 30 s; each row starts once they are gone.
+#: won) keeps a UDT rendezvous connecting until it times out (30 s before commit bab946e,
+#: 10 s since); each row starts once they are gone, so none loads the next row's loop.
 SETTLE_TIMEOUT = 35.0
 
 
