@@ -13,6 +13,7 @@ import socket
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -336,6 +337,25 @@ async def test_the_datagram_port_shares_the_socket_with_a_live_connection() -> N
             assert await port.receive() == (answer, server.local_address)
             await outgoing.aclose()
             await incoming.aclose()
+
+
+async def test_a_close_just_before_a_cancelled_exit_still_reaches_the_peer() -> None:
+    # aclose() returns with the Shutdown queued; an endpoint left by a cancellation a
+    # moment later (its driver stopped first) must still send it, or the peer keeps
+    # the connection until its idle timeout (here a minute: WAIT ends the test first).
+    patient = UdtConfig(idle_timeout=60.0)
+    async with UdtEndpoint.bind(LOOPBACK, config=patient) as server:
+        server.listen()
+        with anyio.fail_after(WAIT):
+            with anyio.CancelScope() as leave:
+                async with UdtEndpoint.bind(LOOPBACK) as client:
+                    outgoing = await client.connect(server.local_address)
+                    incoming = await server.accept()
+                    await outgoing.aclose()
+                    leave.cancel()
+                    await anyio.lowlevel.checkpoint()
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await incoming.receive()
 
 
 async def test_foreign_datagrams_nobody_takes_are_dropped_beyond_a_bound() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import math
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +39,7 @@ from .lan import LanResponder
 from .listen import MediatorListener
 from .relay_agent import RelayAgent, RelayTunnelInfo
 from .tunnel import parse_target
-from .udt import UdtConnectError, UdtEndpoint
+from .udt import UdtConnectError, UdtEndpoint, UdtStream
 from .verify import VerificationError, answer_client
 
 __all__ = ["AcceptedStream", "AgentCounters", "ServerAgent", "StreamHandler"]
@@ -90,6 +91,10 @@ class _Punch:
     #: A UDT connection was established on this socket: the hole is worth keeping.
     punched: bool = False
     evicted: bool = False
+    #: Streams on this socket being served now, and when the last one ended: a hole
+    #: reused by short connections is busy even if a poll never sees one open.
+    active: int = 0
+    last_used: float = -math.inf
 
 
 class ServerAgent:
@@ -352,22 +357,23 @@ class ServerAgent:
         finally:
             punch.pending_rendezvous -= 1
         punch.punched = True
-        await self._verify_and_handle(
-            stream, PathKind.UDP, client, punch.sessions.__contains__, require_session=True
-        )
+        await self._serve_on_hole(punch, stream, client)
 
     async def _accept_reused(self, punch: _Punch) -> None:
         while True:
             stream = await punch.endpoint.accept()
             peer = stream.connection.peer_address
-            punch.group.start_soon(
-                self._verify_and_handle,
-                stream,
-                PathKind.UDP,
-                peer,
-                punch.sessions.__contains__,
-                True,
+            punch.group.start_soon(self._serve_on_hole, punch, stream, peer)
+
+    async def _serve_on_hole(self, punch: _Punch, stream: UdtStream, peer: Endpoint | None) -> None:
+        punch.active += 1
+        try:
+            await self._verify_and_handle(
+                stream, PathKind.UDP, peer, punch.sessions.__contains__, require_session=True
             )
+        finally:
+            punch.active -= 1
+            punch.last_used = anyio.current_time()
 
     async def _hold_hole(self, punch: _Punch) -> None:
         """Return once the socket is idle: ``hole_linger`` after its last connection; at
@@ -376,9 +382,10 @@ class ServerAgent:
         idle_since = anyio.current_time()
         while True:
             now = anyio.current_time()
-            busy = punch.pending_rendezvous or punch.endpoint.multiplexer.connections
-            if busy:
-                idle_since = now
+            busy = (
+                punch.pending_rendezvous or punch.active or punch.endpoint.multiplexer.connections
+            )
+            idle_since = now if busy else max(idle_since, punch.last_used)
             if punch.punched:
                 linger = self._hole_linger
             else:

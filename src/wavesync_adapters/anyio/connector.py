@@ -120,7 +120,7 @@ class Connector:
         start_delays: Mapping[PathKind, float] | None = None,
         verify_timeout: float = 5.0,
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
-        hole_linger: float = 30.0,
+        hole_linger: float = 20.0,
         udt_config: UdtConfig | None = None,
         tunnel: TunnelChoice | None = None,
         mediator_http: str | None = None,
@@ -129,7 +129,11 @@ class Connector:
         """``tunnel``: the TCP copy of the connect request and the relay sessions ride
         HTTP tunnels of that kind, or the one the probe picks (``"auto"``, remembered
         for later connects), through ``proxy`` when given; the mediator's at its HTTP
-        face ``mediator_http``. Direct TCP, LAN and UDT are never tunnelled."""
+        face ``mediator_http``. Direct TCP, LAN and UDT are never tunnelled.
+
+        ``hole_linger`` (20 s) is shorter than the agent's (30 s) on purpose: the client
+        lets an idle hole go first, so a reuse never waits out a connect timeout
+        against a socket the agent already closed."""
         if (server_id is None) == (system_id is None):
             raise LocalProtocolError("name exactly one of server_id and system_id")
         if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:

@@ -150,13 +150,17 @@ class UdtEndpoint:
         traceback: TracebackType | None,
     ) -> bool | None:
         assert self._group is not None
-        if self._running:
-            now = self._clock()
-            for stream in list(self._streams.values()):
-                if stream.connection.state is not ConnectionState.CLOSED:
-                    stream.connection.abort(now)
-            # One last send: the peers hear our Shutdowns rather than time out.
+        now = self._clock()
+        for stream in list(self._streams.values()):
+            if stream.connection.state is not ConnectionState.CLOSED:
+                stream.connection.abort(now)
+        # One last send, even when a cancellation stopped the driver first: the peers
+        # hear our Shutdowns (those of streams closed a moment ago too) rather than
+        # keep the connections until their idle timeout.
+        try:
             self._io.send_all(self.multiplexer.datagrams_to_send(now))
+        except OSError as exc:
+            log.debug("udt: the last send failed: %s", exc)
         self._stop("endpoint closed")
         self._group.cancel_scope.cancel()
         try:
