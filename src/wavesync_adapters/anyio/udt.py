@@ -159,8 +159,8 @@ class UdtEndpoint:
         # keep the connections until their idle timeout.
         try:
             self._io.send_all(self.multiplexer.datagrams_to_send(now))
-        except OSError as exc:
-            log.debug("udt: the last send failed: %s", exc)
+        except OSError as send_error:
+            log.debug("udt: the last send failed: %s", send_error)
         self._stop("endpoint closed")
         self._group.cancel_scope.cancel()
         try:
