@@ -30,6 +30,9 @@ from .mediator.messages import (
     MediatorMessage,
     MediatorMessageError,
     MediatorMethod,
+    check_target,
+    read_target,
+    target_attribute,
 )
 from .mediator.ratelimit import SourceRateLimiter
 from .stun.attributes import Attribute, RawAttribute
@@ -116,25 +119,16 @@ class SearchRequest(MediatorMessage):
     system_id: uuid.UUID | None = None
 
     def __post_init__(self) -> None:
-        if (self.server_id is None) == (self.system_id is None):
-            raise LocalProtocolError("a search names exactly one of server_id and system_id")
+        check_target("a search", self.server_id, self.system_id)
 
     def stun_attributes(self) -> tuple[Attribute, ...]:
-        if self.server_id is not None:
-            return (ServerId(self.server_id),)
-        assert self.system_id is not None  # __post_init__ guarantees exactly one
-        return (SystemId(self.system_id),)
+        return (target_attribute(self.server_id, self.system_id),)
 
     @classmethod
     def from_stun(cls, message: Message) -> Self:
         _check_kind(message, MessageClass.REQUEST, "search")
-        server, system = message.get(ServerId), message.get(SystemId)
-        if (server is None) == (system is None):
-            raise MediatorMessageError("search must name exactly one of SERVER-ID and SYSTEM-ID")
-        return cls(
-            server_id=server.value if server else None,
-            system_id=system.value if system else None,
-        )
+        server_id, system_id = read_target(message, "search")
+        return cls(server_id=server_id, system_id=system_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,14 @@ from typing import ClassVar, Self
 
 from .errors import LocalProtocolError
 from .mediator.attributes import ConnectSessionId, ServerId, SystemId
-from .mediator.messages import MediatorMessage, MediatorMessageError, MediatorMethod
+from .mediator.messages import (
+    MediatorMessage,
+    MediatorMessageError,
+    MediatorMethod,
+    check_target,
+    read_target,
+    target_attribute,
+)
 from .stun.attributes import Attribute, UnknownAttributes
 from .stun.errors import StunDecodeError
 from .stun.message import (
@@ -88,16 +95,10 @@ class TunnelSyn(MediatorMessage):
 
     def __post_init__(self) -> None:
         _check_session_id(self.connect_session_id)
-        if (self.server_id is None) == (self.system_id is None):
-            raise LocalProtocolError("tunnel_syn names exactly one of server_id and system_id")
+        check_target("tunnel_syn", self.server_id, self.system_id)
 
     def stun_attributes(self) -> tuple[Attribute, ...]:
-        target: Attribute
-        if self.server_id is not None:
-            target = ServerId(self.server_id)
-        else:
-            assert self.system_id is not None  # __post_init__ guarantees exactly one
-            target = SystemId(self.system_id)
+        target = target_attribute(self.server_id, self.system_id)
         session = (
             () if self.connect_session_id is None else (ConnectSessionId(self.connect_session_id),)
         )
@@ -105,15 +106,11 @@ class TunnelSyn(MediatorMessage):
 
     @classmethod
     def from_stun(cls, message: Message) -> Self:
-        server, system = message.get(ServerId), message.get(SystemId)
-        if (server is None) == (system is None):
-            raise MediatorMessageError(
-                "tunnel_syn must name exactly one of SERVER-ID and SYSTEM-ID"
-            )
+        server_id, system_id = read_target(message, "tunnel_syn")
         session = message.get(ConnectSessionId)
         return cls(
-            server_id=server.value if server else None,
-            system_id=system.value if system else None,
+            server_id=server_id,
+            system_id=system_id,
             connect_session_id=session.value if session else None,
         )
 

@@ -104,6 +104,29 @@ def _check_endpoints(name: str, endpoints: tuple[Endpoint, ...]) -> None:
         raise LocalProtocolError(f"{name}: at most {MAX_ENDPOINTS} endpoints")
 
 
+def check_target(name: str, server_id: uuid.UUID | None, system_id: uuid.UUID | None) -> None:
+    """A message that names whom it wants (connect, search, tunnel_syn) names exactly one
+    of a server (that server) and a system (any server of it)."""
+    if (server_id is None) == (system_id is None):
+        raise LocalProtocolError(f"{name} names exactly one of server_id and system_id")
+
+
+def target_attribute(server_id: uuid.UUID | None, system_id: uuid.UUID | None) -> Attribute:
+    """SERVER-ID or SYSTEM-ID for a target ``check_target`` accepted."""
+    if server_id is not None:
+        return ServerId(server_id)
+    assert system_id is not None  # check_target guarantees exactly one
+    return SystemId(system_id)
+
+
+def read_target(message: Message, name: str) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """(server id, system id) of a message that must name exactly one of them."""
+    server, system = message.get(ServerId), message.get(SystemId)
+    if (server is None) == (system is None):
+        raise MediatorMessageError(f"{name} must name exactly one of SERVER-ID and SYSTEM-ID")
+    return (server.value if server else None, system.value if system else None)
+
+
 def _check_session_id(session_id: bytes) -> None:
     if len(session_id) != 16:
         raise LocalProtocolError("a connect session id is 16 bytes")
@@ -209,29 +232,19 @@ class Connect(MediatorMessage):
 
     def __post_init__(self) -> None:
         _check_session_id(self.connect_session_id)
-        if (self.server_id is None) == (self.system_id is None):
-            raise LocalProtocolError("connect names exactly one of server_id and system_id")
+        check_target("connect", self.server_id, self.system_id)
 
     def stun_attributes(self) -> tuple[Attribute, ...]:
-        target: Attribute
-        if self.server_id is not None:
-            target = ServerId(self.server_id)
-        else:
-            assert self.system_id is not None  # __post_init__ guarantees exactly one
-            target = SystemId(self.system_id)
-        return (ConnectSessionId(self.connect_session_id), target)
+        return (
+            ConnectSessionId(self.connect_session_id),
+            target_attribute(self.server_id, self.system_id),
+        )
 
     @classmethod
     def from_stun(cls, message: Message) -> Self:
         session = _one(message, ConnectSessionId, "connect")
-        server, system = message.get(ServerId), message.get(SystemId)
-        if (server is None) == (system is None):
-            raise MediatorMessageError("connect must name exactly one of SERVER-ID and SYSTEM-ID")
-        return cls(
-            connect_session_id=session.value,
-            server_id=server.value if server else None,
-            system_id=system.value if system else None,
-        )
+        server_id, system_id = read_target(message, "connect")
+        return cls(connect_session_id=session.value, server_id=server_id, system_id=system_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from typing import Literal
 
 import pytest
 
@@ -95,6 +96,18 @@ def events(request: ConnectRequest) -> list[ConnectEvent]:
     return found
 
 
+def succeeded(
+    request: ConnectRequest, response: ConnectResponse, via: Literal["udp", "tcp"], elapsed: float
+) -> ConnectSucceeded:
+    """The one event a request answered by ``response`` over ``via`` reports."""
+    return ConnectSucceeded(
+        response=response,
+        via=via,
+        elapsed=elapsed,
+        connect_session_id=request.connect_session_id,
+    )
+
+
 def assert_finished(request: ConnectRequest, now: float) -> None:
     """A done request sends nothing more, wants no timer and ignores everything."""
     assert request.done
@@ -168,14 +181,7 @@ def test_a_udp_answer_first_wins_and_the_tcp_answer_is_ignored() -> None:
     request.datagrams_to_send(100.0)
     request.tcp_data_to_send()
     request.datagram_received(success(UDP_TID), 100.25)
-    assert events(request) == [
-        ConnectSucceeded(
-            response=RESPONSE,
-            via="udp",
-            elapsed=0.25,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, RESPONSE, "udp", 0.25)]
     assert_finished(request, 100.5)
     assert request.dropped_messages == 0
 
@@ -188,14 +194,7 @@ def test_a_tcp_answer_first_wins_and_the_udp_answer_is_ignored() -> None:
     assert request.buffered == 30
     assert not request.done
     request.tcp_data_received(answer[30:], 100.5)
-    assert events(request) == [
-        ConnectSucceeded(
-            response=RESPONSE,
-            via="tcp",
-            elapsed=0.5,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, RESPONSE, "tcp", 0.5)]
     assert request.buffered == 0
     assert_finished(request, 101.0)
 
@@ -233,14 +232,7 @@ def test_foreign_and_duplicate_responses_are_ignored() -> None:
     assert not request.done
     request.datagram_received(success(UDP_TID), 0.2)
     request.datagram_received(success(UDP_TID), 0.3)  # a retransmission's duplicate answer
-    assert events(request) == [
-        ConnectSucceeded(
-            response=RESPONSE,
-            via="udp",
-            elapsed=0.2,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, RESPONSE, "udp", 0.2)]
 
 
 def test_garbage_and_unusable_udp_answers_are_dropped_and_retransmission_goes_on() -> None:
@@ -267,14 +259,7 @@ def test_a_system_id_request_accepts_any_server_of_that_system_only() -> None:
     assert request.dropped_messages == 1
     any_server = ConnectResponse(server_id=OTHER_SERVER, system_id=SYSTEM)
     request.datagram_received(success(UDP_TID, any_server), 0.2)
-    assert events(request) == [
-        ConnectSucceeded(
-            response=any_server,
-            via="udp",
-            elapsed=0.2,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, any_server, "udp", 0.2)]
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -406,14 +391,7 @@ def test_the_udp_copy_still_succeeds_after_the_tcp_copy_failed() -> None:
     request = new_request()
     request.tcp_data_received(b"\xff" * 20, 0.1)
     request.datagram_received(success(UDP_TID), 0.2)
-    assert events(request) == [
-        ConnectSucceeded(
-            response=RESPONSE,
-            via="udp",
-            elapsed=0.2,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, RESPONSE, "udp", 0.2)]
 
 
 def test_messages_that_are_not_our_answer_do_not_break_the_tcp_stream() -> None:
@@ -423,14 +401,7 @@ def test_messages_that_are_not_our_answer_do_not_break_the_tcp_stream() -> None:
     )
     request.tcp_data_received(encode_message(indication) + success(TCP_TID), 0.4)
     assert request.dropped_messages == 1
-    assert events(request) == [
-        ConnectSucceeded(
-            response=RESPONSE,
-            via="tcp",
-            elapsed=0.4,
-            connect_session_id=request.connect_session_id,
-        )
-    ]
+    assert events(request) == [succeeded(request, RESPONSE, "tcp", 0.4)]
 
 
 # --- connection_result and misuse --------------------------------------------------------
