@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from wavesync_proto.addresses import Endpoint
 
@@ -31,6 +33,15 @@ async def resolve(endpoint: Endpoint) -> Endpoint:
     hostname in every ``sendto`` would mean a blocking lookup per packet.
     """
     host, port = endpoint
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        # Already an address: no resolver thread hop (0.05 ms on every connect request
+        # and every connection_ack, docs/benchmarks.md "Connect latency").
+        await anyio.lowlevel.checkpoint()
+        return (host, port)
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"{host!r} resolves to no address")

@@ -13,7 +13,6 @@ per datagram is what makes the throughput (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import secrets
@@ -184,7 +183,7 @@ class UdtEndpoint:
         Raises ``UdtConnectError`` when the core gives up (no answer within its connect
         timeout, 3 s as in UDT 4.11, or a refusal).
         """
-        peer = await self._address(peer)
+        peer = await resolve(peer)
         stream = self._adopt(self.multiplexer.connect(peer, self._clock()))
         await stream._wait_established(f"connect to {format_endpoint(peer)}")
         return stream
@@ -197,7 +196,7 @@ class UdtEndpoint:
         """
         if not candidates:
             raise ValueError("rendezvous needs at least one candidate address")
-        addresses = [await self._address(candidate) for candidate in candidates]
+        addresses = [await resolve(candidate) for candidate in candidates]
         stream = self._adopt(self.multiplexer.rendezvous(addresses, self._clock()))
         await stream._wait_established(
             "rendezvous with " + ", ".join(format_endpoint(a) for a in addresses)
@@ -265,13 +264,6 @@ class UdtEndpoint:
         if self._foreign_waiter is not None:
             self._foreign_waiter.set()
             self._foreign_waiter = None
-
-    async def _address(self, endpoint: Endpoint) -> Endpoint:
-        try:
-            ipaddress.ip_address(endpoint[0])
-        except ValueError:
-            return await resolve(endpoint)
-        return endpoint
 
     # --- the driver -------------------------------------------------------------------
 
