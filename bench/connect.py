@@ -336,9 +336,9 @@ async def _one(world: World, client: Connector, samples: Samples, stamped: bool)
     else:
         await timed_connect(client, samples)
     if world.close_checkpoint:
-        # The stream's aclose() has queued UDT's Shutdown; leaving the Connector at once
-        # cancels the punching socket's driver before it sends it (the agent then holds
-        # the connection until its peer timeout, ~10 s). One checkpoint lets it go out.
+        # Before a9ab22b, the stream's aclose() left UDT's Shutdown queued, and leaving
+        # the Connector at once cancelled the punching socket's driver before it went
+        # out (the agent held the connection ~10 s). Kept so old and new runs compare.
         await anyio.lowlevel.checkpoint()
 
 
