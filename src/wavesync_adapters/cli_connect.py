@@ -58,6 +58,20 @@ def _uuid(text: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
+def _start_delay(text: str) -> tuple[PathKind, float]:
+    name, _, seconds = text.partition("=")
+    try:
+        kind = PathKind(name)
+        delay = float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want PATH=SECONDS with PATH one of lan, tcp, udp, relay: {text!r}"
+        ) from None
+    if not 0.0 <= delay < float("inf"):
+        raise argparse.ArgumentTypeError(f"a delay is 0 or more seconds: {text!r}")
+    return kind, delay
+
+
 def _relay_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         text = f"http://{text}"
@@ -130,6 +144,17 @@ def add_connect_commands(
         choices=["auto", *(kind.value for kind in PathKind)],
         default="auto",
         help="race every path (auto, the default) or use one",
+    )
+    client.add_argument(
+        "--delay",
+        type=_start_delay,
+        action="append",
+        default=[],
+        metavar="PATH=SECONDS",
+        help=(
+            "hold a path back when racing, e.g. relay=0.1 lets a punch or a direct"
+            " connection that works within 100 ms win over the relay (repeatable; default 0)"
+        ),
     )
     client.add_argument(
         "--deadline",
@@ -273,6 +298,7 @@ def run_client(args: argparse.Namespace) -> int:
         lan_group=args.lan_group,
         lan_interface=args.lan_interface[0] if args.lan_interface else None,
         deadline=args.deadline,
+        start_delays=dict(args.delay),
         **tunnel,
     )
 

@@ -132,7 +132,10 @@ async def running_agent(
 
 
 def connector_for(
-    services: Services, server_id: uuid.UUID, paths: frozenset[PathKind] = ALL_PATHS
+    services: Services,
+    server_id: uuid.UUID,
+    paths: frozenset[PathKind] = ALL_PATHS,
+    **options: Any,
 ) -> Connector:
     return Connector(
         server_id=server_id,
@@ -144,6 +147,7 @@ def connector_for(
         lan_timeout=0.5,
         udp_host=LOOPBACK,
         deadline=8.0,
+        **options,
     )
 
 
@@ -184,6 +188,23 @@ async def test_auto_races_every_path_and_one_stream_wins(services: Services) -> 
             second = await client.connect()
             assert await echoed(first)
             assert await echoed(second)
+
+
+async def test_a_relay_held_back_lets_the_punch_win(services: Services) -> None:
+    # The race has no preference; a start delay is how a user prefers direct paths.
+    server_id = uuid.uuid4()
+    udp_or_relay = frozenset({PathKind.UDP, PathKind.RELAY})
+    with anyio.fail_after(WAIT):
+        async with (
+            running_agent(services, server_id) as agent,
+            connector_for(
+                services, server_id, udp_or_relay, start_delays={PathKind.RELAY: WAIT}
+            ) as client,
+        ):
+            connection = await client.connect()
+            assert connection.path is PathKind.UDP
+            assert await echoed(connection)
+    assert agent.counters.accepted["relay"] == 0  # never started, not just beaten
 
 
 async def test_a_second_connection_reuses_the_punched_hole(services: Services) -> None:
