@@ -175,6 +175,9 @@ async def test_each_path_alone_reaches_the_server(services: Services, kind: Path
     seen_as = PathKind.TCP if kind is PathKind.LAN else kind
     assert agent.counters.accepted[seen_as.value] == 1
     assert agent.counters.rejected == 0
+    # After a mediator's answer the client tells it which path won (connection_result).
+    asked_mediator = kind in (PathKind.TCP, PathKind.UDP)
+    assert client.results_reported == (1 if asked_mediator else 0)
 
 
 async def test_auto_races_every_path_and_one_stream_wins(services: Services) -> None:

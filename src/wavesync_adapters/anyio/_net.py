@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import socket
@@ -13,8 +14,22 @@ import anyio.abc
 import anyio.lowlevel
 
 from wavesync_proto.addresses import Endpoint
+from wavesync_proto.stun.errors import StunDecodeError
+from wavesync_proto.stun.message import decode_message
+from wavesync_proto.stun.transaction import (
+    ClientTransaction,
+    ResponseReceived,
+    TransactionTimedOut,
+)
 
-__all__ = ["DatagramPort", "ServiceTimer", "open_udp_for", "resolve", "sleep_until_or"]
+__all__ = [
+    "DatagramPort",
+    "ServiceTimer",
+    "open_udp_for",
+    "resolve",
+    "run_transaction",
+    "sleep_until_or",
+]
 
 
 class DatagramPort(Protocol):
@@ -24,6 +39,28 @@ class DatagramPort(Protocol):
     async def send(self, item: tuple[bytes, tuple[str, int]], /) -> None: ...
 
     async def receive(self) -> tuple[bytes, tuple[Any, ...]]: ...
+
+
+async def run_transaction(
+    transaction: ClientTransaction, port: DatagramPort, peer: Endpoint
+) -> ResponseReceived | TransactionTimedOut:
+    """Send a STUN request from ``port`` to ``peer`` on the transaction's RFC 8489
+    schedule until it is answered or gives up. Datagrams from anyone else, and what
+    is not STUN, are dropped: call it while the port carries nothing else of yours."""
+    while True:
+        for data in transaction.messages_to_send(anyio.current_time()):
+            await port.send((data, peer))
+        timer = transaction.get_timer()
+        delay = None if timer is None else max(0.0, timer - anyio.current_time())
+        with anyio.move_on_after(delay):
+            data, source = await port.receive()
+            if (str(source[0]), int(source[1])) == peer:
+                with contextlib.suppress(StunDecodeError):  # not STUN: not our answer
+                    transaction.receive_response(decode_message(data), anyio.current_time())
+        transaction.handle_timer(anyio.current_time())
+        event = transaction.next_event()
+        if isinstance(event, ResponseReceived | TransactionTimedOut):
+            return event
 
 
 async def resolve(endpoint: Endpoint) -> Endpoint:

@@ -27,6 +27,8 @@ import anyio.abc
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
 from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.mediator.attributes import ConnectionPath
+from wavesync_proto.mediator.connect import connection_result_transaction
 from wavesync_proto.race import (
     ALL_PATHS,
     AskMediator,
@@ -41,11 +43,12 @@ from wavesync_proto.race import (
     StartAttempt,
     StartLanSearch,
 )
+from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedOut
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
 from ._dial import TunnelChoice
-from ._net import sleep_until_or
+from ._net import resolve, run_transaction, sleep_until_or
 from .connect import ConnectError, request_connection
 from .lan import search_lan
 from .relay_client import RelayConnectError, open_relay_stream
@@ -75,6 +78,18 @@ class Connection:
     reused_hole: bool
     #: What failed before the winner came in (or was still running).
     failures: tuple[AttemptFailure, ...]
+
+
+#: How long leaving a Connector normally waits for connection_result reports in flight.
+_REPORTS_WAIT = 3.0
+
+#: The CONNECTION-PATH code connection_result reports for each kind of path.
+_RESULT_PATHS = {
+    PathKind.LAN: ConnectionPath.LAN,
+    PathKind.TCP: ConnectionPath.TCP,
+    PathKind.UDP: ConnectionPath.UDP,
+    PathKind.RELAY: ConnectionPath.RELAY,
+}
 
 
 class PathRaceError(OSError):
@@ -159,6 +174,10 @@ class Connector:
         self._holes: dict[uuid.UUID, _Hole] = {}
         #: Connect requests sent to the mediator (a reused hole sends none).
         self.mediator_requests = 0
+        #: connection_result reports the mediator answered.
+        self.results_reported = 0
+        self._reports = 0
+        self._reports_done = anyio.Event()
 
     async def __aenter__(self) -> Connector:
         self._group = anyio.create_task_group()
@@ -172,6 +191,11 @@ class Connector:
         traceback: TracebackType | None,
     ) -> bool | None:
         assert self._group is not None
+        if exc_type is None and self._reports:
+            # Leaving normally: let the mediator hear which paths won (each report gives
+            # up 2.5 s after it began on its own).
+            with anyio.move_on_after(_REPORTS_WAIT):
+                await self._reports_done.wait()
         self._group.cancel_scope.cancel()
         return await self._group.__aexit__(exc_type, exc, traceback)
 
@@ -218,6 +242,26 @@ class Connector:
         )
         await self._group.start(self._hold, hole)
         return hole
+
+    async def _report_result(self, hole: _Hole, transaction: ClientTransaction) -> None:
+        """Send connection_result from the punched socket, then release it."""
+        self._reports += 1
+        try:
+            assert self.mediator is not None
+            mediator = await resolve(self.mediator)
+            event = await run_transaction(transaction, hole.endpoint.datagram_port(), mediator)
+            if isinstance(event, TransactionTimedOut):
+                log.debug("connection_result: no answer from the mediator")
+            elif event.message.error_code is None:
+                self.results_reported += 1
+        except (OSError, anyio.BrokenResourceError) as exc:
+            log.debug("connection_result not sent: %s", exc)
+        finally:
+            hole.release.set()
+            self._reports -= 1
+            if not self._reports:
+                self._reports_done.set()
+                self._reports_done = anyio.Event()
 
     async def _hold(
         self, hole: _Hole, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -272,8 +316,7 @@ class _RaceRun:
                     race.handle_timer(anyio.current_time())
                 group.cancel_scope.cancel()
         finally:
-            if self.hole is not None:
-                self.hole.release.set()
+            self._release_hole(race.winner, race.started_at)
             winner = race.winner
             for attempt_id, stream in self.verified.items():
                 if winner is None or attempt_id != winner.attempt_id:
@@ -293,6 +336,24 @@ class _RaceRun:
             reused_hole=attempt.reuse,
             failures=event.failures,
         )
+
+    def _release_hole(self, winner: Attempt | None, started_at: float) -> None:
+        """Hand the punched socket back to its holder; after the mediator answered, first
+        tell it which path won (connection_result, from that socket, in the background)."""
+        hole = self.hole
+        if hole is None:
+            return
+        connector = self.connector
+        if winner is None or hole.connect_session_id is None or connector._group is None:
+            hole.release.set()
+            return
+        transaction = connection_result_transaction(
+            hole.connect_session_id,
+            path=_RESULT_PATHS[winner.kind],
+            duration_ms=round((anyio.current_time() - started_at) * 1000),
+            now=anyio.current_time(),
+        )
+        connector._group.start_soon(connector._report_result, hole, transaction)
 
     def _act(self, action: RaceAction, group: anyio.abc.TaskGroup) -> None:
         if isinstance(action, StartLanSearch):

@@ -8,7 +8,6 @@ Back-off, keep-alives, authentication and what counts as a dead session are
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import ssl
@@ -30,13 +29,11 @@ from wavesync_proto.mediator.listen import (
     RegistrationRefused,
     SessionLost,
 )
-from wavesync_proto.stun.errors import StunDecodeError
-from wavesync_proto.stun.message import decode_message
-from wavesync_proto.stun.transaction import ResponseReceived, TransactionTimedOut
+from wavesync_proto.stun.transaction import TransactionTimedOut
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ._dial import TunnelChoice, dialer_for
-from ._net import DatagramPort, resolve, sleep_until_or
+from ._net import DatagramPort, resolve, run_transaction, sleep_until_or
 
 __all__ = ["MediatorListener", "RegistrationError"]
 
@@ -161,33 +158,19 @@ class MediatorListener:
         """
         mediator = await resolve(self.mediator)
         transaction = self.session.connection_ack(connect_session_id, anyio.current_time())
-        while True:
-            for data in transaction.messages_to_send(anyio.current_time()):
-                await udp.send((data, mediator))
-            timer = transaction.get_timer()
-            delay = None if timer is None else max(0.0, timer - anyio.current_time())
-            with anyio.move_on_after(delay):
-                data, source = await udp.receive()
-                if (str(source[0]), int(source[1])) == mediator:
-                    with contextlib.suppress(StunDecodeError):  # not STUN: not our answer
-                        transaction.receive_response(decode_message(data), anyio.current_time())
-            transaction.handle_timer(anyio.current_time())
-            event = transaction.next_event()
-            if isinstance(event, TransactionTimedOut):
-                log.warning(
-                    "connection_ack %s: no answer from the mediator", _sid(connect_session_id)
-                )
-                return None
-            if isinstance(event, ResponseReceived):
-                answer = self.session.ack_response(event.message)
-                if answer is None:
-                    log.warning(
-                        "connection_ack %s refused: %s",
-                        _sid(connect_session_id),
-                        event.message.error_code or "unsigned or malformed answer",
-                    )
-                    return None
-                return answer.server_udp_endpoint
+        event = await run_transaction(transaction, udp, mediator)
+        if isinstance(event, TransactionTimedOut):
+            log.warning("connection_ack %s: no answer from the mediator", _sid(connect_session_id))
+            return None
+        answer = self.session.ack_response(event.message)
+        if answer is None:
+            log.warning(
+                "connection_ack %s refused: %s",
+                _sid(connect_session_id),
+                event.message.error_code or "unsigned or malformed answer",
+            )
+            return None
+        return answer.server_udp_endpoint
 
     # --- the session's driver -------------------------------------------------------------
 

@@ -49,6 +49,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectRequest",
     "ConnectSucceeded",
+    "connection_result_transaction",
 ]
 
 # The mediator answers an unauthenticated UDP request with at most 3x its size (no
@@ -101,6 +102,30 @@ class _State(enum.Enum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+#: connection_result is a metric: sent three times over 1.5 s (RFC 8489's 500 ms RTO
+#: doubling), then given up 1 s after the last, so the client holds its punching
+#: socket at most 2.5 s for it.
+RESULT_SENDS = 3
+RESULT_FINAL_WAIT_RTOS = 2
+
+
+def connection_result_transaction(
+    connect_session_id: bytes,
+    *,
+    path: int,
+    duration_ms: int,
+    now: float,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> ClientTransaction:
+    """The client's report of which ``ConnectionPath`` won, after how long, as a short
+    UDP transaction to the mediator (docs/protocol.md §2.1, 0x106)."""
+    result = ConnectionResult(
+        connect_session_id=connect_session_id, path=path, duration_ms=max(0, duration_ms)
+    )
+    request = encode_message(result.to_stun(new_transaction_id(random_bytes)))
+    return ClientTransaction(request, now=now, rc=RESULT_SENDS, rm=RESULT_FINAL_WAIT_RTOS)
 
 
 def _padded(message: Message) -> bytes:
