@@ -24,6 +24,7 @@ from wavesync_proto.mediator.connect import (
     ConnectFailed,
     ConnectRequest,
     ConnectSucceeded,
+    connection_result_transaction,
 )
 from wavesync_proto.stun import (
     MAGIC_COOKIE,
@@ -33,6 +34,7 @@ from wavesync_proto.stun import (
     decode_message,
     encode_message,
 )
+from wavesync_proto.stun.transaction import TransactionTimedOut
 
 SYSTEM = uuid.UUID("04f5a9ea-3cb8-44b0-bb62-401b420701de")
 SERVER = uuid.UUID("9b2f4c0e-1d7a-4e63-8a55-0c3f6b1e2d44")
@@ -453,3 +455,23 @@ def test_misuse_is_refused_up_front(
             rto=rto,
             random_bytes=source,
         )
+
+
+def test_the_connection_result_report_is_three_sends_given_up_at_two_and_a_half_seconds() -> None:
+    session_id = bytes(range(16))
+    transaction = connection_result_transaction(
+        session_id, path=ConnectionPath.UDP, duration_ms=42, now=10.0
+    )
+    assert ConnectionResult.from_stun(decode_message(transaction.request)) == ConnectionResult(
+        connect_session_id=session_id, path=ConnectionPath.UDP, duration_ms=42
+    )
+    sent_at = []
+    now = 10.0
+    while (timer := transaction.get_timer()) is not None:
+        now = timer
+        if transaction.messages_to_send(now):
+            sent_at.append(now)
+        transaction.handle_timer(now)
+    assert sent_at == [10.0, 10.5, 11.5]
+    assert isinstance(transaction.next_event(), TransactionTimedOut)
+    assert now == 12.5
