@@ -1,4 +1,4 @@
-"""The sessions a developer and CI run: ``nox`` = tests + typecheck + lint.
+"""The sessions a developer and CI run: ``nox`` = natlab + tests + typecheck + lint.
 
 Every session installs from pyproject.toml's dependency groups, so the list of
 what the tests need lives in one place.
@@ -6,9 +6,13 @@ what the tests need lives in one place.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
-nox.options.sessions = ["tests", "typecheck", "lint"]
+# natlab runs before tests: .ci/run repeats the last pytest count, which must be the suite's.
+nox.options.sessions = ["natlab", "tests", "typecheck", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -34,6 +38,18 @@ def fuzz(session: nox.Session) -> None:
     """The hypothesis properties only, with the large `fuzz` example budget."""
     _install(session, "test")
     session.run("pytest", "-m", "property", "--hypothesis-profile=fuzz", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def natlab(session: nox.Session) -> None:
+    """The NAT lab (tests/natlab): real kernel NAT in network namespaces, as root."""
+    if os.geteuid() != 0:
+        session.skip("the NAT lab needs root (network namespaces, iptables)")
+    for tool in ("ip", "iptables-restore"):
+        if shutil.which(tool) is None:
+            session.skip(f"the NAT lab needs {tool} (apt-get install iproute2 iptables)")
+    _install(session, "test")
+    session.run("pytest", "-m", "natlab", "tests/natlab", *session.posargs)
 
 
 @nox.session(python=PYTHON)
