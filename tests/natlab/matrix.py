@@ -266,7 +266,9 @@ def _one_client(
             f"; {failure}" if failure else ""
         )
         # The race's own account of every path, for the report (its indented lines).
-        details = [line.strip() for line in log.splitlines() if line.startswith("  ")]
+        details = list(
+            dict.fromkeys(line.strip() for line in log.splitlines() if line.startswith("  "))
+        )
         failure += "".join(f" | {line}" for line in details[:6])
     received = fetch["received"]
     seconds = fetch["seconds"]
@@ -343,11 +345,15 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
 
 
 def _failures(outcomes: Sequence[Outcome]) -> str:
+    """Per cell and mode: how many runs failed, and the first one's account."""
+    failed: dict[tuple[str, str], list[Outcome]] = {}
+    for outcome in outcomes:
+        if not (outcome.connected and outcome.exact):
+            failed.setdefault((outcome.cell, outcome.mode), []).append(outcome)
     lines = [
-        f"- {o.cell} {o.mode} run {o.run}: {o.failure or 'not byte-exact'}"
-        f" ({o.received} of {SIZE} bytes)"
-        for o in outcomes
-        if not (o.connected and o.exact)
+        f"- {cell} {mode}: {len(group)} run(s), e.g. run {group[0].run}:"
+        f" {group[0].failure or 'not byte-exact'} ({group[0].received} of {SIZE} bytes)"
+        for (cell, mode), group in failed.items()
     ]
     return "\n".join(lines) or "- none"
 
