@@ -44,9 +44,6 @@ from .verify import VerificationError, answer_client
 
 __all__ = ["AcceptedStream", "AgentCounters", "ServerAgent", "StreamHandler"]
 
-#: How a tunnel_syn exchange fails: a refusal, or the stream breaking under it.
-_NOT_VERIFIED = (VerificationError, OSError, anyio.EndOfStream, anyio.BrokenResourceError)
-
 log = logging.getLogger("wavesync.agent")
 
 
@@ -421,7 +418,7 @@ class ServerAgent:
                     known_session=known_session,
                     timeout=self._verify_timeout,
                 )
-            except _NOT_VERIFIED as exc:
+            except VerificationError as exc:
                 self.counters.rejected += 1
                 where = format_endpoint(peer) if peer else "?"
                 log.info("%s stream from %s not verified: %s", path.value, where, exc)

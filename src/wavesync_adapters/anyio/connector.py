@@ -58,9 +58,6 @@ from .verify import VerificationError, verify_server
 
 __all__ = ["Connection", "Connector", "PathRaceError"]
 
-#: How a tunnel_syn exchange fails: a refusal, or the stream breaking under it.
-_NOT_VERIFIED = (VerificationError, OSError, anyio.EndOfStream, anyio.BrokenResourceError)
-
 log = logging.getLogger("wavesync.connector")
 
 
@@ -438,7 +435,7 @@ class _RaceRun:
                     connect_session_id=session_id,
                     timeout=self.connector._verify_timeout,
                 )
-            except _NOT_VERIFIED as exc:
+            except VerificationError as exc:
                 await anyio.aclose_forcefully(stream)
                 race.attempt_failed(attempt.attempt_id, _why(exc), anyio.current_time())
                 self.changed()

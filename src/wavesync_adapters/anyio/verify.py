@@ -34,6 +34,11 @@ __all__ = ["VerificationError", "answer_client", "verify_server"]
 _RECEIVE_BYTES = 65536
 
 
+#: How a stream tells that its peer is gone; during tunnel_syn that is a failed exchange,
+#: so callers handle one exception, ``VerificationError``, whatever the stream type.
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, OSError)
+
+
 class VerificationError(Exception):
     """The tunnel_syn exchange failed: the stream must not carry application data."""
 
@@ -55,7 +60,7 @@ async def _exchange(
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             try:
                 data = await stream.receive(_RECEIVE_BYTES)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
+            except _GONE:
                 machine.eof_received(anyio.current_time())
             else:
                 machine.receive_data(data, anyio.current_time())
@@ -90,7 +95,7 @@ async def verify_server(
     )
     try:
         await stream.send(initiator.data_to_send())
-    except anyio.BrokenResourceError:
+    except _GONE:
         initiator.eof_received(anyio.current_time())
     await _exchange(stream, initiator)
     event = initiator.next_event()
@@ -115,7 +120,8 @@ async def answer_client(
     session id that ``known_session`` recognises. Returns the stream, wrapped so that
     bytes the client pipelined after its request are read first, and what it asked for.
     Raises ``VerificationError`` when the request is refused (after sending the error
-    answer), is not tunnel_syn at all, or does not come within ``timeout`` seconds.
+    answer), is not tunnel_syn at all, does not come within ``timeout`` seconds, or the
+    client goes away before the answer.
     """
     responder = TunnelSynResponder(
         system_id=system_id,
@@ -131,9 +137,12 @@ async def answer_client(
     if isinstance(event, SynRejected):
         if answer:
             # The client learns why it was refused; it may already be gone, which is its loss.
-            with contextlib.suppress(anyio.BrokenResourceError):
+            with contextlib.suppress(*_GONE):
                 await stream.send(answer)
         raise VerificationError(event.reason, code=event.code)
     assert isinstance(event, SynAccepted)
-    await stream.send(answer)
+    try:
+        await stream.send(answer)
+    except _GONE:
+        raise VerificationError("the client went away before the answer", code=None) from None
     return PrefixedStream(stream, event.leftover), event
