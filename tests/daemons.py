@@ -8,21 +8,44 @@ from __future__ import annotations
 
 import re
 import selectors
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from wavesync_proto.mediator.systems import parse_systems
 
-__all__ = ["WAVESYNC", "new_system", "run_wavesync", "wavesync_daemon"]
+__all__ = [
+    "MEDIATOR_READY",
+    "RELAY_READY",
+    "WAVESYNC",
+    "RelayAndMediator",
+    "free_udp_port",
+    "new_system",
+    "relay_and_mediator",
+    "run_wavesync",
+    "wavesync_daemon",
+]
 
 # The console script installed next to this interpreter: tests run the real entry point.
 WAVESYNC = str(Path(sys.executable).parent / "wavesync")
 READY_TIMEOUT = 10.0
+LOOPBACK = "127.0.0.1"
+#: The ready lines of ``wavesync relay`` and ``wavesync mediator`` (without --http).
+RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
+MEDIATOR_READY = r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+)"
+
+
+def free_udp_port() -> int:
+    """A loopback UDP port nobody uses right now (for a peer that must be named first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
 
 
 def run_wavesync(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -76,3 +99,36 @@ def wavesync_daemon(
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+@dataclass(frozen=True)
+class RelayAndMediator:
+    relay_url: str
+    mediator: tuple[str, int]
+    relay_process: subprocess.Popen[str]
+    mediator_process: subprocess.Popen[str]
+
+
+@contextmanager
+def relay_and_mediator(systems: Path) -> Iterator[RelayAndMediator]:
+    """``wavesync relay`` and a ``wavesync mediator`` that offers it, on loopback."""
+    with ExitStack() as stack:
+        relay, relay_ready = stack.enter_context(
+            wavesync_daemon(
+                "relay", "--listen", f"{LOOPBACK}:0", "--systems", str(systems), ready=RELAY_READY
+            )
+        )
+        relay_url = f"http://{LOOPBACK}:{relay_ready['port']}"
+        mediator, mediator_ready = stack.enter_context(
+            wavesync_daemon(
+                "mediator",
+                "--listen",
+                f"{LOOPBACK}:0",
+                "--systems",
+                str(systems),
+                "--relay-url",
+                relay_url,
+                ready=MEDIATOR_READY,
+            )
+        )
+        yield RelayAndMediator(relay_url, (LOOPBACK, int(mediator_ready["port"])), relay, mediator)

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import new_system, run_wavesync, wavesync_daemon
+from tests.daemons import (
+    free_udp_port,
+    new_system,
+    relay_and_mediator,
+    run_wavesync,
+    wavesync_daemon,
+)
 from wavesync_proto.discovery import DEFAULT_GROUP
 
 LOOPBACK = "127.0.0.1"
-RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
-MEDIATOR_READY = r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+)"
 SERVER_READY = r"server (?P<id>[0-9a-f-]+) of system .* accepting on tcp"
 CLIENT_READY = r"client listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
 PAGE = b"<h1>behind the NAT</h1>" * 2000
@@ -53,12 +57,6 @@ def web_service() -> Iterator[tuple[str, int]]:
         server.server_close()
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
 def http_get(port: int) -> bytes:
     """A plain HTTP/1.0 GET to the client's local port, as curl would send it."""
     with socket.create_connection((LOOPBACK, port), timeout=20) as sock:
@@ -76,31 +74,9 @@ def test_a_client_port_reaches_the_service_behind_the_server(
     systems, system_id, key = new_system(tmp_path, "cli")
     group = f"{DEFAULT_GROUP[0]}:{free_udp_port()}"
     lan = ("--lan-group", group, "--lan-interface", LOOPBACK)
-    with ExitStack() as stack:
-        _, relay = stack.enter_context(
-            wavesync_daemon(
-                "relay",
-                "--listen",
-                f"{LOOPBACK}:0",
-                "--systems",
-                str(systems),
-                ready=RELAY_READY,
-            )
-        )
-        relay_url = f"http://{LOOPBACK}:{relay['port']}"
-        _, mediator = stack.enter_context(
-            wavesync_daemon(
-                "mediator",
-                "--listen",
-                f"{LOOPBACK}:0",
-                "--systems",
-                str(systems),
-                "--relay-url",
-                relay_url,
-                ready=MEDIATOR_READY,
-            )
-        )
-        mediator_at = f"{LOOPBACK}:{mediator['port']}"
+    with relay_and_mediator(systems) as daemons, ExitStack() as stack:
+        relay_url = daemons.relay_url
+        mediator_at = f"{LOOPBACK}:{daemons.mediator[1]}"
         server_id = uuid.uuid4()
         stack.enter_context(
             wavesync_daemon(

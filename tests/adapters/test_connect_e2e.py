@@ -11,11 +11,10 @@ Every wait is bounded by ``fail_after``; nothing sleeps to wait.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import anyio.abc
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from tests.daemons import new_system, wavesync_daemon
+from tests.daemons import free_udp_port, new_system, relay_and_mediator
 from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
 from wavesync_adapters.anyio.connector import Connection, Connector, PathRaceError
 from wavesync_proto.addresses import Endpoint
@@ -36,8 +35,6 @@ pytestmark = pytest.mark.anyio
 
 WAIT = 20.0  # seconds any one step may take before the test fails
 LOOPBACK = "127.0.0.1"
-RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
-MEDIATOR_READY = r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+)"
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -57,43 +54,19 @@ class Services:
     relay_process: subprocess.Popen[str]
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
     """A relay and a mediator that offers it, both real subprocesses, for one test."""
     path, system_id, key = new_system(tmp_path, "connect-e2e")
-    with ExitStack() as stack:
-        relay, relay_ready = stack.enter_context(
-            wavesync_daemon(
-                "relay", "--listen", f"{LOOPBACK}:0", "--systems", str(path), ready=RELAY_READY
-            )
-        )
-        relay_url = f"http://{LOOPBACK}:{relay_ready['port']}"
-        mediator, mediator_ready = stack.enter_context(
-            wavesync_daemon(
-                "mediator",
-                "--listen",
-                f"{LOOPBACK}:0",
-                "--systems",
-                str(path),
-                "--relay-url",
-                relay_url,
-                ready=MEDIATOR_READY,
-            )
-        )
+    with relay_and_mediator(path) as daemons:
         yield Services(
             system_id=system_id,
             key=key,
-            mediator=(LOOPBACK, int(mediator_ready["port"])),
-            relay_url=relay_url,
+            mediator=daemons.mediator,
+            relay_url=daemons.relay_url,
             lan_group=(DEFAULT_GROUP[0], free_udp_port()),
-            mediator_process=mediator,
-            relay_process=relay,
+            mediator_process=daemons.mediator_process,
+            relay_process=daemons.relay_process,
         )
 
 

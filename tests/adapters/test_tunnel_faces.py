@@ -25,7 +25,7 @@ import anyio.abc
 import pytest
 
 from tests.adapters.tunnels import round_trip
-from tests.daemons import WAVESYNC, new_system, wavesync_daemon
+from tests.daemons import RELAY_READY, WAVESYNC, new_system, wavesync_daemon
 from wavesync_adapters.anyio._dial import AUTO, TunnelChoice, parse_tunnel_choice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
@@ -173,8 +173,6 @@ def test_tunnel_choices_parse_as_the_cli_spells_them() -> None:
 
 
 # --- the relay's tunnel face: the same port --------------------------------------------------
-
-RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
 
 
 @dataclass(frozen=True)

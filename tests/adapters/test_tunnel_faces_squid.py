@@ -21,7 +21,7 @@ import anyio.abc
 import pytest
 
 from tests.adapters.tunnels import round_trip
-from tests.daemons import new_system, run_wavesync, wavesync_daemon
+from tests.daemons import RELAY_READY, new_system, run_wavesync, wavesync_daemon
 from tests.squid import DEFAULT, Squid, squid_binary, squid_proxy
 from wavesync_adapters.anyio._dial import AUTO
 from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
@@ -40,7 +40,6 @@ MEDIATOR_READY = (
     r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+),"
     r" http (?P<http_host>[\d.]+):(?P<http_port>\d+)"
 )
-RELAY_READY = r"relay listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
 WAIT = 30.0
 GETPOST = TunnelKind(method=TunnelMethod.GETPOST)
 

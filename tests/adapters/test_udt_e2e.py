@@ -14,7 +14,6 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -25,18 +24,10 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import WAVESYNC, run_wavesync
+from tests.daemons import WAVESYNC, free_udp_port, run_wavesync
 
 WAIT = 60.0  # seconds a whole transfer may take before the test fails
 SIZE = 20 * 1024 * 1024
-
-
-def free_udp_port() -> int:
-    """A UDP port nobody uses right now (for rendezvous, where each side names the other's)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -7,13 +7,12 @@ prints. `.ci/run` installs the package.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.daemons import run_wavesync, wavesync_daemon
+from tests.daemons import free_udp_port, run_wavesync, wavesync_daemon
 
 STUN_CLIENT = shutil.which("stun")
 READY = r"listening on udp 127\.0\.0\.1:(?P<port>\d+)"
@@ -21,13 +20,6 @@ READY = r"listening on udp 127\.0\.0\.1:(?P<port>\d+)"
 pytestmark = pytest.mark.skipif(
     STUN_CLIENT is None, reason="Debian's `stun` (apt-get install stun-client) is not installed"
 )
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def run_stun_client(*args: str) -> str:

@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import IO
 
 import pytest
 
+from tests.daemons import free_udp_port
 from tests.interop.libudt import PATTERN_LENGTH, pattern
 
 LOOPBACK = "127.0.0.1"
@@ -57,13 +57,6 @@ CLOSED = re.compile(r"closed: (\w+) .*?UdtConnectionCounters\((.*?)\)")
 
 def wavesync_udt(*args: str) -> list[str]:
     return [sys.executable, "-m", "wavesync_adapters.cli", "--log-level", "info", "udt", *args]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def generated(seed: int, size: int) -> Iterator[bytes]:
