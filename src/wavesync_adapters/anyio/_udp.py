@@ -34,8 +34,8 @@ _U16 = struct.Struct("=H")  # the cmsg carries a native-order __u16
 #: One IPv4 datagram's largest UDP payload: a GSO batch may not exceed it either.
 _GSO_MAX_BYTES = 65507
 
-#: Called with (datagram, source, arrival time); what it returns is ignored.
-Feed = Callable[[bytes, Endpoint, float], object]
+#: Called with (datagram, source, arrival time); False: not ours (not UDT), hand it on.
+Feed = Callable[[bytes, Endpoint, float], bool]
 
 
 class BatchedUdpSocket:
@@ -60,8 +60,13 @@ class BatchedUdpSocket:
         self.receive_errors = 0
         self.gso_batches = 0
 
-    def receive_all(self, feed: Feed, limit: int) -> int:
-        """Feed up to ``limit`` waiting datagrams, each stamped when read; return the count."""
+    def receive_all(
+        self, feed: Feed, limit: int, foreign: Callable[[bytes, Endpoint], None]
+    ) -> int:
+        """Feed up to ``limit`` waiting datagrams, each stamped when read; return the count.
+
+        A datagram ``feed`` does not take (it returns False: not UDT) goes to ``foreign``.
+        """
         recvfrom = self.sock.recvfrom
         size = self._datagram_bytes
         clock = self._clock
@@ -81,7 +86,8 @@ class BatchedUdpSocket:
             count += 1
             if self._ipv6:
                 source = (source[0], source[1])
-            feed(data, source, clock())
+            if not feed(data, source, clock()):
+                foreign(data, source)
         return count
 
     def send_all(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:

@@ -327,16 +327,12 @@ class UdtEndpoint:
         io = self._io
         sock = self._sock
         clock = self._clock
+        feed = multiplexer.receive_datagram
         foreign = self._foreign or self._queue_foreign
-        receive_datagram = multiplexer.receive_datagram
-
-        def feed(data: bytes, source: Endpoint, now: float) -> None:
-            if not receive_datagram(data, source, now):
-                foreign(data, source)
 
         try:
             while True:
-                io.receive_all(feed, _RECEIVE_BATCH)
+                io.receive_all(feed, _RECEIVE_BATCH, foreign)
                 now = clock()
                 deadline = multiplexer.get_timer()
                 if deadline is not None and deadline <= now:
