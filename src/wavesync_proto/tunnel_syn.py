@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, Generic, Self, TypeVar
 
 from .errors import LocalProtocolError
 from .mediator.attributes import ConnectSessionId, ServerId, SystemId
@@ -255,7 +255,46 @@ class _State(enum.Enum):
 # --- initiator -----------------------------------------------------------------------------
 
 
-class TunnelSynInitiator:
+_E = TypeVar("_E", bound=SynEvent)
+
+
+class _SynEnd(Generic[_E]):
+    """What both ends share: one message in, one event out, one deadline."""
+
+    def __init__(self, *, now: float, timeout: float) -> None:
+        if timeout <= 0:
+            raise LocalProtocolError("the tunnel_syn timeout must be positive")
+        self._timeout = timeout
+        self._deadline = now + timeout
+        self._state = _State.WAITING
+        self._inbound = bytearray()
+        self._events: deque[_E] = deque()
+
+    @property
+    def done(self) -> bool:
+        """True once the exchange has its one event; no input counts after that."""
+        return self._state is _State.DONE
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held so far (never more than ``MAX_SYN_MESSAGE``)."""
+        return len(self._inbound)
+
+    def get_timer(self) -> float | None:
+        """The deadline for the peer's message, None once done."""
+        return None if self.done else self._deadline
+
+    def next_event(self) -> _E | None:
+        """The exchange's one event, once."""
+        return self._events.popleft() if self._events else None
+
+    def _finish(self, event: _E) -> None:
+        self._state = _State.DONE
+        self._inbound.clear()
+        self._events.append(event)
+
+
+class TunnelSynInitiator(_SynEnd[SynAnswered | SynFailed]):
     """The client's end: sends tunnel_syn, then checks that the answer comes from the target."""
 
     def __init__(
@@ -268,8 +307,7 @@ class TunnelSynInitiator:
         now: float,
         timeout: float = 5.0,
     ) -> None:
-        if timeout <= 0:
-            raise LocalProtocolError("the tunnel_syn timeout must be positive")
+        super().__init__(now=now, timeout=timeout)
         if len(transaction_id) != 12:
             raise LocalProtocolError("a transaction id is 12 bytes")
         # TunnelSyn checks the target and the session id.
@@ -279,34 +317,11 @@ class TunnelSynInitiator:
         self._transaction_id = transaction_id
         self._outbound = encode_message(self._request.to_stun(transaction_id))
         self._start = now
-        self._timeout = timeout
-        self._deadline = now + timeout
-        self._state = _State.WAITING
-        self._inbound = bytearray()
-        self._events: deque[SynAnswered | SynFailed] = deque()
-
-    @property
-    def done(self) -> bool:
-        """True once the exchange succeeded or failed; no input counts after that."""
-        return self._state is _State.DONE
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete answer held so far (never more than ``MAX_SYN_MESSAGE``)."""
-        return len(self._inbound)
 
     def data_to_send(self) -> bytes:
         """The request, once (empty after that, or once done)."""
         data, self._outbound = self._outbound, b""
         return b"" if self.done else data
-
-    def get_timer(self) -> float | None:
-        """The deadline for the answer, None once done."""
-        return None if self.done else self._deadline
-
-    def next_event(self) -> SynAnswered | SynFailed | None:
-        """``SynAnswered`` or ``SynFailed``, once."""
-        return self._events.popleft() if self._events else None
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the stream; the answer is checked as soon as it is whole."""
@@ -396,16 +411,11 @@ class TunnelSynInitiator:
     def _fail(self, reason: str, code: int | None, now: float) -> None:
         self._finish(SynFailed(reason=reason, code=code, elapsed=now - self._start))
 
-    def _finish(self, event: SynAnswered | SynFailed) -> None:
-        self._state = _State.DONE
-        self._inbound.clear()
-        self._events.append(event)
-
 
 # --- responder -----------------------------------------------------------------------------
 
 
-class TunnelSynResponder:
+class TunnelSynResponder(_SynEnd[SynAccepted | SynRejected]):
     """The server's end: reads tunnel_syn, answers it, and says whether the stream is a client."""
 
     def __init__(
@@ -418,43 +428,19 @@ class TunnelSynResponder:
         require_session: bool = False,
         known_session: Callable[[bytes], bool] | None = None,
     ) -> None:
-        if timeout <= 0:
-            raise LocalProtocolError("the tunnel_syn timeout must be positive")
+        super().__init__(now=now, timeout=timeout)
         if require_session and known_session is None:
             raise LocalProtocolError("require_session needs known_session to check the id")
         self._system_id = system_id
         self._server_id = server_id
-        self._timeout = timeout
-        self._deadline = now + timeout
         self._require_session = require_session
         self._known_session = known_session
-        self._state = _State.WAITING
-        self._inbound = bytearray()
         self._outbound = b""
-        self._events: deque[SynAccepted | SynRejected] = deque()
-
-    @property
-    def done(self) -> bool:
-        """True once the request was accepted or rejected; no input counts after that."""
-        return self._state is _State.DONE
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete request held so far (never more than ``MAX_SYN_MESSAGE``)."""
-        return len(self._inbound)
 
     def data_to_send(self) -> bytes:
         """The answer (success or error), once it is decided; empty otherwise."""
         data, self._outbound = self._outbound, b""
         return data
-
-    def get_timer(self) -> float | None:
-        """The deadline for the request, None once done."""
-        return None if self.done else self._deadline
-
-    def next_event(self) -> SynAccepted | SynRejected | None:
-        """``SynAccepted`` or ``SynRejected``, once."""
-        return self._events.popleft() if self._events else None
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the stream; the request is answered as soon as it is whole."""
@@ -567,8 +553,3 @@ class TunnelSynResponder:
 
     def _reject(self, reason: str) -> None:
         self._finish(SynRejected(reason=reason, code=None))
-
-    def _finish(self, event: SynAccepted | SynRejected) -> None:
-        self._state = _State.DONE
-        self._inbound.clear()
-        self._events.append(event)
