@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from wavesync_proto import __version__
-from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
+from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.service import MediatorService
 from wavesync_proto.mediator.systems import format_system_entry, parse_systems
@@ -39,12 +39,11 @@ from .anyio.mediator import MediatorDaemon
 from .anyio.relay import RelayDaemon
 from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
+from .cli_args import STUN_PORT, address, stun_address
 from .cli_connect import add_connect_commands, run_client, run_demo_command, run_server
 from .cli_tunnel import add_tunnel_probe_command, run_tunnel_probe
 
 __all__ = ["main"]
-
-STUN_PORT = 3478  # RFC 8489 §18.6: the default port for STUN over UDP and TCP
 
 log = logging.getLogger("wavesync")
 
@@ -78,13 +77,6 @@ def _configure_logging(level: str, json_logs: bool) -> None:
     root = logging.getLogger("wavesync")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def _endpoint(text: str) -> tuple[str, int]:
-    try:
-        return parse_endpoint(text, default_port=STUN_PORT)
-    except LocalProtocolError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -143,7 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     binding.add_argument(
-        "server", type=_endpoint, metavar="HOST[:PORT]", help="STUN server (port 3478)"
+        "server", type=stun_address, metavar="HOST[:PORT]", help="STUN server (port 3478)"
     )
     binding.add_argument(
         "--rto",
@@ -172,7 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--listen",
-        type=_endpoint,
+        type=stun_address,
         default=("0.0.0.0", STUN_PORT),  # noqa: S104 - a server's default is every interface
         metavar="HOST:PORT",
         help="address to answer on (default 0.0.0.0:3478; port 0 picks a free one)",
@@ -199,7 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mediator.add_argument(
         "--listen",
-        type=_endpoint,
+        type=stun_address,
         default=("0.0.0.0", STUN_PORT),  # noqa: S104 - a server's default is every interface
         metavar="HOST:PORT",
         help="address for both UDP and TCP (default 0.0.0.0:3478; port 0 picks a free one)",
@@ -216,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mediator.add_argument(
         "--http",
-        type=_endpoint,
+        type=stun_address,
         metavar="HOST:PORT",
         help=(
             "also serve the HTTP face there: every HTTP tunnel method (docs/tunnel.md)"
@@ -234,7 +226,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     relay.add_argument(
-        "--listen", type=_relay_endpoint, required=True, metavar="HOST:PORT", help="TCP address"
+        "--listen", type=address, required=True, metavar="HOST:PORT", help="TCP address"
     )
     relay.add_argument(
         "--systems", type=Path, required=True, metavar="FILE", help="systems.toml (see keygen)"
@@ -307,7 +299,7 @@ def _add_udt_commands(
         (send, "--connect", "connect to a UDT listener at this address"),
     ):
         mode = parser.add_mutually_exclusive_group(required=True)
-        mode.add_argument(how, type=_relay_endpoint, metavar="HOST:PORT", help=how_help)
+        mode.add_argument(how, type=address, metavar="HOST:PORT", help=how_help)
         mode.add_argument(
             "--rendezvous",
             action="store_true",
@@ -321,7 +313,7 @@ def _add_udt_commands(
         )
         parser.add_argument(
             "--peer",
-            type=_relay_endpoint,
+            type=address,
             metavar="HOST:PORT",
             help="with --rendezvous: the peer's UDP address",
         )
@@ -330,14 +322,7 @@ def _add_udt_commands(
 def _local_endpoint(text: str) -> tuple[str, int]:
     if text.isdigit():
         text = f"0.0.0.0:{text}"
-    return _relay_endpoint(text)
-
-
-def _relay_endpoint(text: str) -> tuple[str, int]:
-    try:
-        return parse_endpoint(text)
-    except LocalProtocolError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return address(text)
 
 
 def _load_systems(command: str, path: Path) -> dict[uuid.UUID, str] | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from wavesync_proto.addresses import Endpoint, format_endpoint, parse_endpoint
+from wavesync_proto.addresses import format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, PathKind
@@ -29,26 +29,15 @@ from .anyio.connector import Connector
 from .anyio.demo import run_demo
 from .anyio.forward import forward_to_service, serve_local_port
 from .anyio.listen import RegistrationError
+from .cli_args import address, stun_address
 from .cli_tunnel import add_tunnel_options, tunnel_settings
 
 __all__ = ["add_connect_commands", "run_client", "run_demo_command", "run_server"]
 
 log = logging.getLogger("wavesync")
 
-MEDIATOR_PORT = 3478
 #: How long ``wavesync server`` waits to be reachable before it says it is ready anyway.
 _READY_SECONDS = 10.0  # the mediator speaks STUN: RFC 8489's default port
-
-
-def _endpoint(text: str, default_port: int | None = None) -> Endpoint:
-    try:
-        return parse_endpoint(text, default_port=default_port)
-    except LocalProtocolError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _mediator(text: str) -> Endpoint:
-    return _endpoint(text, MEDIATOR_PORT)
 
 
 def _uuid(text: str) -> uuid.UUID:
@@ -99,11 +88,11 @@ def add_connect_commands(
     )
     _add_reach_options(server)
     server.add_argument(
-        "--forward", type=_endpoint, required=True, metavar="HOST:PORT", help="the local service"
+        "--forward", type=address, required=True, metavar="HOST:PORT", help="the local service"
     )
     server.add_argument(
         "--tcp-listen",
-        type=_endpoint,
+        type=address,
         default=("0.0.0.0", 0),  # noqa: S104 - a server's default is every interface
         metavar="HOST:PORT",
         help="where direct and LAN clients connect (default 0.0.0.0, any free port)",
@@ -137,7 +126,7 @@ def add_connect_commands(
     target.add_argument("--server-id", type=_uuid, metavar="UUID", help="one server")
     _add_reach_options(client)
     client.add_argument(
-        "--listen", type=_endpoint, required=True, metavar="HOST:PORT", help="the local port"
+        "--listen", type=address, required=True, metavar="HOST:PORT", help="the local port"
     )
     client.add_argument(
         "--path",
@@ -185,7 +174,7 @@ def add_connect_commands(
 
 def _add_reach_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--mediator", type=_mediator, metavar="HOST[:PORT]", help="the mediator (port 3478)"
+        "--mediator", type=stun_address, metavar="HOST[:PORT]", help="the mediator (port 3478)"
     )
     parser.add_argument(
         "--relay",
@@ -213,7 +202,7 @@ def _add_reach_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lan-group",
-        type=_endpoint,
+        type=address,
         default=DEFAULT_GROUP,
         metavar="GROUP:PORT",
         help=f"the discovery multicast group (default {format_endpoint(DEFAULT_GROUP)})",
