@@ -18,6 +18,7 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ..errors import ConnectError
 from ._dial import TunnelChoice, dialer_for
 from ._net import DatagramPort, open_udp_for, resolve, sleep_until_or
 
@@ -26,16 +27,6 @@ __all__ = ["ConnectError", "request_connection"]
 log = logging.getLogger("wavesync.connect")
 
 _RECEIVE_BYTES = 65536
-
-
-class ConnectError(Exception):
-    """The mediator could not connect us: ``code`` is its STUN error code, or None."""
-
-    def __init__(self, failure: ConnectFailed) -> None:
-        code = "" if failure.code is None else f"{failure.code} "
-        super().__init__(f"connect failed: {code}{failure.reason}")
-        self.code = failure.code
-        self.reason = failure.reason
 
 
 async def request_connection(

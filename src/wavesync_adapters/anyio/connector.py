@@ -47,6 +47,7 @@ from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedO
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from ..errors import PathRaceError
 from ._dial import TunnelChoice
 from ._net import resolve, run_transaction, sleep_until_or
 from .connect import ConnectError, request_connection
@@ -87,15 +88,6 @@ _RESULT_PATHS = {
     PathKind.UDP: ConnectionPath.UDP,
     PathKind.RELAY: ConnectionPath.RELAY,
 }
-
-
-class PathRaceError(OSError):
-    """Every path failed, or the deadline passed; ``failures`` says why each did."""
-
-    def __init__(self, result: RaceFailed) -> None:
-        super().__init__(result.describe())
-        self.reason = result.reason
-        self.failures = result.failures
 
 
 @dataclass(eq=False)

@@ -32,6 +32,7 @@ from wavesync_proto.mediator.listen import (
 from wavesync_proto.stun.transaction import TransactionTimedOut
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ..errors import RegistrationError
 from ._dial import TunnelChoice, dialer_for
 from ._net import DatagramPort, resolve, run_transaction, sleep_until_or
 
@@ -45,15 +46,6 @@ _RECEIVE_BYTES = 65536
 _REQUEST_QUEUE = MAX_PENDING_EVENTS
 
 ListenerEvent = ConnectionRequestReceived | ClientUdpEndpointLearned
-
-
-class RegistrationError(Exception):
-    """The mediator refused the registration (``code`` 401: the system key is wrong)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"the mediator refused the registration: {code} {reason}")
-        self.code = code
-        self.reason = reason
 
 
 class MediatorListener:

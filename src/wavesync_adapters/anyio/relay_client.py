@@ -18,21 +18,13 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.relay.client import RelayConnect, RelayFailed, RelayPaired, RelayRedirected
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from ..errors import RelayConnectError
 from ._dial import TunnelChoice, dialer_for
 from ._streams import PrefixedStream
 
 __all__ = ["RelayConnectError", "RelayTunnel", "open_relay_stream"]
 
 _RECEIVE_BYTES = 65536
-
-
-class RelayConnectError(Exception):
-    """The relay did not pair us; ``status`` is its HTTP status (None: no answer)."""
-
-    def __init__(self, message: str, *, status: int | None, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,8 @@ from wavesync_proto.udt.connection_types import (
     DataReceived,
 )
 
+from ..errors import UdtConnectError
+
 if TYPE_CHECKING:
     from .udt import UdtEndpoint
 
@@ -39,15 +41,6 @@ log = logging.getLogger("wavesync.udt")
 #: A sender blocked on a full send buffer is woken when this much is free (or all it
 #: still has to send fits): one wake-up per ACK's worth, not per freed packet.
 _SEND_WAKE_BYTES = 64 * 1024
-
-
-class UdtConnectError(OSError):
-    """A connect or rendezvous did not produce a connection; ``reason`` says why."""
-
-    def __init__(self, message: str, *, reason: CloseReason, detail: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.detail = detail
 
 
 class UdtStream(anyio.abc.ByteStream):

@@ -25,6 +25,7 @@ from wavesync_proto.tunnel_syn import (
     TunnelSynResponder,
 )
 
+from ..errors import VerificationError
 from ._streams import PrefixedStream
 
 __all__ = ["VerificationError", "answer_client", "verify_server"]
@@ -37,17 +38,6 @@ _RECEIVE_BYTES = 65536
 #: How a stream tells that its peer is gone; during tunnel_syn that is a failed exchange,
 #: so callers handle one exception, ``VerificationError``, whatever the stream type.
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, OSError)
-
-
-class VerificationError(Exception):
-    """The tunnel_syn exchange failed: the stream must not carry application data."""
-
-    def __init__(self, reason: str, *, code: int | None) -> None:
-        super().__init__(reason if code is None else f"{code} {reason}")
-        #: What went wrong (the far end's reason phrase when it sent an error answer).
-        self.reason = reason
-        #: The STUN error code answered (403, 404, ...); None when no error answer was sent.
-        self.code = code
 
 
 async def _exchange(

@@ -32,6 +32,8 @@ from wavesync_proto.udt.connection_types import (
     DataReceived,
 )
 
+from ..errors import UdtConnectError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -46,15 +48,6 @@ _HIGH_WATER = 64 * 1024
 #: asyncio's ``LOG_THRESHOLD_FOR_CONNLOST_WRITES``: writes after the end are dropped,
 #: and logged once there were this many.
 _LOST_WRITES_LOGGED = 5
-
-
-class UdtConnectError(ConnectionError):
-    """A connect or rendezvous did not produce a connection; ``reason`` says why."""
-
-    def __init__(self, message: str, *, reason: CloseReason, detail: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.detail = detail
 
 
 class UdtConnectionResetError(ConnectionResetError):
