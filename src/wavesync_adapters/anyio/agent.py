@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import math
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +28,7 @@ import anyio.abc
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
 from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.holes import PunchedSocket, PunchSockets
 from wavesync_proto.mediator.listen import ClientUdpEndpointLearned, ConnectionRequestReceived
 from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
@@ -78,20 +78,14 @@ class AgentCounters:
 
 @dataclass(eq=False)
 class _Punch:
-    """One punching socket: the sessions acked from it and its rendezvous in flight."""
+    """One punching socket: its task group, the sessions acked from it, the
+    rendezvous tried, and its use (``wavesync_proto.holes`` decides when it closes)."""
 
     endpoint: UdtEndpoint
     sessions: set[bytes]
     group: anyio.abc.TaskGroup
-    pending_rendezvous: int = 0
+    use: PunchedSocket
     tried: set[Endpoint] = field(default_factory=set)
-    #: A UDT connection was established on this socket: the hole is worth keeping.
-    punched: bool = False
-    evicted: bool = False
-    #: Streams on this socket being served now, and when the last one ended: a hole
-    #: reused by short connections is busy even if a poll never sees one open.
-    active: int = 0
-    last_used: float = -math.inf
 
 
 class ServerAgent:
@@ -156,7 +150,6 @@ class ServerAgent:
         self._lan_interfaces = tuple(lan_interfaces)
         self._standby_count = standby_count
         self._verify_timeout = verify_timeout
-        self._max_punches = max_punch_sockets
         self._hole_linger = hole_linger
         self._rendezvous_timeout = rendezvous_timeout
         self._max_streams = max_streams
@@ -165,6 +158,7 @@ class ServerAgent:
         # One memory for both services: each location's winning method is kept apart.
         self._tunnel_memory = TunnelMemory()
         self._punches: dict[bytes, _Punch] = {}
+        self._punch_sockets = PunchSockets[bytes](limit=max_punch_sockets)
         self._streams = 0
         self._handler: StreamHandler | None = None
         self._group: anyio.abc.TaskGroup | None = None
@@ -281,7 +275,14 @@ class ServerAgent:
                 return
             if isinstance(request, ConnectionRequestReceived):
                 self.counters.connect_requests += 1
-                if len(self._punches) >= self._max_punches and not self._evict_stale_punch():
+                admitted, evict = self._punch_sockets.admit()
+                if evict is not None:
+                    evicted = self._punches.get(evict)
+                    if evicted is not None:  # else its task sees ``evicted`` as it starts
+                        evicted.group.cancel_scope.cancel()
+                    self.counters.punches_evicted += 1
+                    log.info("connect %s: punching socket evicted", evict.hex()[:12])
+                if not admitted:
                     self.counters.punches_refused += 1
                     log.warning(
                         "connect %s: not punching, %d punching sockets carry connections",
@@ -289,19 +290,40 @@ class ServerAgent:
                         len(self._punches),
                     )
                     continue
-                self._group.start_soon(self._punch, listener, request)
+                # Counted from now, not from when its task starts: a burst of requests
+                # must not open more sockets than the cap.
+                use = PunchedSocket(
+                    linger=self._hole_linger,
+                    unproven_linger=self._rendezvous_timeout,
+                    idle_since=anyio.current_time(),
+                )
+                self._punch_sockets.add(request.connect_session_id, use)
+                self._group.start_soon(self._punch, listener, request, use)
             elif isinstance(request, ClientUdpEndpointLearned):
                 punch = self._punches.get(request.connect_session_id)
                 if punch is not None:
                     self._start_rendezvous(punch, request.client_udp_endpoint)
 
-    async def _punch(self, listener: MediatorListener, request: ConnectionRequestReceived) -> None:
+    async def _punch(
+        self,
+        listener: MediatorListener,
+        request: ConnectionRequestReceived,
+        use: PunchedSocket,
+    ) -> None:
         """Ack from a fresh socket and rendezvous toward the client; keep the hole open."""
         session_id = request.connect_session_id
         sid = session_id.hex()[:12]
-        endpoint = UdtEndpoint.bind((self._udp_host, 0), config=self._udt_config)
+        if use.evicted:
+            self._punch_sockets.remove(session_id)
+            return
+        try:
+            endpoint = UdtEndpoint.bind((self._udp_host, 0), config=self._udt_config)
+        except OSError as exc:
+            self._punch_sockets.remove(session_id)
+            log.warning("connect %s: no punching socket: %s", sid, exc)
+            return
         async with endpoint, anyio.create_task_group() as group:
-            punch = _Punch(endpoint=endpoint, sessions={session_id}, group=group)
+            punch = _Punch(endpoint=endpoint, sessions={session_id}, group=group, use=use)
             self._punches[session_id] = punch
             try:
                 endpoint.listen()  # the client's next connections come as regular connects
@@ -318,79 +340,58 @@ class ServerAgent:
                 await self._hold_hole(punch)
             finally:
                 del self._punches[session_id]
+                self._punch_sockets.remove(session_id)
                 group.cancel_scope.cancel()
         log.debug("connect %s: punching socket closed", sid)
-
-    def _evict_stale_punch(self) -> bool:
-        """Close the oldest punching socket that never connected; False if all did.
-
-        A client that won by another path leaves the agent punching toward it until the
-        rendezvous times out; at the cap, the newest request (the likeliest live client)
-        is worth more than the oldest such socket.
-        """
-        for session_id, punch in self._punches.items():
-            if not punch.punched and not punch.evicted:
-                punch.evicted = True
-                punch.group.cancel_scope.cancel()
-                self.counters.punches_evicted += 1
-                log.info("connect %s: punching socket evicted", session_id.hex()[:12])
-                return True
-        return False
 
     def _start_rendezvous(self, punch: _Punch, client: Endpoint) -> None:
         if client in punch.tried:
             return
         punch.tried.add(client)
-        punch.pending_rendezvous += 1
+        punch.use.rendezvous_started()
         punch.group.start_soon(self._rendezvous, punch, client)
 
     async def _rendezvous(self, punch: _Punch, client: Endpoint) -> None:
         try:
             stream = await punch.endpoint.rendezvous([client])
         except (UdtConnectError, anyio.BrokenResourceError) as exc:
+            punch.use.rendezvous_ended(connected=False)
             self.counters.rendezvous_failed += 1
             log.info("rendezvous with %s failed: %s", format_endpoint(client), exc)
             return
-        finally:
-            punch.pending_rendezvous -= 1
-        punch.punched = True
+        except BaseException:
+            punch.use.rendezvous_ended(connected=False)
+            raise
+        punch.use.rendezvous_ended(connected=True)
         await self._serve_on_hole(punch, stream, client)
 
     async def _accept_reused(self, punch: _Punch) -> None:
         while True:
             stream = await punch.endpoint.accept()
             peer = stream.connection.peer_address
+            punch.use.connection_proven()
             punch.group.start_soon(self._serve_on_hole, punch, stream, peer)
 
     async def _serve_on_hole(self, punch: _Punch, stream: UdtStream, peer: Endpoint | None) -> None:
-        punch.active += 1
+        punch.use.stream_started()
         try:
             await self._verify_and_handle(
                 stream, PathKind.UDP, peer, punch.sessions.__contains__, require_session=True
             )
         finally:
-            punch.active -= 1
-            punch.last_used = anyio.current_time()
+            punch.use.stream_ended(anyio.current_time())
 
     async def _hold_hole(self, punch: _Punch) -> None:
-        """Return once the socket is idle: ``hole_linger`` after its last connection; at
-        once when its rendezvous failed; after the rendezvous timeout when the client's
-        UDP address never came (a TCP-only connect request)."""
-        idle_since = anyio.current_time()
+        """Return once the socket may close (``PunchedSocket.close_deadline``): polled,
+        because a UDT connection opening or closing is not signalled."""
         while True:
-            now = anyio.current_time()
-            busy = (
-                punch.pending_rendezvous or punch.active or punch.endpoint.multiplexer.connections
+            pause = punch.use.poll_interval(
+                anyio.current_time(),
+                open_connections=len(punch.endpoint.multiplexer.connections),
             )
-            idle_since = now if busy else max(idle_since, punch.last_used)
-            if punch.punched:
-                linger = self._hole_linger
-            else:
-                linger = 0.0 if punch.tried else self._rendezvous_timeout
-            if not busy and now - idle_since >= linger:
+            if pause <= 0:
                 return
-            # Polled, not signalled: a second's slack on a 30 s linger costs nothing.
-            await anyio.sleep(1.0 if busy else min(1.0, idle_since + linger - now))
+            await anyio.sleep(pause)
 
     # --- every path ends here ---------------------------------------------------------
 

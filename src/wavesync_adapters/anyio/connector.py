@@ -27,6 +27,7 @@ import anyio.abc
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
 from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.holes import PunchedSocket
 from wavesync_proto.mediator.attributes import ConnectionPath
 from wavesync_proto.mediator.connect import connection_result_transaction
 from wavesync_proto.race import (
@@ -260,15 +261,21 @@ class Connector:
         async with hole.endpoint:
             task_status.started()
             await hole.release.wait()
-            idle_since = anyio.current_time()
+            use = PunchedSocket(
+                linger=self._hole_linger,
+                unproven_linger=0.0,
+                idle_since=anyio.current_time(),
+                proven=hole.peer is not None,
+                tried=True,
+            )
             while True:
-                now = anyio.current_time()
-                if hole.endpoint.multiplexer.connections:
-                    idle_since = now
-                elif now - idle_since >= self._hole_linger or hole.peer is None:
+                pause = use.poll_interval(
+                    anyio.current_time(),
+                    open_connections=len(hole.endpoint.multiplexer.connections),
+                )
+                if pause <= 0:
                     break
-                # Polled: a second's slack on a 30 s linger costs nothing.
-                await anyio.sleep(min(1.0, max(0.01, idle_since + self._hole_linger - now)))
+                await anyio.sleep(pause)
         if hole.server_id is not None and self._holes.get(hole.server_id) is hole:
             del self._holes[hole.server_id]
         log.debug("punched socket %s closed", format_endpoint(hole.endpoint.local_address))
