@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.daemons import WAVESYNC
+from wavesync_adapters.asyncio._net import resolve, run_transaction
 from wavesync_adapters.asyncio.udt import (
     UdtConnectError,
     UdtConnectionResetError,
@@ -32,6 +33,8 @@ from wavesync_adapters.asyncio.udt import (
     start_udt_server,
 )
 from wavesync_proto.addresses import Endpoint
+from wavesync_proto.stun.message import Message, MessageClass, decode_message, encode_message
+from wavesync_proto.stun.transaction import ClientTransaction, ResponseReceived
 from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
 from wavesync_proto.udt.handshake import REGULAR_CONNECT_TIMEOUT
 
@@ -521,3 +524,67 @@ async def test_an_interrupted_anyio_sender_is_an_error_on_the_asyncio_reader() -
             finished.set()
             await finish(sender)
     assert sender.returncode != 0
+
+
+async def test_the_datagram_port_carries_stun_beside_udt_and_bounds_its_queue() -> None:
+    """``datagram_port()`` sends from the endpoint's own socket and receives what is not
+    UDT; unread foreign datagrams are bounded (the oldest dropped, counted)."""
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.bind(LOOPBACK)
+        other.settimeout(WAIT)
+        async with await create_udt_endpoint(LOOPBACK) as endpoint:
+            port = endpoint.datagram_port()
+            await port.send((b"hello", other.getsockname()))
+            data, source = other.recvfrom(64)
+            assert (data, source) == (b"hello", endpoint.local_address)
+            other.sendto(stun, endpoint.local_address)
+            async with asyncio.timeout(WAIT):
+                assert await port.receive() == (stun, other.getsockname())
+            # 70 datagrams, none read: the queue keeps the last 64.
+            for index in range(70):
+                other.sendto(stun[:-1] + bytes([index]), endpoint.local_address)
+            async with asyncio.timeout(WAIT):
+                while endpoint.foreign_dropped < 6:
+                    await asyncio.sleep(0)
+                first, _ = await endpoint.receive_foreign()
+            assert first[-1] == 6
+        # Closed: what was queued is still handed out, then the port says it is closed.
+        for index in range(7, 70):
+            assert (await endpoint.receive_foreign())[0][-1] == index
+        with pytest.raises(ConnectionAbortedError):
+            await endpoint.receive_foreign()
+        with pytest.raises(ConnectionAbortedError):
+            endpoint.send_datagram(b"late", other.getsockname())
+
+
+async def test_run_transaction_over_the_punching_socket() -> None:
+    """``_net.run_transaction`` drives a STUN Binding over a UDT endpoint's port to a
+    peer that answers, while UDT could share the socket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as answerer:
+        answerer.bind(LOOPBACK)
+        answerer.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def answer() -> None:
+            data, source = await loop.sock_recvfrom(answerer, 2048)
+            request = decode_message(data)
+            response = Message(
+                method=request.method,
+                message_class=MessageClass.SUCCESS,
+                transaction_id=request.transaction_id,
+            )
+            await loop.sock_sendto(answerer, encode_message(response), source)
+
+        async with await create_udt_endpoint(LOOPBACK) as endpoint:
+            peer = await resolve(answerer.getsockname())
+            transaction = ClientTransaction(
+                encode_message(
+                    Message(method=1, message_class=MessageClass.REQUEST, transaction_id=bytes(12))
+                ),
+                now=loop.time(),
+            )
+            async with asyncio.timeout(WAIT), asyncio.TaskGroup() as group:
+                group.create_task(answer())
+                event = await run_transaction(transaction, endpoint.datagram_port(), peer)
+            assert isinstance(event, ResponseReceived)

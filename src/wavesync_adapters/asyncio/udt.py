@@ -17,12 +17,13 @@ from typing import Any
 
 from wavesync_proto.addresses import Endpoint
 
-from .udt_endpoint import DEFAULT_LIMIT, UdtEndpoint, create_udt_endpoint
+from .udt_endpoint import DEFAULT_LIMIT, UdtDatagramPort, UdtEndpoint, create_udt_endpoint
 from .udt_transport import UdtConnectError, UdtConnectionResetError, UdtTransport
 
 __all__ = [
     "UdtConnectError",
     "UdtConnectionResetError",
+    "UdtDatagramPort",
     "UdtEndpoint",
     "UdtServer",
     "UdtTransport",

@@ -7,7 +7,11 @@ per burst, in a callback deferred with ``call_soon``, and written with
 ``transport.sendto``. The core decides everything about the protocol (DESIGN.md §3).
 ``UdtEndpoint.create_connection(protocol_factory, peer)`` and
 ``start_serving(protocol_factory)`` give ``UdtTransport``/``Protocol`` pairs; the
-stream pairs are built on them in ``udt.py``.
+stream pairs are built on them in ``udt.py``. A datagram the multiplexer does not
+take (a STUN answer on a punched socket) goes to the ``foreign_datagram`` callback,
+or waits in a small queue for ``receive_foreign``; ``send_datagram`` and
+``datagram_port()`` send such datagrams from the same socket, so a mediator exchange
+and the UDT connections share one NAT mapping.
 
 This module imports nothing of anyio.
 """
@@ -19,6 +23,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+from collections import deque
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -31,7 +36,7 @@ from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 from .._udp_socket import open_udp_socket, tune_udp_socket
 from .udt_transport import UdtConnectError, UdtTransport
 
-__all__ = ["DEFAULT_LIMIT", "UdtEndpoint", "create_udt_endpoint"]
+__all__ = ["DEFAULT_LIMIT", "UdtDatagramPort", "UdtEndpoint", "create_udt_endpoint"]
 
 log = logging.getLogger("wavesync.udt")
 
@@ -49,6 +54,10 @@ _RECEIVE_BATCH = 256
 #: While the datagram transport's buffer is above its high-water mark, the core's timer
 #: is not run sooner than this (its pacing slot stays due until we may send again).
 _PAUSED_POLL_SECONDS = 0.005
+#: Foreign (non-UDT) datagrams kept for ``receive_foreign`` when no callback takes them:
+#: a handful of STUN answers at a time. When full the oldest goes: a flood of junk
+#: must not hold memory, and the newest is the likelier answer to a retransmission.
+_FOREIGN_QUEUE = 64
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
@@ -83,7 +92,9 @@ class UdtEndpoint:
     it is made non-blocking, its kernel buffers enlarged, and it is left open at the
     end). ``close()`` aborts the connections still open (``UdtConnectionResetError`` on
     their side): close each transport first for a graceful close.
-    ``foreign_datagram`` receives what is not UDT (a STUN answer on a punched socket).
+    ``foreign_datagram`` receives what is not UDT (a STUN answer on a punched socket);
+    without it such datagrams wait (at most 64, the oldest dropped) for
+    ``receive_foreign``.
     ``clock`` is what the core is given as ``now`` (the loop's ``time`` by default).
     """
 
@@ -108,6 +119,10 @@ class UdtEndpoint:
         #: The loop's clock minus ours: the timer is armed on the loop's, stamped with ours.
         self._offset = loop.time() - self._clock()
         self._foreign = foreign_datagram
+        self._foreign_queue: deque[tuple[bytes, Endpoint]] = deque()
+        self._foreign_ready = asyncio.Event()
+        #: Foreign datagrams dropped because nobody took the queued ones.
+        self.foreign_dropped = 0
         self._ipv6 = sock.family == socket.AF_INET6
         self.multiplexer = UdtMultiplexer(
             now=self._clock(),
@@ -131,12 +146,6 @@ class UdtEndpoint:
         self._closing = False
         self._close_when_idle = False
         self._closed: asyncio.Future[None] = loop.create_future()
-        if foreign_datagram is None:
-            self._feed: Callable[[bytes, Endpoint, float], object] = (
-                self.multiplexer.receive_datagram
-            )
-        else:
-            self._feed = self._feed_or_hand_on
 
     async def _start(self) -> None:
         # The transport gets a duplicate of the socket: it closes that one at the end,
@@ -189,6 +198,7 @@ class UdtEndpoint:
             self._timer = None
         if self._owns_socket:
             self._sock.close()
+        self._foreign_ready.set()  # receive_foreign raises now
         if udp is None and not self._closed.done():
             self._closed.set_result(None)
 
@@ -309,19 +319,57 @@ class UdtEndpoint:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
-    def _feed_or_hand_on(self, data: bytes, source: Endpoint, now: float) -> None:
-        if not self.multiplexer.receive_datagram(data, source, now):
-            assert self._foreign is not None
-            self._foreign(data, source)
+    # --- datagrams that are not UDT --------------------------------------------------------
+
+    def send_datagram(self, data: bytes, peer: Endpoint) -> None:
+        """Send one datagram that is not UDT (a STUN request) from this endpoint's socket.
+
+        Raises ``ConnectionAbortedError`` once the endpoint is closed."""
+        udp = self._udp
+        if self._closing or udp is None or udp.is_closing():
+            raise ConnectionAbortedError("the UdtEndpoint is closed")
+        udp.sendto(data, peer)
+
+    async def receive_foreign(self) -> tuple[bytes, Endpoint]:
+        """The next datagram that was not UDT (only without a ``foreign_datagram`` callback).
+
+        Raises ``ConnectionAbortedError`` once the endpoint is closed."""
+        while not self._foreign_queue:
+            if self._closing:
+                raise ConnectionAbortedError("the UdtEndpoint is closed")
+            self._foreign_ready.clear()
+            await self._foreign_ready.wait()
+        return self._foreign_queue.popleft()
+
+    def datagram_port(self) -> UdtDatagramPort:
+        """This endpoint as a datagram port for STUN exchanges (``_net.run_transaction``,
+        ``MediatorListener.acknowledge``, a connect request from the punching socket)."""
+        return UdtDatagramPort(self)
+
+    def _queue_foreign(self, data: bytes, source: Endpoint) -> None:
+        queue = self._foreign_queue
+        if len(queue) >= _FOREIGN_QUEUE:
+            queue.popleft()
+            self.foreign_dropped += 1
+            log.debug(
+                "udt %s: a foreign datagram dropped (%d waiting)",
+                format_endpoint(self.local_address),
+                len(queue),
+            )
+        queue.append((data, source))
+        self._foreign_ready.set()
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         """One datagram from the transport, then every other one waiting: one batch."""
         if self._closing:
             return
-        feed = self._feed
+        feed = self.multiplexer.receive_datagram
+        foreign = self._foreign or self._queue_foreign
         clock = self._clock
         ipv6 = self._ipv6
-        feed(data, (addr[0], addr[1]) if ipv6 else addr, clock())
+        source = (addr[0], addr[1]) if ipv6 else addr
+        if not feed(data, source, clock()):
+            foreign(data, source)
         # The selector transport reads one datagram per loop iteration; the rest of the
         # burst is read here, so the core answers a burst once, not every datagram.
         recvfrom = self._sock.recvfrom
@@ -335,7 +383,9 @@ class UdtEndpoint:
                 self.errors_received += 1
                 log.debug("udp receive: %s", exc)
                 continue
-            feed(data, (addr[0], addr[1]) if ipv6 else addr, clock())
+            source = (addr[0], addr[1]) if ipv6 else addr
+            if not feed(data, source, clock()):
+                foreign(data, source)
         self._kick()
 
     def _run(self) -> None:
@@ -411,8 +461,27 @@ class UdtEndpoint:
             self._closing = True
             if self._owns_socket:
                 self._sock.close()
+            self._foreign_ready.set()
         if not self._closed.done():
             self._closed.set_result(None)
+
+
+class UdtDatagramPort:
+    """An endpoint's non-UDT datagrams as a port: ``await send((data, addr))`` and
+    ``await receive() -> (data, addr)``, as a STUN transaction needs them.
+
+    The mediator thus sees the very socket (and NAT mapping) the UDT connections use.
+    """
+
+    def __init__(self, endpoint: UdtEndpoint) -> None:
+        self.endpoint = endpoint
+
+    async def send(self, item: tuple[bytes, tuple[str, int]]) -> None:
+        data, peer = item
+        self.endpoint.send_datagram(data, (str(peer[0]), int(peer[1])))
+
+    async def receive(self) -> tuple[bytes, Endpoint]:
+        return await self.endpoint.receive_foreign()
 
 
 async def create_udt_endpoint(
