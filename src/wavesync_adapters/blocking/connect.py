@@ -1,0 +1,301 @@
+"""A client's connect request to the mediator on plain sockets, driven by ``ConnectRequest``.
+
+Thin by design: the same request goes out over UDP (from the socket the client will punch
+from) and over a TCP connection at once; which answer counts, when to resend and when to
+give up are ``ConnectRequest``'s decisions. The calling thread runs one selector over the
+TCP connection and the UDP socket. A punching socket whose datagrams another thread reads
+(a UDT endpoint's ``datagram_port()``) cannot be selected on: one named reader thread
+waits on it instead and wakes the selector, and is joined before the call returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import selectors
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Protocol
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
+
+from ..errors import ConnectError
+from .relay_client import refuse_tunnels
+
+__all__ = ["ConnectError", "DatagramPort", "SocketDatagramPort", "request_connection"]
+
+log = logging.getLogger("wavesync.connect")
+
+_RECEIVE_BYTES = 65536
+#: How often the reader of a non-selectable port looks whether the request is over: the
+#: bound on how long returning waits for it when the TCP copy won.
+_PORT_POLL_SECONDS = 0.05
+
+
+class DatagramPort(Protocol):
+    """What a STUN exchange needs of a UDP socket: ``SocketDatagramPort``, or a blocking
+    ``UdtEndpoint``'s ``datagram_port()`` (the punching socket, shared with UDT).
+    ``receive`` raises ``TimeoutError`` when nothing came within ``timeout`` seconds."""
+
+    def send(self, item: tuple[bytes, tuple[str, int]], /) -> None: ...
+
+    def receive(self, timeout: float | None = None) -> tuple[bytes, tuple[Any, ...]]: ...
+
+
+class SocketDatagramPort:
+    """A plain UDP socket as a ``DatagramPort``; selectable, so no reader thread is needed."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, item: tuple[bytes, tuple[str, int]], /) -> None:
+        data, peer = item
+        with contextlib.suppress(BlockingIOError):  # a full buffer: the schedule resends
+            self.sock.sendto(data, peer)
+
+    def receive(self, timeout: float | None = None) -> tuple[bytes, tuple[Any, ...]]:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                raise TimeoutError("no datagram in time")
+        data, source = self.sock.recvfrom(_RECEIVE_BYTES)
+        return data, source
+
+    def receive_nowait(self) -> tuple[bytes, tuple[Any, ...]] | None:
+        try:
+            data, source = self.sock.recvfrom(_RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return None
+        return data, source
+
+
+def open_udp_for(remote: Endpoint) -> socket.socket:
+    """An unconnected, non-blocking UDP socket on every local address of ``remote``'s family."""
+    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        # Every interface: a client socket, reachable only by whom it talks to first.
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def resolve_address(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` with its host turned into an address (the first the resolver gives)."""
+    host, port = endpoint
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"{host!r} resolves to no address")
+    address = infos[0][4]
+    return (str(address[0]), int(address[1]))
+
+
+def request_connection(
+    mediator: Endpoint,
+    *,
+    server_id: uuid.UUID | None = None,
+    system_id: uuid.UUID | None = None,
+    udp: DatagramPort | None = None,
+    timeout: float = 10.0,
+    tunnel: object | None = None,
+    http: str | None = None,
+    proxy: object | None = None,
+    ssl_context: object | None = None,
+    tunnel_memory: object | None = None,
+) -> ConnectSucceeded:
+    """Ask the mediator for a server (by id, or any online server of a system).
+
+    ``udp`` is the socket the client will punch from: the mediator tells the server the
+    address it saw this request come from. Without one, a fresh socket is used and closed
+    (the answer is then good for TCP paths and the relay only). Datagrams on ``udp`` from
+    anyone but the mediator are dropped while the request runs. Raises ``ConnectError``
+    when the mediator says no or nothing answered within ``timeout`` seconds.
+
+    ``tunnel``, ``http``, ``proxy``, ``ssl_context`` and ``tunnel_memory`` exist for parity
+    with the anyio adapter and are refused (``LocalProtocolError``): use ``--adapter anyio``.
+    """
+    refuse_tunnels(
+        tunnel=tunnel, http=http, proxy=proxy, ssl_context=ssl_context, tunnel_memory=tunnel_memory
+    )
+    target = resolve_address(mediator)
+    request = ConnectRequest(
+        server_id=server_id, system_id=system_id, now=time.monotonic(), timeout=timeout
+    )
+    own_socket = None if udp is not None else open_udp_for(target)
+    port = udp if own_socket is None else SocketDatagramPort(own_socket)
+    assert port is not None  # exactly one of the two is set
+    try:
+        _Exchange(request, port, target).run()
+    finally:
+        if own_socket is not None:
+            own_socket.close()
+    return _outcome(request, mediator)
+
+
+class _Exchange:
+    """One request's two copies, on one selector in the calling thread."""
+
+    def __init__(self, request: ConnectRequest, port: DatagramPort, target: Endpoint) -> None:
+        self.request = request
+        self.port = port
+        self.target = target
+        self.sid = request.connect_session_id.hex()[:12]
+        self.lock = threading.Lock()  # the request, between the port reader and us
+        self.tcp: socket.socket | None = None
+        self.tcp_connected = False
+        self.tcp_outgoing = b""
+
+    def run(self) -> None:
+        request = self.request
+        wake_out, wake_in = socket.socketpair()
+        stop = threading.Event()
+        reader: threading.Thread | None = None
+        with selectors.DefaultSelector() as selector, wake_out, wake_in:
+            wake_out.setblocking(False)
+            selector.register(wake_out, selectors.EVENT_READ, "wake")
+            if isinstance(self.port, SocketDatagramPort):
+                selector.register(self.port.sock, selectors.EVENT_READ, "udp")
+            else:
+                reader = threading.Thread(
+                    target=self._read_port,
+                    args=(wake_in, stop),
+                    name=f"wavesync-connect-{self.sid}",
+                    daemon=True,  # holds no data; joined below within one poll
+                )
+                reader.start()
+            try:
+                self._open_tcp(selector)
+                while True:
+                    with self.lock:
+                        if request.done:
+                            break
+                        for data in request.datagrams_to_send(time.monotonic()):
+                            self.port.send((data, self.target))
+                        timer = request.get_timer()
+                    delay = None if timer is None else max(0.0, timer - time.monotonic())
+                    for key, events in selector.select(delay):
+                        self._ready(selector, key, events)
+                    with self.lock:
+                        request.handle_timer(time.monotonic())
+            finally:
+                stop.set()
+                if reader is not None:
+                    reader.join()
+                if self.tcp is not None:
+                    self.tcp.close()
+
+    # --- UDP --------------------------------------------------------------------------
+
+    def _read_port(self, wake: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                data, source = self.port.receive(_PORT_POLL_SECONDS)
+            except TimeoutError:
+                continue
+            except OSError as exc:  # the port closed under us: the TCP copy carries on
+                log.debug("connect %s: UDP copy ended: %r", self.sid, exc)
+                return
+            self._datagram(data, source)
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
+
+    def _datagram(self, data: bytes, source: tuple[Any, ...]) -> None:
+        if (str(source[0]), int(source[1])) == self.target:
+            with self.lock:
+                self.request.datagram_received(data, time.monotonic())
+
+    # --- TCP --------------------------------------------------------------------------
+
+    def _open_tcp(self, selector: selectors.BaseSelector) -> None:
+        family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        self.tcp = tcp
+        tcp.setblocking(False)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tcp_outgoing = self.request.tcp_data_to_send()
+        code = tcp.connect_ex(self.target)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._tcp_lost(selector, OSError(code, errno.errorcode.get(code, "connect")))
+            return
+        selector.register(tcp, selectors.EVENT_WRITE, "tcp")
+
+    def _ready(
+        self, selector: selectors.BaseSelector, key: selectors.SelectorKey, events: int
+    ) -> None:
+        if key.data == "wake":
+            with contextlib.suppress(BlockingIOError):
+                key.fileobj.recv(4096)  # type: ignore[union-attr]
+        elif key.data == "udp":
+            assert isinstance(self.port, SocketDatagramPort)
+            for _ in range(64):  # a flood must not starve the TCP copy
+                got = self.port.receive_nowait()
+                if got is None:
+                    break
+                self._datagram(*got)
+        elif key.data == "tcp":
+            self._tcp_ready(selector, events)
+
+    def _tcp_ready(self, selector: selectors.BaseSelector, events: int) -> None:
+        tcp = self.tcp
+        assert tcp is not None
+        try:
+            if not self.tcp_connected:
+                code = tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, errno.errorcode.get(code, "connect"))
+                self.tcp_connected = True
+            if self.tcp_outgoing and events & selectors.EVENT_WRITE:
+                sent = tcp.send(self.tcp_outgoing)
+                self.tcp_outgoing = self.tcp_outgoing[sent:]
+                if not self.tcp_outgoing:
+                    selector.modify(tcp, selectors.EVENT_READ, "tcp")
+                return
+            if events & selectors.EVENT_READ:
+                data = tcp.recv(_RECEIVE_BYTES)
+                if not data:
+                    raise ConnectionResetError("the mediator closed the connection")
+                with self.lock:
+                    self.request.tcp_data_received(data, time.monotonic())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._tcp_lost(selector, exc)
+
+    def _tcp_lost(self, selector: selectors.BaseSelector, exc: OSError) -> None:
+        log.debug("connect %s: TCP copy ended: %r", self.sid, exc)
+        tcp = self.tcp
+        if tcp is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(tcp)
+            tcp.close()
+            self.tcp = None
+        with self.lock:
+            self.request.tcp_connection_lost(time.monotonic())
+
+
+def _outcome(request: ConnectRequest, mediator: Endpoint) -> ConnectSucceeded:
+    """The finished request's answer, logged; ``ConnectError`` if it failed."""
+    sid = request.connect_session_id.hex()[:12]
+    event = request.next_event()
+    if isinstance(event, ConnectSucceeded):
+        log.info(
+            "connect %s: server %s answered via %s in %.0f ms",
+            sid,
+            event.response.server_id,
+            event.via,
+            event.elapsed * 1000,
+        )
+        return event
+    assert isinstance(event, ConnectFailed)  # a done request has reported exactly one
+    log.info("connect %s via %s failed: %s", sid, format_endpoint(mediator), event.reason)
+    raise ConnectError(event)
