@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import signal
 import sys
 import uuid
@@ -22,7 +23,7 @@ import anyio
 from wavesync_proto.addresses import format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.errors import LocalProtocolError
-from wavesync_proto.race import ALL_PATHS, PathKind
+from wavesync_proto.race import ALL_PATHS, RELAY_GRACE, PathKind
 
 from .anyio.agent import AcceptedStream, ServerAgent
 from .anyio.connector import Connector
@@ -59,6 +60,16 @@ def _start_delay(text: str) -> tuple[PathKind, float]:
     if not 0.0 <= delay < float("inf"):
         raise argparse.ArgumentTypeError(f"a delay is 0 or more seconds: {text!r}")
     return kind, delay
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
 
 
 def _relay_url(text: str) -> str:
@@ -143,6 +154,16 @@ def add_connect_commands(
         help=(
             "hold a path back when racing, e.g. relay=0.1 lets a punch or a direct"
             " connection that works within 100 ms win over the relay (repeatable; default 0)"
+        ),
+    )
+    client.add_argument(
+        "--relay-grace",
+        type=_seconds,
+        default=RELAY_GRACE,
+        metavar="SECONDS",
+        help=(
+            "how long a connected relay waits for a direct or punched path still under way"
+            f" before it wins (default {RELAY_GRACE:g}; 0: the first path up wins)"
         ),
     )
     client.add_argument(
@@ -288,6 +309,7 @@ def run_client(args: argparse.Namespace) -> int:
         lan_interface=args.lan_interface[0] if args.lan_interface else None,
         deadline=args.deadline,
         start_delays=dict(args.delay),
+        relay_grace=args.relay_grace,
         **tunnel,
     )
 

@@ -8,7 +8,12 @@ the adapter runs the actions (``actions()``) and reports back with ``now``.
 
 There is no preference between TCP and UDP: an attempt starts as soon as a source offers it
 (unless a per-kind ``start_delays`` entry holds it back), and the first attempt whose server
-proved itself (``attempt_verified``) wins. A transport that merely came up
+proved itself (``attempt_verified``) wins. One preference only: a verified relay stream waits
+up to ``relay_grace`` (100 ms) for a direct path still under way (a running TCP, LAN or UDP
+attempt, or a source that may still offer one) before it wins, because a relay carries every
+byte through a third host and a punched or direct path, once up, is the better one to keep.
+Without it a relay on a fast link beats a hole punch by a millisecond or two every time.
+A transport that merely came up
 (``attempt_connected``) wins nothing: a stray UDT peer or a wrong TCP listener must not.
 
 A punched hole that already exists for this server (``reuse``, DESIGN §1 step 7) is tried
@@ -32,6 +37,7 @@ __all__ = [
     "DEADLINE",
     "EVERY_PATH_FAILED",
     "NO_PATH_OFFERED",
+    "RELAY_GRACE",
     "AskMediator",
     "Attempt",
     "AttemptFailure",
@@ -50,6 +56,9 @@ __all__ = [
 EVERY_PATH_FAILED = "every path failed"
 DEADLINE = "deadline"
 NO_PATH_OFFERED = "no path offered"
+
+#: How long a verified relay stream waits for a direct path still under way (seconds).
+RELAY_GRACE = 0.1
 
 
 class PathKind(enum.Enum):
@@ -233,6 +242,7 @@ class PathRace:
         relays: Sequence[str] = (),
         reuse: tuple[Endpoint, ...] = (),
         max_attempts: int = 64,
+        relay_grace: float = RELAY_GRACE,
     ) -> None:
         if not paths or not all(isinstance(kind, PathKind) for kind in paths):
             raise LocalProtocolError("paths must name at least one PathKind")
@@ -246,6 +256,8 @@ class PathRace:
                 raise LocalProtocolError(f"bad start delay {kind!r}: {delay!r}")
         if max_attempts < 1:
             raise LocalProtocolError("max_attempts must be at least 1")
+        if not (math.isfinite(relay_grace) and relay_grace >= 0):
+            raise LocalProtocolError("relay_grace must be a non-negative number of seconds")
         if any(not isinstance(url, str) or not url for url in relays):
             raise LocalProtocolError("relay URLs must be non-empty strings")
         #: The caller's clock at the start; every elapsed value counts from here.
@@ -258,6 +270,9 @@ class PathRace:
         self._mediator_available = mediator
         self._relays = tuple(relays)
         self._max_attempts = max_attempts
+        self._relay_grace = relay_grace
+        #: A verified relay attempt waiting (until the time given) for a direct path.
+        self._waiting_relay: tuple[float, Attempt] | None = None
         self._lan = _Source.IDLE
         self._mediator = _Source.IDLE
         self._lan_answers = 0
@@ -308,7 +323,10 @@ class PathRace:
         """The next held attempt's start or the race's deadline; None once done."""
         if self._done:
             return None
-        return min([self._deadline_at, *(not_before for not_before, _ in self._held)])
+        times = [self._deadline_at, *(not_before for not_before, _ in self._held)]
+        if self._waiting_relay is not None:
+            times.append(self._waiting_relay[0])
+        return min(times)
 
     # --- what the sources offer -----------------------------------------------------------
 
@@ -369,8 +387,13 @@ class PathRace:
     def attempt_verified(self, attempt_id: int, now: float) -> None:
         """The server proved itself over this attempt: the first one wins the race."""
         attempt = self._running(attempt_id, now)
-        if attempt is not None:
-            self._win(attempt)
+        if attempt is None:
+            return
+        if attempt.kind is PathKind.RELAY and self._relay_grace > 0 and self._direct_pending():
+            if self._waiting_relay is None:  # a later relay is no better than the first
+                self._waiting_relay = (self._now + self._relay_grace, attempt)
+            return
+        self._win(attempt)
 
     def attempt_failed(self, attempt_id: int, reason: str, now: float) -> None:
         """The attempt failed (including a failed verification); a failed reuse starts the race."""
@@ -388,6 +411,9 @@ class PathRace:
         self._clock(now)
         if self._done:
             return
+        if self._waiting_relay is not None and self._waiting_relay[0] <= self._now:
+            self._win(self._waiting_relay[1])
+            return
         due = sorted(
             (item for item in self._held if item[0] <= self._now), key=lambda item: item[0]
         )
@@ -403,7 +429,10 @@ class PathRace:
         # A caller's clock that steps back is clamped: elapsed values never shrink.
         self._now = max(self._now, now)
         if not self._done and self._now >= self._deadline_at:
-            self._fail_at_deadline()
+            if self._waiting_relay is not None:
+                self._win(self._waiting_relay[1])  # a verified relay beats failing
+            else:
+                self._fail_at_deadline()
 
     def _source_report(self, source: _Source, call: str, action: str, now: float) -> bool:
         """Check a source's report: True when it still counts (asked, not ended, race on)."""
@@ -421,6 +450,15 @@ class PathRace:
         if self._done or self._status[attempt_id] is not _Status.RUNNING:
             return None  # late results of cancelled or failed attempts are normal
         return attempt
+
+    def _direct_pending(self) -> bool:
+        """A direct (TCP, LAN or UDP) attempt runs, or a source may still offer one."""
+        if _Source.ASKED in (self._lan, self._mediator):
+            return True
+        return any(
+            status is _Status.RUNNING and self._attempts[attempt_id].kind is not PathKind.RELAY
+            for attempt_id, status in self._status.items()
+        )
 
     def _note(self, kind: PathKind, reason: str) -> None:
         self._failures.append(_failure(kind, "", reason))
@@ -536,8 +574,14 @@ class PathRace:
         self._fail(DEADLINE)
 
     def _settle(self) -> None:
-        """End the race once nothing is running, held or outstanding and nothing won."""
-        if self._done or self._held or _Source.ASKED in (self._lan, self._mediator):
+        """End the race once nothing is running, held or outstanding and nothing won; a
+        waiting relay wins once no direct path can come any more."""
+        if self._done:
+            return
+        if self._waiting_relay is not None and not self._direct_pending():
+            self._win(self._waiting_relay[1])
+            return
+        if self._held or _Source.ASKED in (self._lan, self._mediator):
             return
         if _Status.RUNNING in self._status.values():
             return

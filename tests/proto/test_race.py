@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from wavesync_proto.race import (
     DEADLINE,
     EVERY_PATH_FAILED,
     NO_PATH_OFFERED,
+    RELAY_GRACE,
     AskMediator,
     Attempt,
     AttemptFailure,
@@ -257,7 +259,7 @@ def test_a_connected_transport_alone_never_wins() -> None:
 
 
 def test_every_report_after_the_end_is_ignored() -> None:
-    race, _ = racing()
+    race, _ = racing(relay_grace=0.0)
     race.attempt_verified(4, T0 + 0.5)
     race.next_event()
     race.actions()
@@ -541,3 +543,93 @@ def test_a_dead_hole_with_nothing_else_to_try_fails_the_race() -> None:
         "udp 1.2.3.4:5000 (reused hole): no answer",
         "udp: no mediator configured",
     ]
+
+
+# --- the relay's grace ------------------------------------------------------------------------
+
+
+def test_a_verified_relay_waits_for_a_running_direct_path_which_then_wins() -> None:
+    race, attempts = racing()
+    assert [a.kind for a in attempts] == [PathKind.TCP, PathKind.TCP, PathKind.UDP, PathKind.RELAY]
+    race.attempt_verified(4, T0 + 0.30)
+    assert not race.done
+    assert race.next_event() is None
+    assert race.get_timer() == pytest.approx(T0 + 0.30 + RELAY_GRACE)
+    race.attempt_verified(3, T0 + 0.35)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt.kind is PathKind.UDP
+    # The verified relay is cancelled like any loser; the adapter closes its stream.
+    assert [attempt_id for attempt_id, _ in cancelled(race.actions())] == [1, 2, 4]
+
+
+def test_a_verified_relay_wins_when_its_grace_is_over() -> None:
+    race, _ = racing()
+    race.attempt_verified(4, T0 + 0.30)
+    race.handle_timer(T0 + 0.30 + RELAY_GRACE / 2)
+    assert race.next_event() is None
+    race.handle_timer(T0 + 0.30 + RELAY_GRACE)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt.kind is PathKind.RELAY
+    assert event.elapsed == pytest.approx(0.30 + RELAY_GRACE)
+    assert sorted(attempt_id for attempt_id, _ in cancelled(race.actions())) == [1, 2, 3]
+
+
+def test_a_verified_relay_wins_at_once_when_the_last_direct_path_fails() -> None:
+    race, _ = racing()
+    race.attempt_failed(1, "refused", T0 + 0.25)
+    race.attempt_verified(4, T0 + 0.30)
+    race.attempt_failed(2, "refused", T0 + 0.31)
+    assert race.next_event() is None
+    race.attempt_failed(3, "udt: timed out", T0 + 0.32)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt.kind is PathKind.RELAY
+    assert event.elapsed == pytest.approx(0.32)
+
+
+def test_a_verified_relay_without_any_direct_path_in_play_wins_at_once() -> None:
+    race = PathRace(now=T0, paths=frozenset({PathKind.RELAY}), relays=(RELAY,))
+    [attempt] = started(race.actions())
+    race.attempt_verified(attempt.attempt_id, T0 + 0.01)
+    assert isinstance(race.next_event(), RaceWon)
+
+
+def test_a_relay_known_up_front_waits_for_the_mediators_answer_within_its_grace() -> None:
+    race = PathRace(now=T0, lan=False, relays=(RELAY,))
+    [relay] = started(race.actions())
+    race.attempt_verified(relay.attempt_id, T0 + 0.02)
+    assert race.next_event() is None
+    race.mediator_failed("404 Server Offline", T0 + 0.05)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt == relay
+
+
+def test_the_deadline_lets_a_waiting_relay_win_rather_than_fail() -> None:
+    race, _ = racing(deadline=1.0, relay_grace=5.0)
+    race.attempt_verified(4, T0 + 0.5)
+    race.handle_timer(T0 + 1.0)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt.kind is PathKind.RELAY
+
+
+def test_a_second_relay_verified_during_the_grace_does_not_restart_it() -> None:
+    race = PathRace(now=T0, lan=False, relays=(RELAY, OTHER_RELAY))
+    first, second = started(race.actions())
+    race.offer_connect_response(response(relays=()), T0 + 0.01)
+    race.actions()
+    race.attempt_verified(first.attempt_id, T0 + 0.02)
+    race.attempt_verified(second.attempt_id, T0 + 0.08)
+    race.handle_timer(T0 + 0.02 + RELAY_GRACE)
+    event = race.next_event()
+    assert isinstance(event, RaceWon)
+    assert event.attempt == first
+
+
+@pytest.mark.parametrize("grace", [-0.1, math.inf, math.nan])
+def test_a_bad_relay_grace_is_refused(grace: float) -> None:
+    with pytest.raises(LocalProtocolError):
+        PathRace(now=T0, relay_grace=grace)

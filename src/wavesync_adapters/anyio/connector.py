@@ -32,6 +32,7 @@ from wavesync_proto.mediator.attributes import ConnectionPath
 from wavesync_proto.mediator.connect import connection_result_transaction
 from wavesync_proto.race import (
     ALL_PATHS,
+    RELAY_GRACE,
     AskMediator,
     Attempt,
     AttemptFailure,
@@ -123,6 +124,7 @@ class Connector:
         lan_timeout: float = 1.0,
         deadline: float = 10.0,
         start_delays: Mapping[PathKind, float] | None = None,
+        relay_grace: float = RELAY_GRACE,
         verify_timeout: float = 5.0,
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
         hole_linger: float = 20.0,
@@ -135,6 +137,9 @@ class Connector:
         HTTP tunnels of that kind, or the one the probe picks (``"auto"``, remembered
         for later connects), through ``proxy`` when given; the mediator's at its HTTP
         face ``mediator_http``. Direct TCP, LAN and UDT are never tunnelled.
+
+        ``relay_grace`` (0.1 s): how long a verified relay stream waits for a direct
+        path still under way before it wins (wavesync_proto.race).
 
         ``hole_linger`` (20 s) is shorter than the agent's (30 s) on purpose: the client
         lets an idle hole go first, so a reuse never waits out a connect timeout
@@ -153,6 +158,7 @@ class Connector:
         self._lan_timeout = lan_timeout
         self._deadline = deadline
         self._start_delays = start_delays
+        self._relay_grace = relay_grace
         self._verify_timeout = verify_timeout
         self._udp_host = udp_host
         self._hole_linger = hole_linger
@@ -206,6 +212,7 @@ class Connector:
             paths=self.paths,
             deadline=self._deadline,
             start_delays=self._start_delays,
+            relay_grace=self._relay_grace,
             lan=self._lan,
             mediator=self.mediator is not None,
             relays=self.relays,
