@@ -1,0 +1,172 @@
+"""A client's connect request to the mediator on asyncio, driven by ``ConnectRequest``.
+
+The twin of ``wavesync_adapters.anyio.connect`` (uvloop too; no anyio import). Thin by
+design: the same request goes out over UDP (from the socket the client will punch
+from) and over a TCP connection at once; which answer counts, when to resend and when
+to give up are ``ConnectRequest``'s decisions. The HTTP tunnels of the anyio adapter
+are not offered here: asking for one raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.errors import LocalProtocolError
+from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
+
+from ..errors import ConnectError
+from ._net import DatagramPort, open_udp_port, resolve
+
+__all__ = ["ConnectError", "DatagramPort", "request_connection"]
+
+log = logging.getLogger("wavesync.connect")
+
+_RECEIVE_BYTES = 65536
+
+
+def refuse_tunnels(**options: object) -> None:
+    """``LocalProtocolError`` when any of the anyio-only tunnel ``options`` is set."""
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        raise LocalProtocolError(
+            f"{', '.join(given)}: HTTP tunnels and proxies are anyio-only; use --adapter anyio"
+        )
+
+
+async def request_connection(
+    mediator: Endpoint,
+    *,
+    server_id: uuid.UUID | None = None,
+    system_id: uuid.UUID | None = None,
+    udp: DatagramPort | None = None,
+    timeout: float = 10.0,
+    tunnel: object | None = None,
+    http: str | None = None,
+    proxy: object | None = None,
+) -> ConnectSucceeded:
+    """Ask the mediator for a server (by id, or any online server of a system).
+
+    ``udp`` is the socket the client will punch from: the mediator tells the server
+    the address it saw this request come from. Without one, a fresh socket is used
+    and closed (the answer is then good for TCP paths and the relay only). Datagrams
+    on ``udp`` from anyone but the mediator are dropped while the request runs.
+    Raises ``ConnectError`` when the mediator says no or nothing answered within
+    ``timeout`` seconds, ``OSError`` when ``udp`` breaks. ``tunnel``, ``http`` and
+    ``proxy`` are the anyio adapter's: here they raise ``LocalProtocolError``.
+    """
+    refuse_tunnels(tunnel=tunnel, http=http, proxy=proxy)
+    loop = asyncio.get_running_loop()
+    target = await resolve(mediator)
+    request = ConnectRequest(
+        server_id=server_id, system_id=system_id, now=loop.time(), timeout=timeout
+    )
+    if udp is not None:
+        return await _run(request, udp, target, mediator, timeout)
+    own_port = await open_udp_port(target)
+    try:
+        return await _run(request, own_port, target, mediator, timeout)
+    finally:
+        own_port.close()
+
+
+async def _run(
+    request: ConnectRequest,
+    port: DatagramPort,
+    target: Endpoint,
+    mediator: Endpoint,
+    timeout: float,
+) -> ConnectSucceeded:
+    """Send both copies, feed the request every answer and its timer until it is done."""
+    loop = asyncio.get_running_loop()
+    sid = request.connect_session_id.hex()[:12]
+    wake = asyncio.Event()
+
+    async def receive_udp() -> None:
+        try:
+            while True:
+                data, source = await port.receive()
+                if (str(source[0]), int(source[1])) == target:
+                    request.datagram_received(data, loop.time())
+                    wake.set()
+        finally:
+            wake.set()  # a broken port is news too
+
+    async def tcp_copy() -> None:
+        writer = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(*mediator)
+            writer.write(request.tcp_data_to_send())
+            while not request.done:
+                data = await reader.read(_RECEIVE_BYTES)
+                if not data:
+                    raise ConnectionResetError("the mediator closed the connection")
+                request.tcp_data_received(data, loop.time())
+                wake.set()
+        except (OSError, TimeoutError) as exc:
+            log.debug("connect %s: TCP copy ended: %r", sid, exc)
+            request.tcp_connection_lost(loop.time())
+            wake.set()
+        finally:
+            if writer is not None:
+                writer.close()
+
+    receiving = asyncio.create_task(receive_udp())
+    copying = asyncio.create_task(tcp_copy())
+    try:
+        while not request.done:
+            for data in request.datagrams_to_send(loop.time()):
+                await port.send((data, target))
+            await sleep_until_or(wake, request.get_timer())
+            wake.clear()
+            if receiving.done():
+                raise OSError(f"the UDP socket broke: {receiving.exception()!r}")
+            request.handle_timer(loop.time())
+    finally:
+        await cancel_and_wait(receiving, copying)
+    return _outcome(request, mediator)
+
+
+def _outcome(request: ConnectRequest, mediator: Endpoint) -> ConnectSucceeded:
+    """The finished request's answer, logged; ``ConnectError`` if it failed."""
+    sid = request.connect_session_id.hex()[:12]
+    event = request.next_event()
+    if isinstance(event, ConnectSucceeded):
+        log.info(
+            "connect %s: server %s answered via %s in %.0f ms",
+            sid,
+            event.response.server_id,
+            event.via,
+            event.elapsed * 1000,
+        )
+        return event
+    assert isinstance(event, ConnectFailed)  # a done request has reported exactly one
+    log.info("connect %s via %s failed: %s", sid, format_endpoint(mediator), event.reason)
+    raise ConnectError(event)
+
+
+# --- small asyncio helpers the client modules share ------------------------------------
+
+
+async def sleep_until_or(wake: asyncio.Event, deadline: float | None) -> None:
+    """Return at ``deadline`` (on the loop's clock; None: never) or when ``wake`` is set."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await wake.wait()
+    except TimeoutError:
+        pass
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they have ended; a failure is logged, not raised
+    (the caller has its own outcome)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%s ended: %r", task.get_coro(), task.exception())
