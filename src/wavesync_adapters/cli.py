@@ -17,10 +17,9 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import anyio
 
@@ -35,13 +34,19 @@ from wavesync_proto.udt.congestion import CongestionControl, UdtNativeCongestion
 from wavesync_proto.udt.congestion_rate import DeliveryRateCongestion
 from wavesync_proto.udt.connection_types import UdtConfig
 
-from .anyio.mediator import MediatorDaemon
-from .anyio.relay import RelayDaemon
 from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
-from .cli_args import STUN_PORT, address, stun_address
-from .cli_connect import add_connect_commands, run_client, run_demo_command, run_server
+from .cli_args import STUN_PORT, adapter_option, address, stun_address
+from .cli_connect import (
+    add_connect_commands,
+    announce,
+    run_client,
+    run_demo_command,
+    run_program,
+    run_server,
+)
 from .cli_tunnel import add_tunnel_probe_command, run_tunnel_probe
+from .programs import programs_for
 
 __all__ = ["main"]
 
@@ -180,9 +185,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--name", help="a label stored with the entry")
 
+    runtime = adapter_option()
     mediator = commands.add_parser(
         "mediator",
-        parents=[common],
+        parents=[common, runtime],
         help="run the mediator: STUN over UDP and TCP on one port",
         description=(
             "Run the mediator: servers register over TCP, clients ask to be connected over"
@@ -217,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     relay = commands.add_parser(
         "relay",
-        parents=[common],
+        parents=[common, runtime],
         help="run the relay: standby pools of servers, clients paired to them",
         description=(
             "Run the relay: servers keep idle standby connections to it, clients ask for a"
@@ -333,23 +339,6 @@ def _load_systems(command: str, path: Path) -> dict[uuid.UUID, str] | None:
         return None
 
 
-async def _serve_until_signal(
-    serve: Callable[..., Coroutine[Any, Any, None]],
-    host: str,
-    port: int,
-    ready: Callable[[Endpoint], str],
-) -> None:
-    """Run a daemon's ``serve`` and print its ready line; stop on SIGTERM or SIGINT."""
-    async with anyio.create_task_group() as group:
-        bound = await group.start(serve, host, port)
-        print(ready(bound), flush=True)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                group.cancel_scope.cancel()
-                break
-
-
 def _raise_open_file_limit() -> None:
     """Let the relay use every file descriptor the system allows it.
 
@@ -385,15 +374,15 @@ def _run_mediator(args: argparse.Namespace) -> int:
         systems=systems, relay_urls=tuple(args.relay_url), nonce_secret=secrets.token_bytes(32)
     )
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
-    daemon = MediatorDaemon(service, http=args.http)
-
-    def ready(bound: Endpoint) -> str:
-        line = f"mediator listening on udp+tcp {format_endpoint(bound)}"
-        if daemon.http_bound is not None:
-            line += f", http {format_endpoint(daemon.http_bound)}"
-        return line
-
-    return _run_daemon("mediator", daemon.serve, args.listen, service.counters, ready)
+    programs = programs_for(args.adapter)
+    status = run_program(
+        "mediator",
+        functools.partial(
+            programs.run_mediator, service, listen=args.listen, http=args.http, announce=announce
+        ),
+    )
+    log.info("mediator stopped: %s", service.counters)
+    return status
 
 
 def _run_relay(args: argparse.Namespace) -> int:
@@ -404,41 +393,13 @@ def _run_relay(args: argparse.Namespace) -> int:
     limits = RelayLimits(standby_count=args.standby_count)
     service = RelayService(systems, limits=limits, host_names=args.host_name)
     log.info("%d system(s) loaded from %s", len(systems), args.systems)
-    daemon = RelayDaemon(service)
-    return _run_daemon(
+    programs = programs_for(args.adapter)
+    status = run_program(
         "relay",
-        daemon.serve,
-        args.listen,
-        service.counters,
-        lambda bound: f"relay listening on tcp {format_endpoint(bound)}",
+        functools.partial(programs.run_relay, service, listen=args.listen, announce=announce),
     )
-
-
-def _run_daemon(
-    command: str,
-    serve: Callable[..., Coroutine[Any, Any, None]],
-    listen: Endpoint,
-    counters: object,
-    ready: Callable[[Endpoint], str],
-) -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 when the address cannot be bound.
-
-    ``counters`` is the service's (live) counters object, logged when it stops.
-    """
-    host, port = listen
-    try:
-        anyio.run(
-            _serve_until_signal,
-            serve,
-            host,
-            port,
-            ready,
-        )
-    except OSError as exc:
-        print(f"wavesync {command}: {exc}", file=sys.stderr)
-        return 1
-    log.info("%s stopped: %s", command, counters)
-    return 0
+    log.info("relay stopped: %s", service.counters)
+    return status
 
 
 def _run_udt(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import argparse
 from wavesync_proto.addresses import Endpoint, parse_endpoint
 from wavesync_proto.errors import LocalProtocolError
 
+from .programs import ADAPTERS
+
 __all__ = ["STUN_PORT", "address", "stun_address"]
 
 STUN_PORT = 3478  # RFC 8489 §18.6: the default port for STUN over UDP and TCP
@@ -30,3 +32,15 @@ def _parsed(text: str, default_port: int | None) -> Endpoint:
         return parse_endpoint(text, default_port=default_port)
     except LocalProtocolError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def adapter_option() -> argparse.ArgumentParser:
+    """A parent parser with ``--adapter``: the runtime a daemon program runs on."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--adapter",
+        choices=ADAPTERS,
+        default="anyio",
+        help="the runtime: anyio (on asyncio, the default), asyncio, trio or blocking threads",
+    )
+    return parent

@@ -12,10 +12,9 @@ import argparse
 import functools
 import logging
 import math
-import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -25,20 +24,22 @@ from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, RELAY_GRACE, PathKind
 
-from .anyio.agent import AcceptedStream, ServerAgent
-from .anyio.connector import Connector
 from .anyio.demo import run_demo
-from .anyio.forward import forward_to_service, serve_local_port
-from .anyio.listen import RegistrationError
-from .cli_args import address, stun_address
+from .cli_args import adapter_option, address, stun_address
 from .cli_tunnel import add_tunnel_options, tunnel_settings
+from .errors import RegistrationError
+from .programs import programs_for
 
-__all__ = ["add_connect_commands", "run_client", "run_demo_command", "run_server"]
+__all__ = [
+    "add_connect_commands",
+    "announce",
+    "run_client",
+    "run_demo_command",
+    "run_program",
+    "run_server",
+]
 
 log = logging.getLogger("wavesync")
-
-#: How long ``wavesync server`` waits to be reachable before it says it is ready anyway.
-_READY_SECONDS = 10.0  # the mediator speaks STUN: RFC 8489's default port
 
 
 def _uuid(text: str) -> uuid.UUID:
@@ -83,9 +84,10 @@ def add_connect_commands(
     common: argparse.ArgumentParser,
 ) -> None:
     """Add ``server``, ``client`` and ``demo`` to the ``wavesync`` command."""
+    runtime = adapter_option()
     server = commands.add_parser(
         "server",
-        parents=[common],
+        parents=[common, runtime],
         help="expose a local TCP service behind NAT",
         description=(
             "Register with the mediator, keep standby connections to the relays, answer LAN"
@@ -124,7 +126,7 @@ def add_connect_commands(
 
     client = commands.add_parser(
         "client",
-        parents=[common],
+        parents=[common, runtime],
         help="a local port that reaches a service behind NAT",
         description=(
             "Listen on --listen; each connection there is carried to the server's service"
@@ -255,41 +257,28 @@ def run_server(args: argparse.Namespace) -> int:
     tunnel, status = _tunnel(args, "server")
     if status is not None:
         return status
-    agent = ServerAgent(
-        system_id=args.system_id,
-        server_id=server_id,
-        key=args.key,
-        mediator=args.mediator,
-        relays=args.relay,
-        tcp_listen=args.tcp_listen,
-        udp_host=args.udp_host,
-        lan=args.lan,
-        lan_group=args.lan_group,
-        lan_interfaces=args.lan_interface or ("0.0.0.0",),  # noqa: S104 - kernel's pick
-        standby_count=args.standby_count,
+    options = {
+        "system_id": args.system_id,
+        "server_id": server_id,
+        "key": args.key,
+        "mediator": args.mediator,
+        "relays": args.relay,
+        "tcp_listen": args.tcp_listen,
+        "udp_host": args.udp_host,
+        "lan": args.lan,
+        "lan_group": args.lan_group,
+        "lan_interfaces": args.lan_interface or ("0.0.0.0",),  # noqa: S104 - kernel's pick
+        "standby_count": args.standby_count,
         **tunnel,
-    )
+    }
+    programs = programs_for(args.adapter)
+    counters: list[object] = []
 
-    async def forward(accepted: AcceptedStream) -> None:
-        await forward_to_service(accepted, args.forward)
+    def serve() -> None:
+        counters.append(programs.run_server(options, forward=args.forward, announce=announce))
 
-    async def serve() -> None:
-        async with anyio.create_task_group() as group:
-            bound = await group.start(agent.serve, forward)
-            # "Ready" means reachable: registered, and a standby connection at each relay.
-            with anyio.move_on_after(_READY_SECONDS) as waiting:
-                await agent.wait_ready()
-            if waiting.cancelled_caught:
-                log.warning("not yet registered or in every relay pool; serving anyway")
-            print(
-                f"server {server_id} of system {args.system_id} accepting on tcp"
-                f" {format_endpoint(bound)}, forwarding to {format_endpoint(args.forward)}",
-                flush=True,
-            )
-            await _until_signal(group)
-
-    status = _run("server", serve)
-    log.info("server stopped: %s", agent.counters)
+    status = run_program("server", serve)
+    log.info("server stopped: %s", counters[0] if counters else "not started")
     return status
 
 
@@ -298,28 +287,25 @@ def run_client(args: argparse.Namespace) -> int:
     tunnel, status = _tunnel(args, "client")
     if status is not None:
         return status
-    connector = Connector(
-        server_id=args.server_id,
-        system_id=args.system_id,
-        mediator=args.mediator,
-        relays=args.relay,
-        paths=paths,
-        lan=args.lan,
-        lan_group=args.lan_group,
-        lan_interface=args.lan_interface[0] if args.lan_interface else None,
-        deadline=args.deadline,
-        start_delays=dict(args.delay),
-        relay_grace=args.relay_grace,
+    options = {
+        "server_id": args.server_id,
+        "system_id": args.system_id,
+        "mediator": args.mediator,
+        "relays": args.relay,
+        "paths": paths,
+        "lan": args.lan,
+        "lan_group": args.lan_group,
+        "lan_interface": args.lan_interface[0] if args.lan_interface else None,
+        "deadline": args.deadline,
+        "start_delays": dict(args.delay),
+        "relay_grace": args.relay_grace,
         **tunnel,
+    }
+    programs = programs_for(args.adapter)
+    return run_program(
+        "client",
+        functools.partial(programs.run_client, options, listen=args.listen, announce=announce),
     )
-
-    async def serve() -> None:
-        async with connector, anyio.create_task_group() as group:
-            bound = await group.start(serve_local_port, connector, args.listen)
-            print(f"client listening on tcp {format_endpoint(bound)}", flush=True)
-            await _until_signal(group)
-
-    return _run("client", serve)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -331,21 +317,20 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _until_signal(group: anyio.abc.TaskGroup) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("stopping on %s", signal.Signals(signum).name)
-            group.cancel_scope.cancel()
-            return
+def announce(line: str) -> None:
+    """Print a program's ready line (scripts and tests wait for it on stdout)."""
+    print(line, flush=True)
 
 
-def _run(command: str, program: Callable[[], Awaitable[None]]) -> int:
+def run_program(command: str, program: Callable[[], None]) -> int:
+    """Run a daemon program to its end: 0 after a signal stopped it, 1 when the network
+    said no (an address not bound, a key refused), 2 for options this runtime lacks."""
     try:
-        anyio.run(program)
-    except RegistrationError as exc:
+        program()
+    except (RegistrationError, OSError) as exc:
         print(f"wavesync {command}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except LocalProtocolError as exc:
         print(f"wavesync {command}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
