@@ -39,7 +39,7 @@ from wavesync_proto.addresses import Endpoint
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.connect import ConnectRequest, ConnectSucceeded
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
-from wavesync_proto.mediator.service import MediatorService
+from wavesync_proto.mediator.service import MediatorLimits, MediatorService
 from wavesync_proto.relay import RelayLimits, RelayService
 from wavesync_proto.stun.attributes import XorMappedAddress
 from wavesync_proto.stun.message import (
@@ -321,6 +321,26 @@ def test_the_mediator_answers_binding_on_both_faces_and_closes_on_garbage() -> N
     assert service.counters.malformed == 1
 
 
+def test_the_mediator_limits_hold_an_oversized_message_and_an_idle_peer_are_closed() -> None:
+    limits = MediatorLimits(max_tcp_buffer=1024, client_idle_timeout=0.2)
+    service = MediatorService(
+        systems=new_systems(1), nonce_secret=secrets.token_bytes(32), limits=limits
+    )
+    with serving(MediatorDaemon(service)) as address:
+        with socket.create_connection(address, timeout=WAIT) as tcp:
+            # A STUN header announcing 60,000 bytes: refused as soon as the header is in.
+            header = bytearray(binding_request()[:20])
+            header[2:4] = (60_000).to_bytes(2, "big")
+            tcp.sendall(header)
+            assert tcp.recv(2048) == b""
+        with socket.create_connection(address, timeout=WAIT) as idle:
+            idle.sendall(binding_request())
+            assert decode_message(idle.recv(2048)).get(XorMappedAddress) is not None
+            # Then silence: the service's timer closes the peer after client_idle_timeout.
+            assert idle.recv(2048) == b""
+    assert service.counters.bindings_answered == 1
+
+
 def test_the_mediator_refuses_the_http_face() -> None:
     service = MediatorService(systems=new_systems(1), nonce_secret=secrets.token_bytes(32))
     with pytest.raises(LocalProtocolError, match="--adapter anyio"):
@@ -582,6 +602,19 @@ async def test_shutdown_ends_serving_with_a_session_in_flight() -> None:
     assert relay.daemon.bytes_client_to_server == 4
     assert relay.daemon.bytes_server_to_client > 4  # the client's 101 answer, then the echo
     assert relay.daemon.pipes.open_pipes == 0
+
+
+def test_a_shutdown_before_serving_makes_serve_forever_return_once_bound() -> None:
+    daemon = RelayDaemon(RelayService(new_systems(1)))
+    daemon.shutdown()
+    bound: list[Endpoint] = []
+    daemon.serve_forever(LOOPBACK, 0, started=bound.append)
+    assert daemon.bound is not None
+    assert bound == [daemon.bound]
+    with pytest.raises(LocalProtocolError, match="runs once"):
+        daemon.serve_forever(LOOPBACK, 0)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(bound[0], timeout=WAIT):
+        pass
 
 
 # --- no async runtime on the blocking path --------------------------------------------------
