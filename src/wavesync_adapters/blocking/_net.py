@@ -74,7 +74,8 @@ def run_transaction(
         delay = None if timer is None else max(0.0, timer - time.monotonic())
         try:
             data, source = port.receive(delay)
-        except (TimeoutError, ConnectionError):  # silence, or an ICMP error for a send
+        except (TimeoutError, ConnectionRefusedError, ConnectionResetError):
+            # Silence, or an ICMP error for an earlier send: the schedule goes on.
             pass
         else:
             if (str(source[0]), int(source[1])) == destination:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -26,86 +24,21 @@ from wavesync_proto.discovery import (
     SearchFinished,
     ServerFound,
 )
-from wavesync_proto.errors import LocalProtocolError
 
+from .._lan_socket import (
+    check_group,
+    check_interfaces,
+    open_responder_socket,
+    open_search_socket,
+    receive_waiting,
+    respond,
+    send_datagrams,
+)
 from .listen import STOP_POLL
 
 __all__ = ["LanResponder", "search_lan"]
 
 log = logging.getLogger("wavesync.lan")
-
-# A search is 576 bytes and an answer at most 444: anything longer is not ours, and a
-# truncated read of it fails to decode like any other garbage.
-_RECEIVE_BYTES = 2048
-# Datagrams read per wake-up, so that a flood on the group cannot keep the stop flag unread.
-_RECEIVE_BATCH = 64
-# <linux/in.h> IP_MULTICAST_ALL (Python's socket module lacks it): on by default, it hands
-# a socket bound to the wildcard every group that any process joined on its port.
-_IP_MULTICAST_ALL = 49
-
-
-def _check_group(group: Endpoint) -> None:
-    if ":" in group[0]:
-        raise LocalProtocolError("LAN discovery runs over IPv4 multicast; the group is IPv6")
-
-
-def _search_socket(interface: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        # TTL 1: the search never leaves the link; loop on: agents on this host hear it too.
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        if interface is not None:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
-        sock.bind(("0.0.0.0", 0))  # noqa: S104 - answers come by unicast from any agent
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _group_socket(group: Endpoint, interfaces: Sequence[str]) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        # Several agents on one host all bind the group port, and every one of them
-        # must hear each search: the kernel hands a multicast datagram to each socket.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if sys.platform.startswith("linux"):
-            sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
-        sock.bind(("0.0.0.0", group[1]))  # noqa: S104 - the group's port on every interface
-        address = socket.inet_aton(group[0])
-        for interface in interfaces:
-            membership = address + socket.inet_aton(interface)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _send(sock: socket.socket, datagrams: list[tuple[bytes, Endpoint]]) -> None:
-    for data, destination in datagrams:
-        try:
-            sock.sendto(data, destination)
-        except OSError as exc:
-            # No multicast route, a full buffer: the search resends, or ends empty-handed.
-            log.debug("lan: could not send to %s: %s", format_endpoint(destination), exc)
-
-
-def _receive_waiting(sock: socket.socket, feed: Callable[[bytes, Endpoint], None]) -> None:
-    for _ in range(_RECEIVE_BATCH):
-        try:
-            data, source = sock.recvfrom(_RECEIVE_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as exc:  # an ICMP error for an earlier send
-            log.debug("lan: receive error: %s", exc)
-            continue
-        feed(data, (str(source[0]), int(source[1])))
 
 
 def search_lan(
@@ -124,7 +57,7 @@ def search_lan(
     address to send the multicast from (None: the kernel's choice). The search's own UDP
     socket is closed when it returns or raises.
     """
-    _check_group(group)
+    check_group(group)
     search = DiscoverySearch(
         server_id=server_id,
         system_id=system_id,
@@ -137,12 +70,12 @@ def search_lan(
     def feed(data: bytes, source: Endpoint) -> None:
         search.receive_datagram(data, source, time.monotonic())
 
-    with _search_socket(interface) as sock, selectors.DefaultSelector() as selector:
+    with open_search_socket(interface) as sock, selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_READ)
         while True:
             now = time.monotonic()
             search.handle_timer(now)
-            _send(sock, search.datagrams_to_send(now))
+            send_datagrams(sock, search.datagrams_to_send(now))
             while (event := search.next_event()) is not None:
                 if isinstance(event, SearchFinished):
                     log.debug("lan: search finished, %d found", event.found)
@@ -151,7 +84,7 @@ def search_lan(
             deadline = search.get_timer()
             assert deadline is not None  # a search that is not done always has one
             if selector.select(max(0.0, deadline - time.monotonic())):
-                _receive_waiting(sock, feed)
+                receive_waiting(sock, feed)
 
 
 class LanResponder:
@@ -164,9 +97,8 @@ class LanResponder:
         group: Endpoint = DEFAULT_GROUP,
         interfaces: Sequence[str] = ("0.0.0.0",),  # noqa: S104 - the kernel's default interface
     ) -> None:
-        _check_group(group)
-        if not interfaces:
-            raise LocalProtocolError("a LAN responder joins the group on at least one interface")
+        check_group(group)
+        check_interfaces(interfaces)
         self.responder = responder
         self.group = group
         #: The IPv4 addresses of the interfaces the group is joined on (0.0.0.0: the default).
@@ -176,23 +108,12 @@ class LanResponder:
         """Listen on the group and answer until ``stop`` is set (noticed within
         ``STOP_POLL`` seconds); ``started()`` is called once the group is joined."""
         responder = self.responder
-        counters = responder.counters
 
         def feed(data: bytes, source: Endpoint) -> None:
-            limited = counters.rate_limited
-            answers = responder.receive_datagram(data, source, time.monotonic())
-            if counters.rate_limited != limited:
-                log.info("lan: search from %s rate-limited", format_endpoint(source))
-            for answer, destination in answers:
-                log.debug(
-                    "lan: answering a search from %s (%d bytes)",
-                    format_endpoint(destination),
-                    len(answer),
-                )
-            _send(sock, answers)
+            respond(responder, sock, data, source, time.monotonic())
 
         with (
-            _group_socket(self.group, self.interfaces) as sock,
+            open_responder_socket(self.group, self.interfaces) as sock,
             selectors.DefaultSelector() as selector,
         ):
             selector.register(sock, selectors.EVENT_READ)
@@ -205,4 +126,4 @@ class LanResponder:
                 started()
             while not stop.is_set():
                 if selector.select(STOP_POLL):
-                    _receive_waiting(sock, feed)
+                    receive_waiting(sock, feed)
