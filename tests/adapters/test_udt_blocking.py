@@ -27,8 +27,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from wavesync_adapters.anyio.udt import UdtEndpoint as AnyioUdtEndpoint
-from wavesync_adapters.blocking.udt import UdtConnectError, UdtEndpoint
-from wavesync_adapters.blocking.udt_loop import RECEIVE_HIGH_WATER
+from wavesync_adapters.blocking.udt import DEFAULT_RECEIVE_HIGH_WATER, UdtConnectError, UdtEndpoint
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.stun.message import Message, MessageClass, encode_message
 from wavesync_proto.udt.connection_types import CloseReason, ConnectionState, UdtConfig
@@ -224,7 +223,7 @@ def test_a_stream_the_application_does_not_read_holds_back_the_sender() -> None:
                 break
             sent += len(block)
         assert stalled
-        assert server.stream_info(incoming).buffered_bytes <= RECEIVE_HIGH_WATER + (1 << 20)
+        assert server.stream_info(incoming).buffered_bytes <= DEFAULT_RECEIVE_HIGH_WATER + (1 << 20)
         config = server.config
         assert (
             server.stream_info(incoming).connection.receive_buffer_packets

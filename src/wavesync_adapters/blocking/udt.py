@@ -45,10 +45,11 @@ from wavesync_proto.udt.multiplexer import UdtMultiplexer
 
 from .._udp_socket import open_udp_socket, tune_udp_socket
 from ..errors import UdtConnectError
-from .udt_loop import StreamBridge, UdtIoLoop
+from .udt_loop import RECEIVE_HIGH_WATER, StreamBridge, UdtIoLoop
 
 __all__ = [
     "DEFAULT_ACCEPT_BACKLOG",
+    "DEFAULT_RECEIVE_HIGH_WATER",
     "UdtConnectError",
     "UdtDatagramPort",
     "UdtEndpoint",
@@ -57,6 +58,10 @@ __all__ = [
 
 log = logging.getLogger("wavesync.udt")
 
+#: Bytes a stream holds for its socketpair before the I/O thread stops taking the
+#: connection's events: the core counts events not yet taken as occupied receive
+#: buffer, so a reader that stops reading closes the peer's flow window instead.
+DEFAULT_RECEIVE_HIGH_WATER = RECEIVE_HIGH_WATER
 #: Accepted connections waiting for ``accept()``; more are aborted (a listener nobody
 #: serves must not collect connections).
 DEFAULT_ACCEPT_BACKLOG = 128
@@ -66,8 +71,42 @@ _FOREIGN_QUEUE = 64
 #: ``close()`` waits this long for the I/O thread (it stops within one turn).
 _JOIN_SECONDS = 10.0
 
-#: What ``stream_info`` tells about a stream: a live view of its connection.
-UdtStreamInfo = StreamBridge
+
+class UdtStreamInfo:
+    """What a stream's socket cannot tell: a live view of the UDT connection behind it."""
+
+    __slots__ = ("_bridge",)
+
+    def __init__(self, bridge: StreamBridge) -> None:
+        self._bridge = bridge
+
+    @property
+    def connection(self) -> UdtConnection:
+        """The core's connection (read it, do not drive it: the I/O thread does)."""
+        return self._bridge.connection
+
+    @property
+    def peer_address(self) -> Endpoint:
+        """The peer's UDP address (for a rendezvous, the candidate that answered)."""
+        peer = self._bridge.peer_address
+        assert peer is not None  # streams are handed out established
+        return peer
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the connection ended (None while it is open)."""
+        return self._bridge.close_reason
+
+    @property
+    def close_detail(self) -> str:
+        """The core's words on why it ended ('' while open)."""
+        return self._bridge.close_detail
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Received bytes waiting for room in the socketpair (at most about the
+        endpoint's ``receive_high_water``)."""
+        return self._bridge.buffered_bytes
 
 
 class UdtEndpoint:
@@ -90,6 +129,7 @@ class UdtEndpoint:
         sock: socket.socket,
         *,
         config: UdtConfig | None = None,
+        receive_high_water: int = DEFAULT_RECEIVE_HIGH_WATER,
         accept_backlog: int = DEFAULT_ACCEPT_BACKLOG,
         foreign_datagram: Callable[[bytes, Endpoint], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -121,7 +161,7 @@ class UdtEndpoint:
         self.foreign_dropped = 0
         self._listening = False
         self._stopped: str | None = None
-        self._infos: weakref.WeakKeyDictionary[socket.socket, StreamBridge] = (
+        self._infos: weakref.WeakKeyDictionary[socket.socket, UdtStreamInfo] = (
             weakref.WeakKeyDictionary()
         )
         self._loop = UdtIoLoop(
@@ -129,6 +169,7 @@ class UdtEndpoint:
             self.multiplexer,
             clock=clock,
             datagram_bytes=self.config.mss,
+            receive_high_water=receive_high_water,
             on_foreign=foreign_datagram or self._queue_foreign,
             on_accepted=self._take_accepted,
             on_stopped=self._on_stopped,
@@ -241,14 +282,13 @@ class UdtEndpoint:
         """The connection behind a stream socket this endpoint gave out (a live view:
         ``connection``, ``peer_address``, ``close_reason``, ``close_detail``,
         ``buffered_bytes``). ``KeyError`` for any other socket."""
-        return self._infos[sock]
+        with self._condition:
+            return self._infos[sock]
 
     def peer_of(self, sock: socket.socket) -> Endpoint:
         """The UDP address of the peer behind a stream socket (``getpeername`` of a
         socketpair says nothing)."""
-        peer = self._infos[sock].peer_address
-        assert peer is not None  # streams are handed out established
-        return peer
+        return self.stream_info(sock).peer_address
 
     # --- datagrams that are not UDT -----------------------------------------------------
 
@@ -289,7 +329,7 @@ class UdtEndpoint:
     def _take_accepted(self, bridge: StreamBridge) -> None:
         with self._condition:
             if len(self._accepted) < self._backlog:
-                self._infos[bridge.outer] = bridge
+                self._infos[bridge.outer] = UdtStreamInfo(bridge)
                 self._accepted.append(bridge.outer)
                 self._condition.notify_all()
                 return
@@ -342,7 +382,8 @@ class UdtEndpoint:
                 raise UdtConnectError(
                     f"udt {what} failed: {detail}", reason=CloseReason.ABORTED, detail=detail
                 ) from None
-        self._infos[sock] = bridge_box[0]
+        with self._condition:
+            self._infos[sock] = UdtStreamInfo(bridge_box[0])
         return sock
 
     def _abort_all(self, bridges: list[StreamBridge]) -> None:

@@ -62,6 +62,8 @@ _PULL_BYTES = 256 * 1024
 #: Received bytes a stream holds beyond what its socketpair took, before the loop
 #: stops taking the connection's events (back-pressure to the peer's flow window).
 RECEIVE_HIGH_WATER = 1024 * 1024
+#: Reads that discard what the application wrote after its peer closed.
+_DRAIN_READS = 16
 #: Buffers per ``sendmsg`` to a socketpair end (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
 #: Kernel buffer asked for on each socketpair end: a few ACKs' worth at full speed.
@@ -92,6 +94,7 @@ class StreamBridge:
         "_closed",
         "_connection",
         "_done",
+        "_high_water",
         "_mask",
         "_pending",
         "_pending_bytes",
@@ -104,9 +107,17 @@ class StreamBridge:
         "what",
     )
 
-    def __init__(self, connection: UdtConnection, what: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        connection: UdtConnection,
+        what: str,
+        *,
+        clock: Callable[[], float],
+        high_water: int = RECEIVE_HIGH_WATER,
+    ) -> None:
         self._connection = connection
         self._clock = clock
+        self._high_water = high_water
         self.what = what
         self.inner, self.outer = _socketpair()
         #: Resolved with ``outer`` once established; an error if it never is.
@@ -173,7 +184,7 @@ class StreamBridge:
         """Take the connection's events while below high water; write them to the pair."""
         connection = self._connection
         pending = self._pending
-        while self._pending_bytes < RECEIVE_HIGH_WATER:
+        while self._pending_bytes < self._high_water:
             event = connection.next_event()
             if event is None:
                 break
@@ -249,8 +260,9 @@ class StreamBridge:
             # Bytes the application wrote that we never read would turn its EOF into
             # ECONNRESET (Linux marks the peer of a socket closed with unread data).
             with contextlib.suppress(OSError):
-                while self.inner.recv(_PULL_BYTES):
-                    pass
+                for _ in range(_DRAIN_READS):  # bounded: a writer that never stops
+                    if not self.inner.recv(_PULL_BYTES):
+                        break
         self.inner.close()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -311,6 +323,7 @@ class UdtIoLoop:
         *,
         clock: Callable[[], float],
         datagram_bytes: int,
+        receive_high_water: int = RECEIVE_HIGH_WATER,
         on_foreign: Callable[[bytes, Endpoint], None],
         on_accepted: Callable[[StreamBridge], None],
         on_stopped: Callable[[str], None],
@@ -320,6 +333,7 @@ class UdtIoLoop:
         self.bridges: dict[int, StreamBridge] = {}
         self._clock = clock
         self._size = datagram_bytes
+        self._high_water = receive_high_water
         self._ipv6 = sock.family == socket.AF_INET6
         self._on_foreign = on_foreign
         self._on_accepted = on_accepted
@@ -424,11 +438,12 @@ class UdtIoLoop:
         return 0.0 if wait < _SPIN_SECONDS else min(wait, _IDLE_POLL_SECONDS)
 
     def _drain_wake(self) -> None:
-        # Clear the flag before running the commands: one queued after this still wakes us.
-        self._wake_sent = False
+        # Drain, then clear the flag: a wake-up sent after the drain stays in the socket
+        # (the next select returns at once); the other order could lose one.
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
+        self._wake_sent = False
 
     def _run_commands(self) -> None:
         commands = self._commands
@@ -504,7 +519,7 @@ class UdtIoLoop:
 
     def adopt(self, connection: UdtConnection, what: str) -> StreamBridge:
         """A bridge for a new connection (on the I/O thread)."""
-        bridge = StreamBridge(connection, what, self._clock)
+        bridge = StreamBridge(connection, what, clock=self._clock, high_water=self._high_water)
         self.bridges[connection.socket_id] = bridge
         return bridge
 
