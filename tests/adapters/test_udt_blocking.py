@@ -376,3 +376,20 @@ def test_the_blocking_adapter_imports_no_async_runtime() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_close_from_the_io_thread_stops_after_its_turn() -> None:
+    stopped: list[UdtEndpoint] = []
+
+    def close_on_first(data: bytes, source: Endpoint) -> None:
+        stopped[0].close()  # on the I/O thread: nothing to join, the loop just ends
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        endpoint = UdtEndpoint.bind(LOOPBACK, foreign_datagram=close_on_first)
+        stopped.append(endpoint)
+        other.sendto(b"not udt", endpoint.local_address)
+        endpoint.thread.join(WAIT)
+        assert not endpoint.thread.is_alive()
+        with pytest.raises(ConnectionAbortedError):
+            endpoint.send_datagram(b"late", other.getsockname())
+        endpoint.close()

@@ -140,7 +140,6 @@ class UdtEndpoint:
         tune_udp_socket(sock)
         self.config = config or UdtConfig()
         self._sock = sock
-        self._owns_socket = owns_socket
         self._clock = clock
         self._backlog = accept_backlog
         self._foreign = foreign_datagram
@@ -169,6 +168,7 @@ class UdtEndpoint:
             self.multiplexer,
             clock=clock,
             datagram_bytes=self.config.mss,
+            owns_socket=owns_socket,
             receive_high_water=receive_high_water,
             on_foreign=foreign_datagram or self._queue_foreign,
             on_accepted=self._take_accepted,
@@ -208,14 +208,13 @@ class UdtEndpoint:
 
     def close(self) -> None:
         """Abort the connections still open (their peers hear a Shutdown), stop the I/O
-        thread and join it; close the socket if the endpoint opened it."""
+        thread and join it (unless called on it: then it stops after this turn); the
+        thread closes the socket if the endpoint opened it."""
         self._loop.stop()
         if threading.current_thread() is not self._loop.thread:
             self._loop.thread.join(_JOIN_SECONDS)
             if self._loop.thread.is_alive():  # pragma: no cover - a stuck turn is a bug
                 log.error("udt endpoint %s: the I/O thread did not stop", self.local_address)
-        if self._owns_socket:
-            self._sock.close()
 
     # --- opening connections ----------------------------------------------------------
 

@@ -323,6 +323,7 @@ class UdtIoLoop:
         *,
         clock: Callable[[], float],
         datagram_bytes: int,
+        owns_socket: bool,
         receive_high_water: int = RECEIVE_HIGH_WATER,
         on_foreign: Callable[[bytes, Endpoint], None],
         on_accepted: Callable[[StreamBridge], None],
@@ -333,6 +334,7 @@ class UdtIoLoop:
         self.bridges: dict[int, StreamBridge] = {}
         self._clock = clock
         self._size = datagram_bytes
+        self._owns_socket = owns_socket
         self._high_water = receive_high_water
         self._ipv6 = sock.family == socket.AF_INET6
         self._on_foreign = on_foreign
@@ -555,3 +557,7 @@ class UdtIoLoop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self._owns_socket:
+            # Here, not in the caller's close(): that may run on this very thread (from
+            # a foreign-datagram callback), and the loop must not lose its socket mid-turn.
+            self.sock.close()
