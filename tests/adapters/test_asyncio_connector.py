@@ -30,7 +30,13 @@ import pytest
 from tests.daemons import free_udp_port, new_system, relay_and_mediator
 from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
 from wavesync_adapters.asyncio.connector import Connection, Connector, PathRaceError
-from wavesync_adapters.asyncio.udt import UdtTransport
+from wavesync_adapters.asyncio.forward import forward_to_service, serve_local_port
+from wavesync_adapters.asyncio.udt import (
+    UdtTransport,
+    create_udt_endpoint,
+    open_udt_connection,
+    start_udt_server,
+)
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.race import ALL_PATHS, PathKind
@@ -293,9 +299,78 @@ async def test_a_stranger_on_the_tcp_port_fails_verification(services: Services)
     assert agent.counters.accepted["tcp"] == 0
 
 
+# --- forwarding (wavesync client --listen, wavesync server --forward) -------------------
+
+
+async def test_a_local_port_is_carried_to_the_server(services: Services) -> None:
+    # A local TCP client's bytes and half-close cross the connector's TCP stream to the
+    # anyio agent's echo, and its answer and end come back.
+    server_id = uuid.uuid4()
+    payload = os.urandom(300 * 1024)
+    async with asyncio.timeout(WAIT):
+        async with (
+            running_agent(services, server_id) as agent,
+            connector_for(services, server_id, frozenset({PathKind.TCP})) as client,
+        ):
+            bound: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
+            serving = asyncio.create_task(
+                serve_local_port(client, (LOOPBACK, 0), started=bound.set_result)
+            )
+            try:
+                reader, writer = await asyncio.open_connection(*await bound)
+                writer.write(payload)
+                writer.write_eof()
+                assert await reader.read() == payload  # to the end the echo passed on
+                writer.close()
+            finally:
+                serving.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await serving
+    assert agent.counters.accepted["tcp"] == 1
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An accepted stream as the asyncio agent hands it to a handler."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    path: PathKind
+
+
+async def test_a_udt_stream_is_forwarded_and_closed_gracefully_at_the_services_end() -> None:
+    # UDT has no half-close: the service answering and closing (HTTP/1.0 style) must
+    # close the UDT stream gracefully, the whole answer delivered first.
+    answer = os.urandom(1024 * 1024)
+
+    async def service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(answer)
+        writer.close()
+
+    forwarded = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await forward_to_service(Accepted(reader, writer, PathKind.UDP), service_endpoint)
+        forwarded.set()
+
+    async with (
+        asyncio.timeout(WAIT),
+        await asyncio.start_server(service, LOOPBACK, 0) as tcp_service,
+        await create_udt_endpoint((LOOPBACK, 0)) as endpoint,
+    ):
+        service_endpoint = tcp_service.sockets[0].getsockname()[:2]
+        async with await start_udt_server(handler, endpoint=endpoint):
+            reader, writer = await open_udt_connection(endpoint.local_address)
+            writer.write(b"hello")
+            assert await reader.read() == answer  # then the end, not a reset
+            writer.close()
+            await forwarded.wait()
+
+
 def test_importing_the_connector_loads_no_anyio_or_trio() -> None:
     probe = (
-        "import sys, wavesync_adapters.asyncio.connector\n"
+        "import sys, wavesync_adapters.asyncio.connector, wavesync_adapters.asyncio.forward\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'anyio', 'trio'}))"
     )
     result = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
