@@ -15,6 +15,7 @@ import http.server
 import os
 import queue
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trustme
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from wavesync_adapters.anyio.udt import UdtEndpoint as AnyioUdtEndpoint
@@ -164,6 +166,7 @@ def test_endpoint_close_aborts_streams_and_joins_its_thread() -> None:
         incoming.sendall(b"before the end")
         assert receive_exactly(outgoing, 14) == b"before the end"
         client.close()
+        client.close()  # twice: nothing more to do
         assert not client.thread.is_alive()
         # The aborted stream's socket ends: EOF, or a reset if it had unread bytes.
         outgoing.settimeout(WAIT)
@@ -299,6 +302,28 @@ def test_http_client_over_a_udt_socket() -> None:
         assert (response.status, response.read()) == (200, b"hello /over-udt")
         connection.close()
         serving.result()
+
+
+def test_tls_over_a_udt_socket() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("wavesync.test").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with endpoints() as (server, client):
+        outgoing, incoming = connected_pair(client, server)
+        incoming.settimeout(WAIT)
+        outgoing.settimeout(WAIT)
+
+        def echo_once() -> None:
+            with server_context.wrap_socket(incoming, server_side=True) as tls:
+                tls.sendall(receive_exactly(tls, 5).upper())
+
+        echoing = Worker(echo_once, "tls-server")
+        with client_context.wrap_socket(outgoing, server_hostname="wavesync.test") as tls:
+            tls.sendall(b"hello")
+            assert receive_exactly(tls, 5) == b"HELLO"
+        echoing.result()
 
 
 # --- against the anyio adapter --------------------------------------------------------
