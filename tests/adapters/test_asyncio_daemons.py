@@ -66,9 +66,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 class DaemonThread:
     """A daemon's ``serve`` on a fresh asyncio loop in a thread, until ``stop()``."""
 
-    def __init__(self, serve: Callable[..., Coroutine[Any, Any, None]]) -> None:
+    def __init__(
+        self,
+        serve: Callable[..., Coroutine[Any, Any, None]],
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    ) -> None:
         self._serve = serve
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_loop()
         self._task: asyncio.Task[None] | None = None
         self._bound: Endpoint | None = None
         self._ready = threading.Event()
@@ -116,8 +120,11 @@ class DaemonThread:
 
 
 @contextlib.contextmanager
-def in_thread(serve: Callable[..., Coroutine[Any, Any, None]]) -> Iterator[DaemonThread]:
-    daemon = DaemonThread(serve)
+def in_thread(
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> Iterator[DaemonThread]:
+    daemon = DaemonThread(serve, new_loop)
     daemon.start()
     try:
         yield daemon
@@ -336,10 +343,13 @@ class AsyncioRelay(Relay):
 
 
 @contextlib.contextmanager
-def asyncio_relay(limits: RelayLimits | None = None) -> Iterator[AsyncioRelay]:
+def asyncio_relay(
+    limits: RelayLimits | None = None,
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> Iterator[AsyncioRelay]:
     system_id, key = uuid.uuid4(), os.urandom(16).hex()
     daemon = RelayDaemon(RelayService({system_id: key}, limits=limits))
-    with in_thread(daemon.serve) as thread:
+    with in_thread(daemon.serve, new_loop) as thread:
         assert daemon.bound is not None
         yield AsyncioRelay(daemon.bound, system_id, key, daemon, thread)
     # Stopped: every pipe closed, every connection forgotten.
@@ -484,6 +494,47 @@ async def test_limits_hold_the_pool_at_its_cap_and_a_silent_connection_times_out
         refused = relay.thread.call(lambda: relay.daemon.service.counters.handshake_timeouts)
     assert silent == b""
     assert refused >= 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_both_daemons_run_on_uvloop() -> None:
+    uvloop = pytest.importorskip(
+        "uvloop", reason="uvloop is not installed here; the daemons use public asyncio APIs only"
+    )
+    systems = {uuid.uuid4(): os.urandom(16).hex()}
+    mediator_daemon = MediatorDaemon(MediatorService(systems=systems, nonce_secret=bytes(32)))
+    payload = os.urandom(1 << 20)
+    with (
+        asyncio_relay(new_loop=uvloop.new_event_loop) as relay,
+        in_thread(mediator_daemon.serve, uvloop.new_event_loop),
+    ):
+        assert mediator_daemon.bound is not None
+        mediator = Mediator(mediator_daemon.bound, systems, mediator_daemon, relay.thread)
+        listener = listener_for(mediator, next(iter(systems)))
+        server_id = uuid.uuid4()
+        with anyio.fail_after(WAIT):
+            async with (
+                anyio.create_task_group() as group,
+                running_agent(relay, server_id=server_id) as agent,
+                await anyio.create_udp_socket(local_host="127.0.0.1") as server_udp,
+            ):
+                await group.start(listener.run)
+                await listener.wait_registered()
+
+                async def server_side() -> None:
+                    request = await listener.next_request()
+                    assert isinstance(request, ConnectionRequestReceived)
+                    await listener.acknowledge(request.connect_session_id, server_udp)
+
+                group.start_soon(server_side)
+                answer = await request_connection(mediator.address, server_id=listener.server_id)
+                await agent.wait_for_idle(1)
+                tunnel = await open_relay_stream(relay.address, server_id=server_id)
+                async with tunnel.stream:
+                    echoed = await round_trip(tunnel.stream, payload)
+                group.cancel_scope.cancel()
+    assert answer.response.server_id == listener.server_id
+    assert echoed == payload
 
 
 def test_importing_the_asyncio_daemons_loads_neither_anyio_nor_trio() -> None:

@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.errors import LocalProtocolError
@@ -127,8 +127,8 @@ class _TcpPeer(asyncio.Protocol):
         self.dropped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         address = transport.get_extra_info("peername")
         if address is not None:
             self.remote = (str(address[0]), int(address[1]))
