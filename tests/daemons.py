@@ -110,20 +110,32 @@ class RelayAndMediator:
 
 
 @contextmanager
-def relay_and_mediator(systems: Path) -> Iterator[RelayAndMediator]:
-    """``wavesync relay`` and a ``wavesync mediator`` that offers it, on loopback."""
+def relay_and_mediator(
+    systems: Path, *, adapter: str = "anyio", relay_port: int = 0, mediator_port: int = 0
+) -> Iterator[RelayAndMediator]:
+    """``wavesync relay`` and a ``wavesync mediator`` that offers it, on loopback, both
+    on ``adapter``'s runtime (a port of 0 picks a free one)."""
     with ExitStack() as stack:
         relay, relay_ready = stack.enter_context(
             wavesync_daemon(
-                "relay", "--listen", f"{LOOPBACK}:0", "--systems", str(systems), ready=RELAY_READY
+                "relay",
+                "--adapter",
+                adapter,
+                "--listen",
+                f"{LOOPBACK}:{relay_port}",
+                "--systems",
+                str(systems),
+                ready=RELAY_READY,
             )
         )
         relay_url = f"http://{LOOPBACK}:{relay_ready['port']}"
         mediator, mediator_ready = stack.enter_context(
             wavesync_daemon(
                 "mediator",
+                "--adapter",
+                adapter,
                 "--listen",
-                f"{LOOPBACK}:0",
+                f"{LOOPBACK}:{mediator_port}",
                 "--systems",
                 str(systems),
                 "--relay-url",

@@ -9,12 +9,9 @@ server, over every path the client can be told to use.
 from __future__ import annotations
 
 import re
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,45 +23,17 @@ from tests.daemons import (
     run_wavesync,
     wavesync_daemon,
 )
+from tests.pages import LOOPBACK, PAGE, http_get, page_body, serve_page
 from wavesync_proto.discovery import DEFAULT_GROUP
 
-LOOPBACK = "127.0.0.1"
 SERVER_READY = r"server (?P<id>[0-9a-f-]+) of system .* accepting on tcp"
 CLIENT_READY = r"client listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
-PAGE = b"<h1>behind the NAT</h1>" * 2000
-
-
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # the test reads the page, not the access log
 
 
 @pytest.fixture(scope="module")
 def web_service() -> Iterator[tuple[str, int]]:
-    server = ThreadingHTTPServer((LOOPBACK, 0), _Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield (LOOPBACK, int(server.server_address[1]))
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def http_get(port: int) -> bytes:
-    """A plain HTTP/1.0 GET to the client's local port, as curl would send it."""
-    with socket.create_connection((LOOPBACK, port), timeout=20) as sock:
-        sock.sendall(b"GET / HTTP/1.0\r\nHost: service\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    with serve_page() as address:
+        yield address
 
 
 @pytest.mark.parametrize("path", ["auto", "lan", "tcp", "udp", "relay"])
@@ -118,9 +87,7 @@ def test_a_client_port_reaches_the_service_behind_the_server(
             )
         )
         answer = http_get(int(client["port"]))
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), answer[:200]
-    assert body == PAGE
+    assert page_body(answer) == PAGE
 
 
 def test_demo_prints_its_table_and_exits_zero() -> None:
