@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,8 @@ import pytest
 
 from tests.daemons import free_udp_port, new_system, relay_and_mediator
 from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
-from wavesync_adapters.blocking.connect import (
-    ConnectError,
-    SocketDatagramPort,
-    open_udp_for,
-    request_connection,
-)
+from wavesync_adapters.blocking._net import SocketDatagramPort
+from wavesync_adapters.blocking.connect import ConnectError, open_udp_for, request_connection
 from wavesync_adapters.blocking.relay_client import RelayConnectError, open_relay_stream
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
@@ -51,6 +47,13 @@ class Services:
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
     """A relay and a mediator that offers it, both real subprocesses, for one test."""
+    with running_services(tmp_path) as running:
+        yield running
+
+
+@contextmanager
+def running_services(tmp_path: Path) -> Iterator[Services]:
+    """A relay and a mediator that offers it, both real subprocesses, until the block ends."""
     path, system_id, key = new_system(tmp_path, "blocking-connect")
     with relay_and_mediator(path) as daemons:
         host, port = daemons.relay_url.removeprefix("http://").rsplit(":", 1)
@@ -75,7 +78,12 @@ async def echo(accepted: AcceptedStream) -> None:
 
 
 @contextmanager
-def anyio_agent(services: Services, server_id: uuid.UUID, **options: Any) -> Iterator[ServerAgent]:
+def anyio_agent(
+    services: Services,
+    server_id: uuid.UUID,
+    handler: Callable[[AcceptedStream], Awaitable[None]] = echo,
+    **options: Any,
+) -> Iterator[ServerAgent]:
     """The anyio ``ServerAgent`` (echoing every stream) serving in its own thread."""
     agent = ServerAgent(
         system_id=services.system_id,
@@ -91,7 +99,7 @@ def anyio_agent(services: Services, server_id: uuid.UUID, **options: Any) -> Ite
         **options,
     )
     with anyio.from_thread.start_blocking_portal() as portal:
-        serving, _ = portal.start_task(agent.serve, echo)
+        serving, _ = portal.start_task(agent.serve, handler)
         try:
             portal.call(_ready_within, agent, WAIT)
             yield agent

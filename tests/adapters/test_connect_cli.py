@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 from tests.daemons import run_wavesync
-)
 
 
 def test_demo_prints_its_table_and_exits_zero() -> None:

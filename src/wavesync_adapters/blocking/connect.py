@@ -18,15 +18,16 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
 
 from ..errors import ConnectError
+from ._net import DatagramPort, SocketDatagramPort, resolve
 from .relay_client import refuse_tunnels
 
-__all__ = ["ConnectError", "DatagramPort", "SocketDatagramPort", "request_connection"]
+__all__ = ["ConnectError", "request_connection"]
 
 log = logging.getLogger("wavesync.connect")
 
@@ -36,68 +37,17 @@ _RECEIVE_BYTES = 65536
 _PORT_POLL_SECONDS = 0.05
 
 
-class DatagramPort(Protocol):
-    """What a STUN exchange needs of a UDP socket: ``SocketDatagramPort``, or a blocking
-    ``UdtEndpoint``'s ``datagram_port()`` (the punching socket, shared with UDT).
-    ``receive`` raises ``TimeoutError`` when nothing came within ``timeout`` seconds."""
-
-    def send(self, item: tuple[bytes, tuple[str, int]], /) -> None: ...
-
-    def receive(self, timeout: float | None = None) -> tuple[bytes, tuple[Any, ...]]: ...
-
-
-class SocketDatagramPort:
-    """A plain UDP socket as a ``DatagramPort``; selectable, so no reader thread is needed."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, item: tuple[bytes, tuple[str, int]], /) -> None:
-        data, peer = item
-        with contextlib.suppress(BlockingIOError):  # a full buffer: the schedule resends
-            self.sock.sendto(data, peer)
-
-    def receive(self, timeout: float | None = None) -> tuple[bytes, tuple[Any, ...]]:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.sock, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                raise TimeoutError("no datagram in time")
-        data, source = self.sock.recvfrom(_RECEIVE_BYTES)
-        return data, source
-
-    def receive_nowait(self) -> tuple[bytes, tuple[Any, ...]] | None:
-        try:
-            data, source = self.sock.recvfrom(_RECEIVE_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return None
-        return data, source
-
-
 def open_udp_for(remote: Endpoint) -> socket.socket:
-    """An unconnected, non-blocking UDP socket on every local address of ``remote``'s family."""
+    """An unconnected UDP socket on every local address of ``remote``'s family, any port."""
     family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setblocking(False)
         # Every interface: a client socket, reachable only by whom it talks to first.
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def resolve_address(endpoint: Endpoint) -> Endpoint:
-    """``endpoint`` with its host turned into an address (the first the resolver gives)."""
-    host, port = endpoint
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"{host!r} resolves to no address")
-    address = infos[0][4]
-    return (str(address[0]), int(address[1]))
 
 
 def request_connection(
@@ -127,7 +77,7 @@ def request_connection(
     refuse_tunnels(
         tunnel=tunnel, http=http, proxy=proxy, ssl_context=ssl_context, tunnel_memory=tunnel_memory
     )
-    target = resolve_address(mediator)
+    target = resolve(mediator)
     request = ConnectRequest(
         server_id=server_id, system_id=system_id, now=time.monotonic(), timeout=timeout
     )
@@ -163,7 +113,7 @@ class _Exchange:
         with selectors.DefaultSelector() as selector, wake_out, wake_in:
             wake_out.setblocking(False)
             selector.register(wake_out, selectors.EVENT_READ, "wake")
-            if isinstance(self.port, SocketDatagramPort):
+            if isinstance(self.port, SocketDatagramPort):  # a plain socket: select on it
                 selector.register(self.port.sock, selectors.EVENT_READ, "udp")
             else:
                 reader = threading.Thread(
@@ -205,14 +155,18 @@ class _Exchange:
             except OSError as exc:  # the port closed under us: the TCP copy carries on
                 log.debug("connect %s: UDP copy ended: %r", self.sid, exc)
                 return
-            self._datagram(data, source)
+            done = self._datagram(data, source)
             with contextlib.suppress(OSError):
                 wake.send(b"\0")
+            if done:  # the answer: stop now, not a poll later, so the join is immediate
+                return
 
-    def _datagram(self, data: bytes, source: tuple[Any, ...]) -> None:
-        if (str(source[0]), int(source[1])) == self.target:
-            with self.lock:
+    def _datagram(self, data: bytes, source: tuple[Any, ...]) -> bool:
+        """Feed a datagram from the mediator (others are dropped); whether that ended it."""
+        with self.lock:
+            if (str(source[0]), int(source[1])) == self.target:
                 self.request.datagram_received(data, time.monotonic())
+            return self.request.done
 
     # --- TCP --------------------------------------------------------------------------
 
@@ -238,10 +192,14 @@ class _Exchange:
         elif key.data == "udp":
             assert isinstance(self.port, SocketDatagramPort)
             for _ in range(64):  # a flood must not starve the TCP copy
-                got = self.port.receive_nowait()
-                if got is None:
+                try:
+                    data, source = self.port.sock.recvfrom(_RECEIVE_BYTES, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
                     break
-                self._datagram(*got)
+                except OSError as exc:  # an ICMP error for an earlier send: keep listening
+                    log.debug("connect %s: UDP: %r", self.sid, exc)
+                    break
+                self._datagram(data, source)
         elif key.data == "tcp":
             self._tcp_ready(selector, events)
 
