@@ -96,9 +96,13 @@ def running_agent(
         standby_count=2,
         **options,
     )
+    before = set(threading.enumerate())
     with agent.running(handler or Echo()):
         agent.wait_ready(WAIT)
         yield agent
+    # A clean stop: every thread the agent (and its UDT endpoints) started has ended.
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == []
 
 
 @dataclass
@@ -268,7 +272,6 @@ def test_leaving_the_block_stops_every_thread_and_open_stream(services: Services
         if accepted.sock.recv(1) == b"":  # blocks until the agent shuts the stream down
             handler_saw_eof.set()
 
-    before = set(threading.enumerate())
     held = socket.socket()
     with running_agent(services, server_id, hold) as agent:
         assert agent.tcp_endpoint is not None
@@ -277,9 +280,28 @@ def test_leaving_the_block_stops_every_thread_and_open_stream(services: Services
         verify_server(held, server_id=server_id, timeout=WAIT)
         assert handler_entered.wait(WAIT)
     held.close()
-    assert handler_saw_eof.is_set()
-    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
-    assert left == []
+    assert handler_saw_eof.is_set()  # and running_agent saw no thread left
+
+
+def test_streams_over_max_streams_are_closed_and_counted(services: Services) -> None:
+    server_id = uuid.uuid4()
+    release = threading.Event()
+
+    def hold(accepted: AcceptedStream) -> None:
+        release.wait(WAIT)
+
+    with running_agent(services, server_id, hold, max_streams=1) as agent:
+        assert agent.tcp_endpoint is not None
+        with socket.create_connection(agent.tcp_endpoint, timeout=WAIT) as first:
+            verify_server(first, server_id=server_id, timeout=WAIT)  # holds the only slot
+            with (
+                socket.create_connection(agent.tcp_endpoint, timeout=WAIT) as second,
+                pytest.raises(VerificationError, match="closed before"),
+            ):
+                verify_server(second, server_id=server_id, timeout=WAIT)
+            release.set()
+    assert agent.counters.over_capacity == 1
+    assert agent.counters.accepted["tcp"] == 1
 
 
 def test_importing_the_blocking_agent_loads_no_async_runtime() -> None:
