@@ -129,7 +129,7 @@ class MediatorListener:
 
         Raises ``RegistrationError`` if the mediator refuses first (the session keeps
         retrying with back-off, but a refused key rarely fixes itself), ``TimeoutError``
-        after ``timeout`` seconds.
+        after ``timeout`` seconds, ``EOFError`` once ``run`` has ended.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._outcome:
