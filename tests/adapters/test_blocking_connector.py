@@ -36,6 +36,8 @@ from tests.adapters.test_blocking_connect import (
     running_services,
 )
 from wavesync_adapters.anyio.agent import AcceptedStream
+from wavesync_adapters.blocking.agent import AcceptedStream as BlockingAccepted
+from wavesync_adapters.blocking.agent import ServerAgent as BlockingAgent
 from wavesync_adapters.blocking.connector import Connection, Connector, PathRaceError
 from wavesync_adapters.blocking.forward import (
     LocalPortStop,
@@ -347,3 +349,49 @@ def test_serve_local_port_carries_each_local_connection_and_stops(services: Serv
             stop.stop()
             serving.join(WAIT)
             stop.close()
+
+
+# --- the blocking twins together, and what is left behind -----------------------------
+
+
+def blocking_echo(accepted: BlockingAccepted) -> None:
+    sock = accepted.sock
+    sock.settimeout(WAIT)
+    while data := sock.recv(65536):
+        sock.sendall(data)
+
+
+def our_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("wavesync-")}
+
+
+@pytest.mark.parametrize("kind", DIRECT_AND_RELAYED)
+def test_the_blocking_agent_and_connector_meet_on_every_path(
+    services: Services, kind: PathKind
+) -> None:
+    server_id = uuid.uuid4()
+    before = our_threads()
+    agent = BlockingAgent(
+        system_id=services.system_id,
+        server_id=server_id,
+        key=services.key,
+        mediator=services.mediator,
+        relays=(services.relay_url,),
+        tcp_listen=(LOOPBACK, 0),
+        udp_host=LOOPBACK,
+        lan_group=services.lan_group,
+        lan_interfaces=(LOOPBACK,),
+        standby_count=2,
+    )
+    with agent.running(blocking_echo):
+        agent.wait_ready(WAIT)
+        with connector_for(services, server_id, frozenset({kind})) as client:
+            first = client.connect()
+            second = client.connect()
+            assert first.path is second.path is kind
+            assert second.reused_hole == (kind is PathKind.UDP)
+            assert echoed(first)
+            assert echoed(second)
+        connector_threads = {t for t in our_threads() - before if "connect" in t.name}
+        assert not connector_threads  # the workers, the keeper and the UDT threads are gone
+    assert not our_threads() - before
