@@ -13,6 +13,7 @@ punch gives way. Every wait is bounded by ``asyncio.timeout``; nothing sleeps to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+try:
+    import uvloop  # noqa: F401 - only whether it is there
+except ImportError:
+    HAVE_UVLOOP = False
+else:
+    HAVE_UVLOOP = True
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.daemons import free_udp_port, new_system, relay_and_mediator
@@ -43,9 +51,22 @@ LOOPBACK = "127.0.0.1"
 WRONG = b"\xee" * 16  # a connect session nobody opened
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the agent is asyncio's own; the anyio client runs on the same loop
+#: The loops the adapter must run on: asyncio's own, and uvloop (skipped, with the
+#: reason printed, where it is not installed).
+ASYNCIO_LOOPS = [
+    "asyncio",
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed here"),
+    ),
+]
+
+
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Plain asyncio, and uvloop where it is installed (public asyncio APIs only)."""
+    return request.param
 
 
 @dataclass
@@ -240,6 +261,9 @@ async def test_at_the_punching_cap_a_stale_punch_makes_room_for_a_live_one(
         for kind in (PathKind.TCP, PathKind.UDP):
             async with connector_for(services, server_id, frozenset({kind})) as client:
                 assert await echoed(await client.connect())
+        # The TCP client's punch is gone (its socket closed); the UDP client's holds.
+        (punch,) = agent._punches.values()
+        assert punch.use.proven
     assert agent.counters.punches_evicted == 1
     assert agent.counters.punches_refused == 0
     assert agent.counters.accepted == {"lan": 0, "tcp": 1, "udp": 1, "relay": 0}
@@ -263,6 +287,24 @@ async def test_a_wrong_key_fails_wait_ready_with_a_registration_error(
         with pytest.raises(RegistrationError) as refused:
             await agent.wait_ready()
     assert refused.value.code == 401
+
+
+async def test_a_stream_over_max_streams_is_dropped_and_counted(services: Services) -> None:
+    server_id = uuid.uuid4()
+    async with (
+        asyncio.timeout(WAIT),
+        running_agent(services, server_id, max_streams=1) as agent,
+        connector_for(services, server_id, frozenset({PathKind.TCP})) as client,
+    ):
+        held = await client.connect()  # its echo handler holds the one slot
+        assert agent.tcp_endpoint is not None
+        reader, writer = await asyncio.open_connection(*agent.tcp_endpoint)
+        with contextlib.suppress(ConnectionError):
+            assert await reader.read() == b""  # aborted at once, nothing answered
+        writer.close()
+        assert await echoed(held)
+    assert agent.counters.over_capacity == 1
+    assert agent.counters.accepted["tcp"] == 1
 
 
 def test_tunnels_and_proxies_are_refused_naming_the_anyio_adapter() -> None:

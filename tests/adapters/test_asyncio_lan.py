@@ -19,6 +19,13 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
+try:
+    import uvloop  # noqa: F401 - only whether it is there
+except ImportError:
+    HAVE_UVLOOP = False
+else:
+    HAVE_UVLOOP = True
+
 from wavesync_adapters.anyio import lan as anyio_lan
 from wavesync_adapters.asyncio.lan import LanResponder, search_lan
 from wavesync_proto.addresses import Endpoint
@@ -34,9 +41,22 @@ SERVER_B = uuid.UUID("2c9d8e7f-6a5b-4c3d-8e2f-1a0b9c8d7e6f")
 ANY_V4 = "0.0.0.0"  # noqa: S104 - an answered endpoint, never bound here
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the adapter under test is asyncio's own
+#: The loops the adapter must run on: asyncio's own, and uvloop (skipped, with the
+#: reason printed, where it is not installed).
+ASYNCIO_LOOPS = [
+    "asyncio",
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed here"),
+    ),
+]
+
+
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Plain asyncio, and uvloop where it is installed (public asyncio APIs only)."""
+    return request.param
 
 
 @pytest.fixture

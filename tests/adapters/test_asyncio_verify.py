@@ -17,6 +17,13 @@ from typing import Any
 
 import pytest
 
+try:
+    import uvloop  # noqa: F401 - only whether it is there
+except ImportError:
+    HAVE_UVLOOP = False
+else:
+    HAVE_UVLOOP = True
+
 from wavesync_adapters.asyncio.udt import (
     create_udt_endpoint,
     open_udt_connection,
@@ -35,9 +42,22 @@ SESSION = bytes(range(16))
 Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the adapter under test is asyncio's own
+#: The loops the adapter must run on: asyncio's own, and uvloop (skipped, with the
+#: reason printed, where it is not installed).
+ASYNCIO_LOOPS = [
+    "asyncio",
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed here"),
+    ),
+]
+
+
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Plain asyncio, and uvloop where it is installed (public asyncio APIs only)."""
+    return request.param
 
 
 @asynccontextmanager
