@@ -14,6 +14,7 @@ sleeps to wait.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -43,13 +44,17 @@ from wavesync_proto.race import ALL_PATHS, PathKind
 
 pytestmark = pytest.mark.anyio
 
+#: The asyncio loops the tests run on: uvloop only where it is installed (it is optional).
+ASYNCIO_LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 WAIT = 20.0  # seconds any one step may take before the test fails
 LOOPBACK = "127.0.0.1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the client under test is asyncio's own; the server is anyio's
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    # The adapter under test is asyncio's own (the servers are anyio's, on the same
+    # loop); on uvloop as well wherever uvloop is installed.
+    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
 
 
 @dataclass

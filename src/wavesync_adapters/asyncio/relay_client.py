@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.relay.client import (
@@ -119,9 +120,9 @@ class _RelayHandshake(asyncio.Protocol):
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(self._connect.data_to_send())
+        # uvloop's TCP transport is no asyncio.Transport subclass, but has its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._connect.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         if self._result.done():
