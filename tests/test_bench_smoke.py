@@ -80,3 +80,15 @@ def test_connect_bench_runs_and_reports_every_row() -> None:
     assert len(rows_starting(output, *rows)) == 16
     assert len(rows_starting(output, "targets:")) == 1
     assert "Traceback" not in output
+
+
+def test_adapters_bench_runs_and_reports_every_row() -> None:
+    output = run_bench("adapters.py", "--quick")
+    # One row per measure, a figure for every adapter (a run that fails prints ERROR and
+    # leaves "-" in its cell); the verdict line, whatever it says on a loaded machine.
+    rows = rows_starting(output, "UDT goodput", "relay throughput", "connect ")
+    assert len(rows) == 8
+    assert not [row for row in rows if " - " in row]
+    assert "ERROR" not in output
+    assert "Traceback" not in output
+    assert len(rows_starting(output, "targets:")) == 1

@@ -1,0 +1,708 @@
+"""The four runtimes side by side: UDT goodput, relay throughput, connect latency (issue 8).
+
+Issue 8 target: the blocking and asyncio adapters within 20 % of the fastest adapter.
+One run measures, for each adapter: anyio on asyncio, anyio on trio, asyncio (the
+plain-asyncio twins) and blocking (sockets and threads):
+
+1. UDT goodput: a receiver process and a sender process (this script as ``--child
+   udt-recv|udt-send ADAPTER``), each on that adapter's own ``UdtEndpoint``, a
+   regular connect on 127.0.0.1; the sender makes ``--udt-mb`` MB in memory (one
+   seeded 1 MiB block, repeated) and closes gracefully; the receiver hashes what it
+   gets (SHA-256, checked) and times it from its first chunk to its last, as
+   bench/udt.py does.
+2. Relay throughput: one ``wavesync relay --adapter X`` process per adapter (all four
+   up for the stage); the SAME sender and sink (bench/relay.py's ``transfer_relay``:
+   blocking sockets in this process, a standby connection, a paired client) move
+   ``--relay-mib`` MiB through each, so only the relay differs. The relay process's
+   CPU seconds per GB moved are printed next to it.
+3. Connect latency: an anyio (asyncio) world in its own process (bench/connect.py's
+   ``world``: relay, mediator and an echo ``ServerAgent``, all anyio, rate limits
+   lifted); per adapter and path (tcp, udp, relay) a client process runs that
+   adapter's ``Connector`` with the path forced, a NEW Connector per connect (so udp
+   punches afresh every time), one untimed connect then ``--connects`` timed ones,
+   each proven by a 1-byte echo through the server. The clock is ``perf_counter``
+   around ``connect()``. The server side is the same for every adapter: only the
+   client's runtime differs.
+
+Rounds are interleaved: each round runs every adapter once per measure, the adapters'
+order rotating from round to round, so machine noise falls on all of them alike.
+Figures are medians over rounds (latency: p50/p90 over every timed connect). "vs best"
+is how many times slower than the fastest adapter of that column (1.00: the fastest;
+for a rate, best/rate; for a latency, latency/best); a figure more than 20 % slower is
+flagged "SLOW".
+
+    python bench/adapters.py [--rounds R] [--udt-mb N] [--relay-mib N] [--connects C]
+                             [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import relay as relay_bench
+from connect_stamps import percentile
+from wavesync_proto import __version__
+from wavesync_proto.mediator.systems import format_system_entry
+
+LOOPBACK = "127.0.0.1"
+MB = 1e6
+CHUNK = 1 << 20
+SEED = 8
+#: Each adapter's name here, and what ``--adapter`` calls it on the CLI.
+ADAPTERS = {
+    "anyio-asyncio": "anyio",
+    "anyio-trio": "trio",
+    "asyncio": "asyncio",
+    "blocking": "blocking",
+}
+PATHS = ("tcp", "udp", "relay")
+#: The issue's target: every adapter within this factor of the fastest.
+TARGET_SLOWDOWN = 1.2
+#: How long one child process (a transfer, a client's connects) may take.
+STEP_TIMEOUT = 300.0
+#: Idle time between two connects of a client, so the agent's standby pool refills.
+CONNECT_GAP = 0.01
+#: The world agent's standby connections (bench/connect.py keeps 2; a client here cannot
+#: wait for the pool to refill, so it holds more).
+WORLD_STANDBY = 8
+
+
+# --- the payload -----------------------------------------------------------------------
+
+
+def block() -> bytes:
+    return random.Random(SEED).randbytes(CHUNK)  # noqa: S311 - a test pattern, not a secret
+
+
+def payload_chunks(total: int) -> Iterator[bytes]:
+    data = block()
+    left = total
+    while left:
+        size = min(left, CHUNK)
+        yield data if size == CHUNK else data[:size]
+        left -= size
+
+
+def payload_digest(total: int) -> str:
+    hashed = hashlib.sha256()
+    for chunk in payload_chunks(total):
+        hashed.update(chunk)
+    return hashed.hexdigest()
+
+
+@dataclass
+class Meter:
+    """What a UDT receiver got: hashed and timed as it arrives (the first chunk untimed)."""
+
+    hashed: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    first_chunk: int = 0
+
+    def feed(self, chunk: bytes) -> None:
+        now = time.perf_counter()
+        if self.size == 0:
+            self.first_at, self.first_chunk = now, len(chunk)
+        self.last_at = now
+        self.size += len(chunk)
+        self.hashed.update(chunk)
+
+    def report(self) -> str:
+        seconds = max(self.last_at - self.first_at, 1e-9)
+        rate = (self.size - self.first_chunk) / seconds / MB
+        return json.dumps({"size": self.size, "rate": rate, "sha256": self.hashed.hexdigest()})
+
+
+def announce(port: int) -> None:
+    print(f"port {port}", flush=True)
+
+
+# --- child: UDT receiver and sender, per adapter ----------------------------------------
+
+
+async def anyio_udt_recv() -> Meter:
+    import anyio  # noqa: PLC0415 - each child imports only its own runtime
+
+    from wavesync_adapters.anyio.udt import UdtEndpoint  # noqa: PLC0415
+
+    meter = Meter()
+    async with UdtEndpoint.bind((LOOPBACK, 0)) as endpoint:
+        endpoint.listen()
+        announce(endpoint.local_address[1])
+        async with await endpoint.accept() as stream:
+            while True:
+                try:
+                    meter.feed(await stream.receive(CHUNK))
+                except anyio.EndOfStream:
+                    break
+    return meter
+
+
+async def anyio_udt_send(port: int, total: int) -> None:
+    from wavesync_adapters.anyio.udt import UdtEndpoint  # noqa: PLC0415
+
+    async with UdtEndpoint.bind((LOOPBACK, 0)) as endpoint:
+        stream = await endpoint.connect((LOOPBACK, port))
+        for chunk in payload_chunks(total):
+            await stream.send(chunk)
+        await stream.aclose()  # graceful: returns once every byte is acknowledged
+
+
+async def asyncio_udt_recv() -> Meter:
+    import asyncio  # noqa: PLC0415
+
+    from wavesync_adapters.asyncio.udt import create_udt_endpoint, start_udt_server  # noqa: PLC0415
+
+    meter = Meter()
+    done = asyncio.get_running_loop().create_future()
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(CHUNK):
+            meter.feed(chunk)
+        writer.close()
+        await writer.wait_closed()
+        done.set_result(None)
+
+    async with await create_udt_endpoint((LOOPBACK, 0)) as endpoint:
+        server = await start_udt_server(take, endpoint=endpoint)
+        announce(endpoint.local_address[1])
+        await asyncio.wait_for(done, STEP_TIMEOUT)
+        server.close()
+    return meter
+
+
+async def asyncio_udt_send(port: int, total: int) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from wavesync_adapters.asyncio.udt import open_udt_connection  # noqa: PLC0415
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        _, writer = await open_udt_connection((LOOPBACK, port))
+        for chunk in payload_chunks(total):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()  # graceful: every byte acknowledged
+
+
+def blocking_udt_recv() -> Meter:
+    from wavesync_adapters.blocking.udt import UdtEndpoint  # noqa: PLC0415
+
+    meter = Meter()
+    with UdtEndpoint.bind((LOOPBACK, 0)) as endpoint:
+        endpoint.listen()
+        announce(endpoint.local_address[1])
+        with endpoint.accept(timeout=STEP_TIMEOUT) as sock:
+            sock.settimeout(STEP_TIMEOUT)
+            while chunk := sock.recv(CHUNK):
+                meter.feed(chunk)
+    return meter
+
+
+def blocking_udt_send(port: int, total: int) -> None:
+    from wavesync_adapters.blocking.udt import UdtEndpoint  # noqa: PLC0415
+
+    with (
+        UdtEndpoint.bind((LOOPBACK, 0)) as endpoint,
+        endpoint.connect((LOOPBACK, port), timeout=STEP_TIMEOUT) as sock,
+    ):
+        sock.settimeout(STEP_TIMEOUT)
+        for chunk in payload_chunks(total):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)  # a graceful UDT close (UDT has no half-close)
+        if sock.recv(1):  # EOF once the close is acknowledged
+            raise RuntimeError("the receiver sent bytes")
+
+
+def run_on(adapter: str, function: Callable[..., Any], *args: Any) -> Any:
+    """Run an async ``function`` on the adapter's event loop."""
+    if adapter == "asyncio":
+        import asyncio  # noqa: PLC0415
+
+        return asyncio.run(function(*args))
+    import anyio  # noqa: PLC0415
+
+    return anyio.run(function, *args, backend=adapter.removeprefix("anyio-"))
+
+
+def udt_child(role: str, adapter: str, args: list[str]) -> None:
+    if role == "udt-recv":
+        meter = (
+            blocking_udt_recv()
+            if adapter == "blocking"
+            else run_on(adapter, asyncio_udt_recv if adapter == "asyncio" else anyio_udt_recv)
+        )
+        print(meter.report(), flush=True)
+        return
+    port, total = int(args[0]), int(args[1])
+    if adapter == "blocking":
+        blocking_udt_send(port, total)
+    else:
+        run_on(adapter, asyncio_udt_send if adapter == "asyncio" else anyio_udt_send, port, total)
+
+
+# --- child: the connect world (anyio server side) and a client per adapter --------------
+
+
+async def serve_world() -> None:
+    import anyio  # noqa: PLC0415
+    import anyio.to_thread  # noqa: PLC0415
+
+    import connect as connect_bench  # noqa: PLC0415 - bench/connect.py, the same world
+
+    connect_bench.STANDBY = WORLD_STANDBY
+    async with connect_bench.world(default_limits=False, settle=0.0) as world:
+        info = {
+            "server_id": str(world.server_id),
+            "mediator": list(world.mediator),
+            "relay_url": world.relay_url,
+            "lan_group": list(world.lan_group),
+        }
+        print(json.dumps(info), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)  # until the parent closes it
+
+
+def connector_options(info: dict[str, Any], path: str) -> dict[str, Any]:
+    from wavesync_proto.race import PathKind  # noqa: PLC0415
+
+    return {
+        "server_id": uuid.UUID(info["server_id"]),
+        "mediator": tuple(info["mediator"]),
+        "relays": (info["relay_url"],),
+        "paths": frozenset({PathKind(path)}),
+        "lan_group": tuple(info["lan_group"]),
+        "lan_interface": LOOPBACK,
+        "udp_host": LOOPBACK,
+        "deadline": 5.0,
+    }
+
+
+@dataclass
+class Latencies:
+    ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
+    import anyio  # noqa: PLC0415
+
+    from wavesync_adapters.anyio.connector import Connector, PathRaceError  # noqa: PLC0415
+
+    result = Latencies()
+    for index in range(count + 1):
+        await anyio.sleep(CONNECT_GAP)
+        with anyio.fail_after(30):
+            async with Connector(**options) as client:
+                start = time.perf_counter()
+                try:
+                    connection = await client.connect()
+                except PathRaceError as exc:
+                    result.failures.append(str(exc))
+                    continue
+                took = time.perf_counter() - start
+                async with connection.stream:
+                    await connection.stream.send(b"!")
+                    if await connection.stream.receive() != b"!":
+                        raise RuntimeError("the echo came back wrong")
+        if index:
+            result.ms.append(took * 1e3)
+    return result
+
+
+async def asyncio_connects(options: dict[str, Any], count: int) -> Latencies:
+    import asyncio  # noqa: PLC0415
+
+    from wavesync_adapters.asyncio.connector import Connector, PathRaceError  # noqa: PLC0415
+
+    result = Latencies()
+    for index in range(count + 1):
+        await asyncio.sleep(CONNECT_GAP)
+        async with asyncio.timeout(30), Connector(**options) as client:
+            start = time.perf_counter()
+            try:
+                connection = await client.connect()
+            except PathRaceError as exc:
+                result.failures.append(str(exc))
+                continue
+            took = time.perf_counter() - start
+            connection.writer.write(b"!")
+            if await connection.reader.readexactly(1) != b"!":
+                raise RuntimeError("the echo came back wrong")
+            connection.writer.close()
+            with contextlib.suppress(OSError):
+                await connection.writer.wait_closed()
+        if index:
+            result.ms.append(took * 1e3)
+    return result
+
+
+def blocking_connects(options: dict[str, Any], count: int) -> Latencies:
+    from wavesync_adapters.blocking.connector import Connector, PathRaceError  # noqa: PLC0415
+
+    result = Latencies()
+    for index in range(count + 1):
+        time.sleep(CONNECT_GAP)
+        with Connector(**options) as client:
+            start = time.perf_counter()
+            try:
+                connection = client.connect()
+            except PathRaceError as exc:
+                result.failures.append(str(exc))
+                continue
+            took = time.perf_counter() - start
+            with connection.sock as sock:
+                sock.settimeout(30)
+                sock.sendall(b"!")
+                if sock.recv(1) != b"!":
+                    raise RuntimeError("the echo came back wrong")
+        if index:
+            result.ms.append(took * 1e3)
+    return result
+
+
+def connect_child(adapter: str, path: str, count: int, info: dict[str, Any]) -> None:
+    options = connector_options(info, path)
+    if adapter == "blocking":
+        result = blocking_connects(options, count)
+    else:
+        connects = asyncio_connects if adapter == "asyncio" else anyio_connects
+        result = run_on(adapter, connects, options, count)
+    print(json.dumps({"ms": result.ms, "failures": result.failures}), flush=True)
+
+
+def child(args: list[str]) -> int:
+    role = args[0]
+    if role in ("udt-recv", "udt-send"):
+        udt_child(role, args[1], args[2:])
+    elif role == "world":
+        run_on("anyio-asyncio", serve_world)
+    elif role == "connect":
+        connect_child(args[1], args[2], int(args[3]), json.loads(args[4]))
+    else:
+        raise SystemExit(f"unknown child role {role!r}")
+    return 0
+
+
+# --- the parent: processes and rounds ---------------------------------------------------
+
+
+def this_script(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+
+
+def first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The child's first stdout line, within ``timeout`` seconds."""
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError(f"{process.args!r} printed nothing in {timeout:g} s")
+    return process.stdout.readline()
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+    for pipe in (process.stdout, process.stdin):
+        if pipe is not None:
+            pipe.close()
+
+
+def udt_transfer(adapter: str, total: int, digest: str, workdir: Path) -> float:
+    """One UDT transfer between two processes of ``adapter``; MB/s at the receiver."""
+    log = workdir / "udt-stderr.log"
+    with log.open("w") as errors:
+        receiver = subprocess.Popen(  # noqa: S603 - this script
+            this_script("udt-recv", adapter), stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+        sender = None
+        try:
+            port = first_line(receiver, 60).removeprefix("port ").strip()
+            sender = subprocess.Popen(  # noqa: S603 - this script
+                this_script("udt-send", adapter, port, str(total)), stderr=errors, text=True
+            )
+            out, _ = receiver.communicate(timeout=STEP_TIMEOUT)
+            sent = sender.wait(timeout=60)
+        finally:
+            stop(receiver)
+            if sender is not None:
+                stop(sender)
+    if receiver.returncode != 0 or sent != 0:
+        raise RuntimeError(f"{adapter} UDT: exit {receiver.returncode}/{sent}: {log.read_text()}")
+    result = json.loads(out)
+    if result["size"] != total or result["sha256"] != digest:
+        raise RuntimeError(f"{adapter} UDT: stream differs ({result['size']} of {total} bytes)")
+    return float(result["rate"])
+
+
+@contextlib.contextmanager
+def relay_process(workdir: Path, system: relay_bench.System, adapter: str) -> Iterator[Any]:
+    """``wavesync relay --adapter X`` on a free loopback port (bench/relay.py's, + adapter)."""
+    systems = workdir / "systems.toml"
+    systems.write_text(format_system_entry(system.system_id, system.key, "bench"))
+    stderr_path = workdir / f"relay-{adapter}.log"
+    command = [sys.executable, "-m", "wavesync_adapters.cli", "relay", "--adapter"]
+    command += [ADAPTERS[adapter], "--listen", f"{LOOPBACK}:0", "--systems", str(systems)]
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(  # noqa: S603 - our own package
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        line = first_line(process, 60)
+        prefix = "relay listening on tcp "
+        if not line.startswith(prefix):
+            raise RuntimeError(f"{adapter} relay did not start: {line!r} {stderr_path.read_text()}")
+        host, _, port = line[len(prefix) :].strip().rpartition(":")
+        yield relay_bench.Relay(process, (host, int(port)), stderr_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@contextlib.contextmanager
+def world_process(workdir: Path) -> Iterator[dict[str, Any]]:
+    """The anyio relay, mediator and echo ServerAgent in one process; their addresses."""
+    log = workdir / "world.log"
+    with log.open("w") as errors:
+        process = subprocess.Popen(  # noqa: S603 - this script
+            this_script("world"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    try:
+        line = first_line(process, 60)
+        if not line.strip():
+            raise RuntimeError(f"the world did not start: {log.read_text()[-3000:]}")
+        yield json.loads(line)
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def client_connects(adapter: str, path: str, count: int, info: dict[str, Any]) -> Latencies:
+    result = subprocess.run(  # noqa: S603 - this script
+        this_script("connect", adapter, path, str(count), json.dumps(info)),
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{adapter} {path} client: {result.stderr[-3000:]}")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return Latencies(data["ms"], data["failures"])
+
+
+def rotated(round_number: int) -> list[str]:
+    names = list(ADAPTERS)
+    shift = round_number % len(names)
+    return names[shift:] + names[:shift]
+
+
+@dataclass
+class Results:
+    udt: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+    relay: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+    relay_cpu: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+    connect: dict[tuple[str, str], Latencies] = field(
+        default_factory=lambda: {(a, p): Latencies() for a in ADAPTERS for p in PATHS}
+    )
+    errors: list[str] = field(default_factory=list)
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> Results:
+    results = Results()
+    udt_total, relay_total = int(args.udt_mb * MB), args.relay_mib * 2**20
+    digest = payload_digest(udt_total)
+    system = relay_bench.System()
+    with contextlib.ExitStack() as stack:
+        relays = {a: stack.enter_context(relay_process(workdir, system, a)) for a in ADAPTERS}
+        info = stack.enter_context(world_process(workdir))
+        for name, relay in relays.items():  # warm-up: a small transfer through each relay
+            relay_bench.transfer_relay(min(relay_total, 16 * CHUNK), relay, system)
+            client_connects(name, "tcp", 1, info)
+        for round_number in range(args.rounds):
+            order = rotated(round_number)
+            print(f"round {round_number + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+            for adapter in order:
+                try:
+                    results.udt[adapter].append(udt_transfer(adapter, udt_total, digest, workdir))
+                except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+                    results.errors.append(f"UDT {adapter}: {exc}")
+            for adapter in order:
+                relay = relays[adapter]
+                cpu_before = relay_bench.cpu_seconds(relay.process.pid)
+                seconds = relay_bench.transfer_relay(relay_total, relay, system)
+                cpu = relay_bench.cpu_seconds(relay.process.pid) - cpu_before
+                results.relay[adapter].append(relay_total / seconds / MB)
+                results.relay_cpu[adapter].append(cpu / (relay_total / 1e9))
+                relay.check_alive()
+            for path in PATHS:
+                for adapter in order:
+                    try:
+                        got = client_connects(adapter, path, args.connects, info)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        results.errors.append(f"connect {adapter} {path}: {exc}")
+                        continue
+                    results.connect[adapter, path].ms.extend(got.ms)
+                    results.connect[adapter, path].failures.extend(got.failures)
+    return results
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def slowdowns(values: dict[str, float | None], higher_is_better: bool) -> dict[str, float | None]:
+    """How many times slower than the best adapter each one is (1.0: the best)."""
+    known = [v for v in values.values() if v]
+    if not known:
+        return dict.fromkeys(values)
+    best = max(known) if higher_is_better else min(known)
+    return {
+        name: None if not value else (best / value if higher_is_better else value / best)
+        for name, value in values.items()
+    }
+
+
+def cell(value: float | None, slowdown: float | None, digits: int) -> str:
+    if value is None or slowdown is None:
+        return f"{'-':>8} {'':>10}"
+    flag = " SLOW" if slowdown > TARGET_SLOWDOWN else ""
+    return f"{value:>8.{digits}f} {f'{slowdown:.2f}{flag}':>10}"
+
+
+def report(results: Results, args: argparse.Namespace) -> list[str]:
+    """Print the table (one row per measure, adapters side by side); the misses."""
+    columns: dict[str, tuple[dict[str, float | None], bool, int]] = {
+        f"UDT goodput, {args.udt_mb:g} MB, MB/s": (
+            {a: statistics.median(r) if r else None for a, r in results.udt.items()},
+            True,
+            1,
+        ),
+        f"relay throughput, {args.relay_mib} MiB, MB/s": (
+            {a: statistics.median(r) if r else None for a, r in results.relay.items()},
+            True,
+            1,
+        ),
+    }
+    for path in PATHS:
+        for mark, q in (("p50", 0.5), ("p90", 0.9)):
+            values = {
+                a: percentile(results.connect[a, path].ms, q)
+                if results.connect[a, path].ms
+                else None
+                for a in ADAPTERS
+            }
+            columns[f"connect {path} {mark}, ms"] = (values, False, 2)
+    print(f"{'measure':32}" + "".join(f" {a:>19}" for a in ADAPTERS))
+    print(f"{'':32}" + f" {'value':>8} {'vs best':>10}" * len(ADAPTERS))
+    misses = []
+    for name, (values, higher, digits) in columns.items():
+        slower = slowdowns(values, higher)
+        print(f"{name:32}" + "".join(" " + cell(values[a], slower[a], digits) for a in ADAPTERS))
+        misses += [
+            f"{a}: {name} {slower[a]:.2f} x the fastest"
+            for a in ADAPTERS
+            if (slower[a] or 0) > TARGET_SLOWDOWN
+        ]
+    cpu = "".join(
+        f" {statistics.median(c) if c else 0.0:>8.2f} {'':>10}" for c in results.relay_cpu.values()
+    )
+    print(f"{'relay process CPU s per GB':32}" + cpu)
+    print("\nevery run (UDT and relay: MB/s per round; connect: timed connects, failures):")
+    for adapter in ADAPTERS:
+        udt = ", ".join(f"{r:.1f}" for r in results.udt[adapter])
+        relay = ", ".join(f"{r:.1f}" for r in results.relay[adapter])
+        counts = ", ".join(
+            f"{p} {len(results.connect[adapter, p].ms)}/{len(results.connect[adapter, p].failures)}"
+            for p in PATHS
+        )
+        print(f"  {adapter:14} UDT [{udt}]  relay [{relay}]  connects ok/failed: {counts}")
+        for path in PATHS:
+            for failure in sorted(set(results.connect[adapter, path].failures))[:3]:
+                print(f"    {path} failed: {failure[:200]}")
+    for error in results.errors:
+        print(f"  ERROR {error[:600]}")
+    return misses
+
+
+def loadavg() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--udt-mb", type=float, default=100, help="MB per UDT transfer")
+    parser.add_argument("--relay-mib", type=int, default=200, help="MiB per relay transfer")
+    parser.add_argument("--connects", type=int, default=30, help="timed connects per client")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.udt_mb, args.relay_mib, args.connects = 1, 2, 4, 2
+    print(
+        f"wavesync {__version__} adapters, Python {platform.python_version()},"
+        f" anyio {importlib.metadata.version('anyio')}, trio {importlib.metadata.version('trio')},"
+        f" {platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
+    )
+    print("command: " + " ".join(["python", "bench/adapters.py", *sys.argv[1:]]))
+    print(f"load average at start: {loadavg()}")
+    print(
+        f"{args.rounds} round(s), interleaved, adapters' order rotating; UDT: two processes"
+        " of the adapter; relay: `wavesync relay --adapter X`, bench/relay.py's sender and"
+        f" sink; connect: the adapter's Connector, {args.connects} timed connects per round"
+        " and path, against an anyio (asyncio) relay + mediator + echo ServerAgent process\n"
+    )
+    relay_bench.raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="wavesync-adapters-bench-") as folder:
+        results = measure(args, Path(folder))
+    misses = report(results, args)
+    print(f"\nload average at the end: {loadavg()}")
+    target = "met" if not misses and not results.errors else "NOT met"
+    print(
+        f"targets: every adapter within {TARGET_SLOWDOWN - 1:.0%} of the fastest: {target}"
+        + "".join(f"\n  {miss}" for miss in misses)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
