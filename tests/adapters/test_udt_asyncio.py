@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.daemons import WAVESYNC
-from wavesync_adapters.asyncio._net import resolve, run_transaction
+from wavesync_adapters.asyncio._net import open_udp_port, resolve, run_transaction
 from wavesync_adapters.asyncio.udt import (
     UdtConnectError,
     UdtConnectionResetError,
@@ -558,6 +558,24 @@ async def test_the_datagram_port_carries_stun_beside_udt_and_bounds_its_queue() 
             endpoint.send_datagram(b"late", other.getsockname())
 
 
+def binding_transaction(now: float) -> ClientTransaction:
+    request = Message(method=1, message_class=MessageClass.REQUEST, transaction_id=bytes(12))
+    return ClientTransaction(encode_message(request), now=now)
+
+
+async def answer_one_binding(answerer: socket.socket) -> None:
+    """Answer the next STUN request on the non-blocking ``answerer`` with a success."""
+    loop = asyncio.get_running_loop()
+    data, source = await loop.sock_recvfrom(answerer, 2048)
+    request = decode_message(data)
+    response = Message(
+        method=request.method,
+        message_class=MessageClass.SUCCESS,
+        transaction_id=request.transaction_id,
+    )
+    await loop.sock_sendto(answerer, encode_message(response), source)
+
+
 async def test_run_transaction_over_the_punching_socket() -> None:
     """``_net.run_transaction`` drives a STUN Binding over a UDT endpoint's port to a
     peer that answers, while UDT could share the socket."""
@@ -566,25 +584,35 @@ async def test_run_transaction_over_the_punching_socket() -> None:
         answerer.setblocking(False)
         loop = asyncio.get_running_loop()
 
-        async def answer() -> None:
-            data, source = await loop.sock_recvfrom(answerer, 2048)
-            request = decode_message(data)
-            response = Message(
-                method=request.method,
-                message_class=MessageClass.SUCCESS,
-                transaction_id=request.transaction_id,
-            )
-            await loop.sock_sendto(answerer, encode_message(response), source)
-
         async with await create_udt_endpoint(LOOPBACK) as endpoint:
             peer = await resolve(answerer.getsockname())
-            transaction = ClientTransaction(
-                encode_message(
-                    Message(method=1, message_class=MessageClass.REQUEST, transaction_id=bytes(12))
-                ),
-                now=loop.time(),
-            )
+            transaction = binding_transaction(loop.time())
             async with asyncio.timeout(WAIT), asyncio.TaskGroup() as group:
-                group.create_task(answer())
+                group.create_task(answer_one_binding(answerer))
                 event = await run_transaction(transaction, endpoint.datagram_port(), peer)
             assert isinstance(event, ResponseReceived)
+
+
+async def test_run_transaction_over_a_plain_udp_port_and_the_port_closes() -> None:
+    """``_net.open_udp_port`` is a ``DatagramPort`` of its own (no UDT): a transaction
+    is answered over it, and once closed it says so instead of waiting forever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as answerer:
+        answerer.bind(LOOPBACK)
+        answerer.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        peer = answerer.getsockname()
+        port = await open_udp_port(peer)
+        try:
+            transaction = binding_transaction(loop.time())
+            async with asyncio.timeout(WAIT), asyncio.TaskGroup() as group:
+                group.create_task(answer_one_binding(answerer))
+                event = await run_transaction(transaction, port, peer)
+            assert isinstance(event, ResponseReceived)
+        finally:
+            port.close()
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(ConnectionAbortedError):
+                await port.receive()
+        with pytest.raises(ConnectionAbortedError):
+            await port.send((b"late", peer))
