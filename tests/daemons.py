@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ __all__ = [
     "new_system",
     "relay_and_mediator",
     "run_wavesync",
+    "started_program",
     "wavesync_daemon",
 ]
 
@@ -144,3 +145,59 @@ def relay_and_mediator(
             )
         )
         yield RelayAndMediator(relay_url, (LOOPBACK, int(mediator_ready["port"])), relay, mediator)
+
+
+@dataclass(frozen=True)
+class StartedProgram:
+    #: Its pipes are binary: ``communicate()`` gives bytes.
+    process: subprocess.Popen[bytes]
+    #: The ready line's match.
+    ready: re.Match[str]
+    #: Every stdout line up to and including the ready line.
+    lines: tuple[str, ...]
+
+
+@contextmanager
+def started_program(
+    command: Sequence[str], *, ready: str, env: Mapping[str, str] | None = None
+) -> Iterator[StartedProgram]:
+    """Run ``command`` (any program, e.g. ``python examples/...``) until the block ends;
+    yield it once a stdout line matches ``ready``. A test may stop it itself (and check
+    its exit status); one still running when the block ends is terminated.
+
+    stdout is read unbuffered, one line at a time, so two lines written at once are
+    never both taken into a buffer the selector cannot see."""
+    process = subprocess.Popen(  # noqa: S603 - the test's own command line
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+        env=None if env is None else dict(env),
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        seen: list[str] = []
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise AssertionError(f"{' '.join(command)} not ready: {seen}")
+                line = process.stdout.readline().decode(errors="replace")
+                if not line:
+                    _, err = process.communicate(timeout=READY_TIMEOUT)
+                    raise AssertionError(f"{' '.join(command)} exited: {seen} {err!r}")
+                seen.append(line)
+                match = re.search(ready, line)
+                if match:
+                    break
+        yield StartedProgram(process, match, tuple(seen))
+    finally:
+        if process.returncode is None:  # not stopped and reaped by the test
+            process.terminate()
+            try:
+                process.communicate(timeout=READY_TIMEOUT)  # reaps it, closes both pipes
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()

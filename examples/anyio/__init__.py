@@ -1,0 +1,1 @@
+"""The anyio examples (see examples/README.md)."""

@@ -1,0 +1,1 @@
+"""The asyncio examples (see examples/README.md)."""

@@ -1,0 +1,38 @@
+"""A wavesync mediator on plain asyncio (uvloop too): ``python examples/asyncio/mediator.py``.
+
+Settings: WAVESYNC_* environment variables (examples/README.md). SIGINT/SIGTERM stop it.
+"""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from wavesync_adapters.asyncio.mediator import MediatorDaemon
+from wavesync_adapters.programs import mediator_ready
+from wavesync_proto.addresses import parse_endpoint
+from wavesync_proto.mediator.service import MediatorService
+from wavesync_proto.mediator.systems import parse_systems
+
+SYSTEMS = parse_systems(Path(os.environ.get("WAVESYNC_SYSTEMS", "systems.toml")).read_text())
+LISTEN = parse_endpoint(os.environ.get("WAVESYNC_LISTEN", "127.0.0.1:3478"))
+RELAY = os.environ.get("WAVESYNC_RELAY", "http://127.0.0.1:3479")
+
+
+async def main() -> None:
+    service = MediatorService(
+        systems=SYSTEMS, relay_urls=[RELAY], nonce_secret=secrets.token_bytes(32)
+    )
+    daemon = MediatorDaemon(service)
+    ready = lambda bound: print(mediator_ready(bound, None), flush=True)  # noqa: E731
+    serving = asyncio.ensure_future(daemon.serve(*LISTEN, started=ready))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, serving.cancel)
+    with contextlib.suppress(asyncio.CancelledError):  # a signal: a normal end
+        await serving
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

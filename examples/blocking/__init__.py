@@ -1,0 +1,1 @@
+"""The blocking examples (see examples/README.md)."""

@@ -1,0 +1,1 @@
+"""The trio examples (see examples/README.md)."""
