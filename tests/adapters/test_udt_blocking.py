@@ -141,6 +141,39 @@ def test_ten_megabytes_each_way_at_once_byte_exact() -> None:
         assert counters.bytes_received >= size
 
 
+def test_a_small_exchange_is_not_held_behind_a_bulk_stream() -> None:
+    # Received bytes are gathered over busy turns before they are written to the
+    # socketpair; a stream with a few bytes must not wait for the busy one to pause.
+    # The bulk stream runs until the exchange is over, so the loop is busy throughout.
+    chat_over = threading.Event()
+    with endpoints() as (server, client):
+        bulk_out, bulk_in = connected_pair(client, server)
+        chat_out, chat_in = connected_pair(client, server)
+
+        def send_bulk() -> bytes:
+            digest = hashlib.sha256()
+            while not chat_over.is_set():
+                block = os.urandom(256 * 1024)
+                bulk_out.sendall(block)
+                digest.update(block)
+            bulk_out.close()
+            return digest.digest()
+
+        sending = Worker(send_bulk, "bulk-send")
+        receiving = Worker(lambda: hashlib.sha256(receive_to_end(bulk_in)).digest())
+        try:
+            for turn in range(20):
+                chat_out.sendall(b"ping %02d" % turn)
+                assert receive_exactly(chat_in, 7) == b"ping %02d" % turn
+                chat_in.sendall(b"pong")
+                assert receive_exactly(chat_out, 4) == b"pong"
+        finally:
+            chat_over.set()
+        assert receiving.result() == sending.result()
+        for sock in (bulk_in, chat_out, chat_in):
+            sock.close()
+
+
 def test_rendezvous_with_a_bogus_extra_candidate() -> None:
     # A port nobody listens on stands for an address of the peer that does not work.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
