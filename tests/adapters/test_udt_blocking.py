@@ -211,7 +211,7 @@ def test_endpoint_close_aborts_streams_and_joins_its_thread() -> None:
         assert server.stream_info(incoming).close_reason is CloseReason.PEER_ABORTED
         outgoing.close()
         incoming.close()
-        with pytest.raises(ConnectionAbortedError):
+        with pytest.raises(UdtConnectError, match="closed"):
             client.connect(server.local_address)
     assert not server.thread.is_alive()
     with pytest.raises(ConnectionAbortedError):

@@ -222,7 +222,8 @@ class UdtEndpoint:
         """A regular UDT connect to a listener at ``peer``; the stream's socket.
 
         Raises ``UdtConnectError`` when the core gives up (no answer within its connect
-        timeout, 3 s as in UDT 4.11, or a refusal), or after ``timeout`` seconds.
+        timeout, 3 s as in UDT 4.11, or a refusal), after ``timeout`` seconds
+        (``reason`` ABORTED), or when the endpoint is closed.
         """
         address = self._resolve(peer)
         return self._open(
@@ -369,7 +370,14 @@ class UdtEndpoint:
             bridge.waiter = result
             bridge_box.append(bridge)
 
-        self._submit(begin)
+        try:
+            self._submit(begin)
+        except ConnectionAbortedError as exc:
+            # As the asyncio endpoint: every failed connect is a UdtConnectError.
+            detail = str(exc)
+            raise UdtConnectError(
+                f"udt {what} failed: {detail}", reason=CloseReason.ABORTED, detail=detail
+            ) from None
         try:
             sock = result.result(timeout)
         except FutureTimeout:
@@ -406,7 +414,8 @@ class UdtEndpoint:
                 done.set_result(None)
 
         self._submit(run)
-        # The loop runs commands each turn and fails nothing when it stops: bounded.
+        # The loop runs commands every turn, and those left when it stops on its way out:
+        # this ends; the check is for a loop that died without its shutdown.
         while not done.done():
             try:
                 done.result(_JOIN_SECONDS)

@@ -72,7 +72,8 @@ _DRAIN_READS = 16
 _IOV_MAX = 512
 #: Kernel buffer asked for on each socketpair end: a few ACKs' worth at full speed.
 _PAIR_BUFFER_BYTES = 1024 * 1024
-#: A closed connection's stream: what a user's socket end reads after the last byte.
+#: Ends after which the application's socket reads a clean EOF after the last byte
+#: (any others: EOF, or ECONNRESET if the application's own bytes were left unread).
 _CLEAN_ENDS = (CloseReason.PEER_CLOSED, CloseReason.LOCAL_CLOSE)
 
 
