@@ -1,0 +1,92 @@
+"""What every adapter's agent and connector share that is no protocol decision and
+needs no runtime: counters, the relay's tunnel info, reading a relay URL, the
+address a server advertises, and how a failed attempt is described.
+
+Plain ``socket`` at most; the asyncio and blocking adapters import this, so it must
+never import anyio (or asyncio).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from wavesync_proto.addresses import Endpoint
+from wavesync_proto.race import PathKind
+
+from .errors import UdtConnectError
+
+__all__ = [
+    "AgentCounters",
+    "RelayTunnelInfo",
+    "advertised_endpoint",
+    "describe_failure",
+    "parse_target",
+]
+
+
+@dataclass
+class AgentCounters:
+    """What a server agent did, for logs and tests (the same on every adapter)."""
+
+    accepted: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PathKind})
+    rejected: int = 0
+    connect_requests: int = 0
+    punches_refused: int = 0
+    punches_evicted: int = 0
+    rendezvous_failed: int = 0
+    over_capacity: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayTunnelInfo:
+    """What the relay said about a tunnel it opened to us."""
+
+    session_id: bytes
+    #: The client's address as the relay saw it.
+    client_address: Endpoint
+
+
+def parse_target(target: str, *, tls: bool = False) -> tuple[str, int]:
+    """``host:port``, ``http://host[:port]`` or ``https://host[:port]`` → (host, port);
+    without a port, 443 for https or a TLS kind, else 80. ``ValueError`` otherwise."""
+    text = target if "://" in target else f"//{target}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad target {target!r}: {exc}") from None
+    if parts.scheme not in ("", "http", "https") or not parts.hostname:
+        raise ValueError(f"bad target {target!r}: want [http[s]://]host[:port]")
+    if port is None:
+        port = 443 if tls or parts.scheme == "https" else 80
+    return parts.hostname, port
+
+
+def advertised_endpoint(bound: Endpoint, mediator: Endpoint | None) -> Endpoint:
+    """``bound``, or with a wildcard host the address the route to ``mediator`` uses
+    (loopback without one): what a server tells the mediator and LAN clients."""
+    host, port = bound
+    if not ipaddress.ip_address(host).is_unspecified:
+        return bound
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    toward = mediator[0] if mediator else loopback
+    try:
+        # A connected UDP socket sends nothing: the kernel only picks the route.
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((toward, 9))
+            return (str(probe.getsockname()[0]), port)
+    except OSError:
+        return (loopback, port)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A failed attempt's reason, as the race's failure report lists it."""
+    if isinstance(exc, UdtConnectError):
+        return f"udt: {exc}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
