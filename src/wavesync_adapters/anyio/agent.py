@@ -15,9 +15,7 @@ verification are the core's machines; this module wires them to sockets.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
-import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from .._common import AgentCounters, advertised_endpoint
 from ._dial import TunnelChoice
 from .lan import LanResponder
 from .listen import MediatorListener
@@ -61,19 +60,6 @@ class AcceptedStream:
 
 
 StreamHandler = Callable[[AcceptedStream], Awaitable[None]]
-
-
-@dataclass
-class AgentCounters:
-    """What the agent did, for logs and tests."""
-
-    accepted: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PathKind})
-    rejected: int = 0
-    connect_requests: int = 0
-    punches_refused: int = 0
-    punches_evicted: int = 0
-    rendezvous_failed: int = 0
-    over_capacity: int = 0
 
 
 @dataclass(eq=False)
@@ -242,18 +228,7 @@ class ServerAgent:
 
     def _reachable(self, bound: Endpoint) -> Endpoint:
         """``bound``, or with a wildcard host the address the route to the mediator uses."""
-        host, port = bound
-        if not ipaddress.ip_address(host).is_unspecified:
-            return bound
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        toward = self.mediator[0] if self.mediator else ("::1" if ":" in host else "127.0.0.1")
-        try:
-            # A connected UDP socket sends nothing: the kernel only picks the route.
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect((toward, 9))
-                return (str(probe.getsockname()[0]), port)
-        except OSError:
-            return ("::1" if family == socket.AF_INET6 else "127.0.0.1", port)
+        return advertised_endpoint(bound, self.mediator)
 
     # --- the paths --------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedO
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from .._common import describe_failure
 from ..errors import PathRaceError
 from ._dial import TunnelChoice
 from ._net import resolve, run_transaction, sleep_until_or
@@ -56,7 +57,7 @@ from .connect import ConnectError, request_connection
 from .lan import search_lan
 from .relay_client import RelayConnectError, open_relay_stream
 from .tunnel import parse_target
-from .udt import UdtConnectError, UdtEndpoint, UdtStream
+from .udt import UdtEndpoint, UdtStream
 from .verify import VerificationError, verify_server
 
 __all__ = ["Connection", "Connector", "PathRaceError"]
@@ -428,8 +429,14 @@ class _RaceRun:
         with scope:
             try:
                 stream, session_id = await self._open(attempt)
-            except (OSError, RelayConnectError, TimeoutError, anyio.BrokenResourceError) as exc:
-                race.attempt_failed(attempt.attempt_id, _why(exc), anyio.current_time())
+            except (
+                OSError,
+                RelayConnectError,
+                TimeoutError,
+                ValueError,
+                anyio.BrokenResourceError,
+            ) as exc:
+                race.attempt_failed(attempt.attempt_id, describe_failure(exc), anyio.current_time())
                 self.changed()
                 return
             race.attempt_connected(attempt.attempt_id, anyio.current_time())
@@ -443,7 +450,7 @@ class _RaceRun:
                 )
             except VerificationError as exc:
                 await anyio.aclose_forcefully(stream)
-                race.attempt_failed(attempt.attempt_id, _why(exc), anyio.current_time())
+                race.attempt_failed(attempt.attempt_id, describe_failure(exc), anyio.current_time())
                 self.changed()
                 return
             except BaseException:
@@ -495,11 +502,3 @@ class _RaceRun:
         hole.peer = peer
         hole.server_id = self.server_id
         self.connector._holes[self.server_id] = hole
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, UdtConnectError):
-        return f"udt: {exc}"
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__

@@ -15,7 +15,6 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import anyio
 import anyio.abc
@@ -32,6 +31,7 @@ from wavesync_proto.relay.standby import (
 from wavesync_proto.relay.standby_pool import StandbyPool
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from .._common import RelayTunnelInfo
 from ._dial import TunnelChoice, dialer_for
 from ._net import sleep_until_or
 from ._streams import PrefixedStream
@@ -41,15 +41,6 @@ __all__ = ["RelayAgent", "RelayTunnelInfo"]
 log = logging.getLogger("wavesync.relay.agent")
 
 _RECEIVE_BYTES = 65536
-
-
-@dataclass(frozen=True, kw_only=True)
-class RelayTunnelInfo:
-    """What the relay said about a tunnel it opened to us."""
-
-    session_id: bytes
-    #: The client's address as the relay saw it.
-    client_address: Endpoint
 
 
 TunnelHandler = Callable[[anyio.abc.ByteStream, RelayTunnelInfo], Awaitable[None]]

@@ -17,7 +17,6 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -48,6 +47,7 @@ from wavesync_proto.tunnel.echo import EchoCheck
 from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 from wavesync_proto.tunnel.wire import authority
 
+from .._common import parse_target
 from ._streams import PrefixedStream
 from .tunnel_stream import TunnelStream
 
@@ -93,22 +93,6 @@ class TunnelError(Exception):
         self.reason = reason
         self.status = status
         self.headers = headers
-
-
-def parse_target(target: str, *, tls: bool = False) -> tuple[str, int]:
-    """``host:port``, ``http://host[:port]`` or ``https://host[:port]`` → (host, port);
-    without a port, 443 for https or a TLS kind, else 80."""
-    text = target if "://" in target else f"//{target}"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad tunnel target {target!r}: {exc}") from None
-    if parts.scheme not in ("", "http", "https") or not parts.hostname:
-        raise ValueError(f"bad tunnel target {target!r}: want [http[s]://]host[:port]")
-    if port is None:
-        port = 443 if tls or parts.scheme == "https" else 80
-    return parts.hostname, port
 
 
 def environment_proxy(

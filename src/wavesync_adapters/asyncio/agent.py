@@ -45,14 +45,11 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import ipaddress
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
@@ -62,6 +59,7 @@ from wavesync_proto.mediator.listen import ClientUdpEndpointLearned, ConnectionR
 from wavesync_proto.race import PathKind
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from .._common import AgentCounters, advertised_endpoint, parse_target
 from .lan import LanResponder
 from .listen import MediatorListener
 from .relay_agent import RelayAgent, RelayTunnelInfo
@@ -96,19 +94,6 @@ class AcceptedStream:
 StreamHandler = Callable[[AcceptedStream], Awaitable[None]]
 
 
-@dataclass
-class AgentCounters:
-    """What the agent did, for logs and tests (the anyio agent's, field for field)."""
-
-    accepted: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PathKind})
-    rejected: int = 0
-    connect_requests: int = 0
-    punches_refused: int = 0
-    punches_evicted: int = 0
-    rendezvous_failed: int = 0
-    over_capacity: int = 0
-
-
 @dataclass(eq=False)
 class _Punch:
     """One punching socket: its task, the tasks it owns, the sessions acked from it, the
@@ -124,18 +109,6 @@ class _Punch:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-
-def _relay_endpoint(target: str) -> Endpoint:
-    """``host:port`` or ``http://host[:port]`` (port 80 by default) of a relay."""
-    parts = urlsplit(target if "://" in target else f"//{target}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise LocalProtocolError(f"bad relay {target!r}: {exc}") from None
-    if parts.scheme not in ("", "http") or not parts.hostname:
-        raise LocalProtocolError(f"bad relay {target!r}: want [http://]host[:port]")
-    return parts.hostname, 80 if port is None else port
 
 
 class ServerAgent:
@@ -183,7 +156,7 @@ class ServerAgent:
         self.system_id, self.server_id, self._key = system_id, server_id, key
         self.mediator = mediator
         self.relays = tuple(relays)
-        self._relay_endpoints = [_relay_endpoint(url) for url in self.relays]
+        self._relay_endpoints = [parse_target(url) for url in self.relays]
         self._tcp_listen = tcp_listen
         self._udp_host = udp_host
         self._advertise = tuple(advertise) if advertise is not None else None
@@ -303,18 +276,7 @@ class ServerAgent:
 
     def _reachable(self, bound: Endpoint) -> Endpoint:
         """``bound``, or with a wildcard host the address the route to the mediator uses."""
-        host, port = bound
-        if not ipaddress.ip_address(host).is_unspecified:
-            return bound
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        toward = self.mediator[0] if self.mediator else ("::1" if ":" in host else "127.0.0.1")
-        try:
-            # A connected UDP socket sends nothing: the kernel only picks the route.
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect((toward, 9))
-                return (str(probe.getsockname()[0]), port)
-        except OSError:
-            return ("::1" if family == socket.AF_INET6 else "127.0.0.1", port)
+        return advertised_endpoint(bound, self.mediator)
 
     # --- the paths --------------------------------------------------------------------
 

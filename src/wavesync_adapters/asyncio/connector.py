@@ -28,7 +28,6 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
@@ -54,13 +53,13 @@ from wavesync_proto.race import (
 from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedOut
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from .._common import describe_failure, parse_target
 from ..errors import PathRaceError
 from ._net import resolve, run_transaction
 from .connect import ConnectError, cancel_and_wait, request_connection, sleep_until_or
 from .lan import search_lan
 from .relay_client import RelayConnectError, open_relay_stream
 from .udt import (
-    UdtConnectError,
     UdtEndpoint,
     UdtTransport,
     create_udt_endpoint,
@@ -467,8 +466,8 @@ class _RaceRun:
         race = self.race
         try:
             reader, writer, session_id = await self._open(attempt)
-        except (OSError, RelayConnectError) as exc:
-            race.attempt_failed(attempt.attempt_id, _why(exc), self.loop.time())
+        except (OSError, RelayConnectError, ValueError) as exc:
+            race.attempt_failed(attempt.attempt_id, describe_failure(exc), self.loop.time())
             self.changed()
             return
         race.attempt_connected(attempt.attempt_id, self.loop.time())
@@ -483,7 +482,7 @@ class _RaceRun:
             )
         except VerificationError as exc:
             writer.transport.abort()
-            race.attempt_failed(attempt.attempt_id, _why(exc), self.loop.time())
+            race.attempt_failed(attempt.attempt_id, describe_failure(exc), self.loop.time())
             self.changed()
             return
         except BaseException:
@@ -509,7 +508,7 @@ class _RaceRun:
         if attempt.kind is PathKind.RELAY:
             assert attempt.relay_url is not None
             relayed = await open_relay_stream(
-                _relay_endpoint(attempt.relay_url),
+                parse_target(attempt.relay_url),
                 server_id=self.server_id,
                 system_id=None if self.server_id else self.connector.system_id,
                 timeout=timeout,
@@ -537,27 +536,3 @@ class _RaceRun:
         hole.peer = peer
         hole.server_id = self.server_id
         self.connector._holes[self.server_id] = hole
-
-
-def _relay_endpoint(url: str) -> Endpoint:
-    """A relay URL's (host, port), read as the anyio adapter's ``tunnel.parse_target``
-    reads it (which this adapter cannot import): ``[http[s]://]host[:port]``, without a
-    port 443 for https, else 80; ``ValueError`` for anything else."""
-    try:
-        parts = urlsplit(url if "://" in url else f"//{url}")
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad relay URL {url!r}: {exc}") from None
-    if parts.scheme not in ("", "http", "https") or not parts.hostname:
-        raise ValueError(f"bad relay URL {url!r}: want [http[s]://]host[:port]")
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    return parts.hostname, port
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, UdtConnectError):
-        return f"udt: {exc}"
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__

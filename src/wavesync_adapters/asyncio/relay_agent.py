@@ -23,7 +23,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.relay.standby import (
@@ -36,18 +35,11 @@ from wavesync_proto.relay.standby import (
 )
 from wavesync_proto.relay.standby_pool import StandbyPool
 
+from .._common import RelayTunnelInfo
+
 __all__ = ["RelayAgent", "RelayTunnelInfo", "TunnelHandler"]
 
 log = logging.getLogger("wavesync.relay.agent")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RelayTunnelInfo:
-    """What the relay said about a tunnel it opened to us."""
-
-    session_id: bytes
-    #: The client's address as the relay saw it.
-    client_address: Endpoint
 
 
 TunnelHandler = Callable[

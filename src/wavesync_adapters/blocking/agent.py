@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import socket
 import threading
@@ -28,7 +27,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, DiscoveryResponder
@@ -39,6 +37,7 @@ from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from .._common import AgentCounters, advertised_endpoint, parse_target
 from ..errors import UdtConnectError, VerificationError
 from .lan import LanResponder
 from .listen import JOIN_TIMEOUT, STOP_POLL, MediatorListener, refuse_tunnels
@@ -72,19 +71,6 @@ class AcceptedStream:
 StreamHandler = Callable[[AcceptedStream], object]
 
 
-@dataclass
-class AgentCounters:
-    """What the agent did, for logs and tests (the anyio agent's, field for field)."""
-
-    accepted: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PathKind})
-    rejected: int = 0
-    connect_requests: int = 0
-    punches_refused: int = 0
-    punches_evicted: int = 0
-    rendezvous_failed: int = 0
-    over_capacity: int = 0
-
-
 @dataclass(eq=False)
 class _Punch:
     """One punching socket: the sessions acked from it, the rendezvous tried, its use
@@ -95,18 +81,6 @@ class _Punch:
     use: PunchedSocket
     stop: threading.Event = field(default_factory=threading.Event)
     tried: set[Endpoint] = field(default_factory=set)
-
-
-def relay_endpoint(url: str) -> Endpoint:
-    """``host:port`` or ``http[s]://host[:port]`` → (host, port); 443 for https, else 80."""
-    parts = urlsplit(url if "://" in url else f"//{url}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad relay URL {url!r}: {exc}") from None
-    if parts.scheme not in ("", "http", "https") or not parts.hostname:
-        raise ValueError(f"bad relay URL {url!r}: want [http[s]://]host[:port]")
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
 class ServerAgent:
@@ -155,7 +129,7 @@ class ServerAgent:
         self.system_id, self.server_id, self._key = system_id, server_id, key
         self.mediator = mediator
         self.relays = tuple(relays)
-        self._relay_endpoints = tuple(relay_endpoint(url) for url in self.relays)
+        self._relay_endpoints = tuple(parse_target(url) for url in self.relays)
         self._tcp_listen = tcp_listen
         self._udp_host = udp_host
         self._advertise = tuple(advertise) if advertise is not None else None
@@ -307,18 +281,7 @@ class ServerAgent:
 
     def _reachable(self, bound: Endpoint) -> Endpoint:
         """``bound``, or with a wildcard host the address the route to the mediator uses."""
-        host, port = bound
-        if not ipaddress.ip_address(host).is_unspecified:
-            return bound
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        toward = self.mediator[0] if self.mediator else ("::1" if ":" in host else "127.0.0.1")
-        try:
-            # A connected UDP socket sends nothing: the kernel only picks the route.
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect((toward, 9))
-                return (str(probe.getsockname()[0]), port)
-        except OSError:
-            return ("::1" if family == socket.AF_INET6 else "127.0.0.1", port)
+        return advertised_endpoint(bound, self.mediator)
 
     # --- the paths --------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
@@ -54,7 +53,8 @@ from wavesync_proto.race import (
 from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedOut
 from wavesync_proto.udt.connection_types import UdtConfig
 
-from ..errors import PathRaceError, UdtConnectError, VerificationError
+from .._common import describe_failure, parse_target
+from ..errors import PathRaceError, VerificationError
 from ._net import resolve, run_transaction
 from .connect import ConnectError, request_connection
 from .lan import search_lan
@@ -516,13 +516,13 @@ class _RaceRun:
         race, attempt_id = self.race, attempt.attempt_id
         try:
             sock, session_id, endpoint = self._open(attempt, running)
-        except (OSError, RelayConnectError) as exc:
-            why = _why(exc)
+        except (OSError, RelayConnectError, ValueError) as exc:
+            why = describe_failure(exc)
             self._tell(lambda now: race.attempt_failed(attempt_id, why, now))
             return
         except Exception as exc:  # a bug: say so, and let the race go on without it
             log.exception("%s failed", attempt.describe())
-            why = _why(exc)
+            why = describe_failure(exc)
             self._tell(lambda now: race.attempt_failed(attempt_id, why, now))
             return
         try:
@@ -538,7 +538,7 @@ class _RaceRun:
             peer = endpoint.peer_of(sock) if endpoint is not None else None
         except (VerificationError, OSError) as exc:
             sock.close()
-            why = _why(exc)
+            why = describe_failure(exc)
             self._tell(lambda now: race.attempt_failed(attempt_id, why, now))
             return
         except BaseException:
@@ -569,7 +569,7 @@ class _RaceRun:
         if attempt.kind is PathKind.RELAY:
             assert attempt.relay_url is not None
             relayed = open_relay_stream(
-                _relay_endpoint(attempt.relay_url),
+                parse_target(attempt.relay_url),
                 server_id=self.server_id,
                 system_id=None if self.server_id else self.connector.system_id,
                 timeout=timeout,
@@ -618,30 +618,9 @@ def _dial(endpoint: Endpoint, timeout: float, running: _Running) -> socket.socke
     return sock
 
 
-def _relay_endpoint(url: str) -> Endpoint:
-    """``http://host[:port]`` (or ``host:port``) → (host, port), as the anyio
-    adapter's ``parse_target`` reads a relay URL (80 by default)."""
-    try:
-        parts = urlsplit(url if "://" in url else f"//{url}")
-        port = parts.port
-    except ValueError as exc:
-        raise OSError(f"bad relay URL {url!r}: {exc}") from None
-    if parts.scheme not in ("", "http") or not parts.hostname:
-        raise OSError(f"bad relay URL {url!r}: want [http://]host[:port]")
-    return parts.hostname, port or 80
-
-
 def _logged(work: Callable[[], None]) -> None:
     """A worker's task: what escapes it is a bug, logged rather than lost in a future."""
     try:
         work()
     except Exception:
         log.exception("connector worker failed")
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, UdtConnectError):
-        return f"udt: {exc}"
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__

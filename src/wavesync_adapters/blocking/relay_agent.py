@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -41,6 +40,7 @@ from wavesync_proto.relay.standby import (
 from wavesync_proto.relay.standby_pool import StandbyPool
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
+from .._common import RelayTunnelInfo
 from .listen import JOIN_TIMEOUT, STOP_POLL, refuse_tunnels
 
 __all__ = ["RelayAgent", "RelayTunnelInfo", "TunnelHandler"]
@@ -48,15 +48,6 @@ __all__ = ["RelayAgent", "RelayTunnelInfo", "TunnelHandler"]
 log = logging.getLogger("wavesync.relay.agent")
 
 _RECEIVE_BYTES = 65536
-
-
-@dataclass(frozen=True, kw_only=True)
-class RelayTunnelInfo:
-    """What the relay said about a tunnel it opened to us."""
-
-    session_id: bytes
-    #: The client's address as the relay saw it.
-    client_address: Endpoint
 
 
 #: Runs in the tunnel's own thread; the socket is closed when it returns.
