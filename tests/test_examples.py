@@ -61,12 +61,15 @@ def ready_line(started: StartedProgram) -> str:
     return started.lines[-1].rstrip("\n")
 
 
-def stop(started: StartedProgram, signum: signal.Signals) -> str:
-    """Send ``signum``; the example must exit 0 within STOP_SECONDS. Returns its stderr."""
+def stop(started: StartedProgram, signum: signal.Signals, *, quiet: bool = True) -> None:
+    """Send ``signum``; the example must exit 0 within STOP_SECONDS (and, when ``quiet``,
+    print no traceback on its way out)."""
     started.process.send_signal(signum)
     _, err = started.process.communicate(timeout=STOP_SECONDS)
-    assert started.process.returncode == 0, err.decode(errors="replace")
-    return err.decode(errors="replace")
+    text = err.decode(errors="replace")
+    assert started.process.returncode == 0, text
+    if quiet:
+        assert "Traceback" not in text, text
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -103,7 +106,11 @@ def test_the_four_examples_carry_a_page_and_stop_on_a_signal(
         assert page_body(http_get(client_port)) == PAGE
         assert page_body(http_get(client_port)) == PAGE  # and again, on the kept hole or not
 
-        stop(client, signal.SIGINT)
+        # Not quiet on asyncio: cancelling serve_local_port while a carried connection
+        # is still winding down makes Python 3.11's start_server callback log the
+        # CancelledError of its task with a traceback (reported to the lead); the exit
+        # status is still checked.
+        stop(client, signal.SIGINT, quiet=adapter != "asyncio")
         stop(server, signal.SIGTERM)
         stop(mediator, signal.SIGTERM)
         stop(relay, signal.SIGINT)
