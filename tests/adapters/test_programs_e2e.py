@@ -10,6 +10,7 @@ what a user meets next: a hole reused, bad input, a daemon restarted.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -42,8 +43,9 @@ CLIENT_READY = r"client listening on tcp (?P<host>[\d.]+):(?P<port>\d+)"
 PATHS = ["auto", "lan", "tcp", "udp", "relay"]
 #: Server and client on different runtimes; each direction of each pair the issue names.
 CROSS = [("anyio", "blocking"), ("blocking", "anyio"), ("asyncio", "trio"), ("trio", "asyncio")]
-#: How long a test retries a GET while a restarted daemon is rejoined (never a fixed sleep).
-REJOIN_SECONDS = 20.0
+#: How long a test retries a GET while a restarted daemon is rejoined: above the standby
+#: pool's 30 s back-off cap, which a slow restart on a loaded machine can reach.
+REJOIN_SECONDS = 45.0
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +201,8 @@ def test_a_second_connection_reuses_the_punched_hole(
         assert page_body(http_get(port)) == PAGE
         first, second = connected_paths(client)
     assert first.startswith("udp ")
-    assert second.startswith("udp ")
     # The Connector logs a reuse as its own kind of attempt: no mediator was asked.
-    assert first == second
+    assert second == f"{first} (reused hole)"
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -218,8 +219,11 @@ def test_bad_input_is_refused_and_the_daemons_carry_on(
             with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00" * 4096)
                 sock.settimeout(10)
-                while sock.recv(65536):
-                    pass  # read until the far end closes: it must, within the timeout
+                # Read until the far end closes, as it must within the timeout; a close
+                # with our bytes unread is a reset, which is a close too.
+                with contextlib.suppress(ConnectionResetError):
+                    while sock.recv(65536):
+                        pass
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"\x00\x01\x00\x08" + b"\xff" * 20, (LOOPBACK, mediator_port))
         for path in ("tcp", "relay", "udp"):
@@ -268,10 +272,21 @@ def test_a_restarted_daemon_is_rejoined(
 
 
 def get_until_served(port: int) -> bytes:
-    """GET until an answer comes: each try is one full connect by the client (bounded by
-    its --deadline), the whole wait by REJOIN_SECONDS; never a fixed sleep."""
+    """GET until an answer comes, the whole wait bounded by REJOIN_SECONDS.
+
+    What is awaited is the server's reconnection, which nothing outside it signals: each
+    try is one full connect by the client, answered at once (404: no standby yet) until
+    it is back. Tries are 0.1 s apart so the waiting does not flood the restarted daemon
+    (back to back, they starve the server's reconnection on a loaded machine).
+    """
     deadline = time.monotonic() + REJOIN_SECONDS
     while True:
-        answer = http_get(port)
+        try:
+            answer = http_get(port)
+        except (ConnectionResetError, TimeoutError):
+            # The client closes a local connection it could not carry; with our request
+            # unread that close is a reset.
+            answer = b""
         if answer or time.monotonic() > deadline:
             return answer
+        time.sleep(0.1)
