@@ -6,6 +6,7 @@ we block on that line (with a deadline), never on a sleep.
 
 from __future__ import annotations
 
+import os
 import re
 import selectors
 import socket
@@ -66,6 +67,41 @@ def new_system(folder: Path, name: str | None = None) -> tuple[Path, uuid.UUID, 
     return path, system_id, key
 
 
+def _wait_ready(
+    process: subprocess.Popen[str] | subprocess.Popen[bytes], ready: str, what: str
+) -> tuple[re.Match[str], tuple[str, ...]]:
+    """Read ``process``'s stdout until a line matches ``ready`` (READY_TIMEOUT in all).
+
+    Read from the descriptor a byte at a time, never through the pipe's buffered
+    reader: two lines written at once must not both vanish into a buffer the
+    selector cannot see (the wait would then time out with the line already read).
+    """
+    assert process.stdout is not None
+    descriptor = process.stdout.fileno()
+    deadline = time.monotonic() + READY_TIMEOUT
+    seen: list[str] = []
+    line = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(descriptor, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise AssertionError(f"{what} not ready: {seen} {bytes(line)!r}")
+            byte = os.read(descriptor, 1)
+            if not byte:
+                _, err = process.communicate(timeout=READY_TIMEOUT)
+                raise AssertionError(f"{what} exited: {seen} {err!r}")
+            line += byte
+            if byte != b"\n":
+                continue
+            text = line.decode(errors="replace")
+            line.clear()
+            seen.append(text)
+            match = re.search(ready, text)
+            if match:
+                return match, tuple(seen)
+
+
 @contextmanager
 def wavesync_daemon(
     *args: str, ready: str
@@ -76,22 +112,7 @@ def wavesync_daemon(
     )
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        seen: list[str] = []
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise AssertionError(f"wavesync {' '.join(args)} not ready: {seen}")
-                line = process.stdout.readline()
-                if not line:
-                    _, err = process.communicate(timeout=READY_TIMEOUT)
-                    raise AssertionError(f"wavesync {' '.join(args)} exited: {seen} {err}")
-                seen.append(line)
-                match = re.search(ready, line)
-                if match:
-                    break
+        match, _ = _wait_ready(process, ready, f"wavesync {' '.join(args)}")
         yield process, match
     finally:
         process.terminate()
@@ -165,8 +186,7 @@ def started_program(
     yield it once a stdout line matches ``ready``. A test may stop it itself (and check
     its exit status); one still running when the block ends is terminated.
 
-    stdout is read unbuffered, one line at a time, so two lines written at once are
-    never both taken into a buffer the selector cannot see."""
+    """
     process = subprocess.Popen(  # noqa: S603 - the test's own command line
         list(command),
         stdout=subprocess.PIPE,
@@ -175,23 +195,7 @@ def started_program(
         env=None if env is None else dict(env),
     )
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        seen: list[str] = []
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise AssertionError(f"{' '.join(command)} not ready: {seen}")
-                line = process.stdout.readline().decode(errors="replace")
-                if not line:
-                    _, err = process.communicate(timeout=READY_TIMEOUT)
-                    raise AssertionError(f"{' '.join(command)} exited: {seen} {err!r}")
-                seen.append(line)
-                match = re.search(ready, line)
-                if match:
-                    break
+        match, seen = _wait_ready(process, ready, " ".join(command))
         yield StartedProgram(process, match, tuple(seen))
     finally:
         if process.returncode is None:  # not stopped and reaped by the test
