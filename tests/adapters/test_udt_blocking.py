@@ -14,6 +14,7 @@ import http.client
 import http.server
 import os
 import queue
+import secrets
 import socket
 import ssl
 import subprocess
@@ -33,6 +34,7 @@ from wavesync_adapters.blocking.udt import DEFAULT_RECEIVE_HIGH_WATER, UdtConnec
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.stun.message import Message, MessageClass, encode_message
 from wavesync_proto.udt.connection_types import CloseReason, ConnectionState, UdtConfig
+from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
 WAIT = 30.0  # seconds any one step may take before the test fails
 LOOPBACK: Endpoint = ("127.0.0.1", 0)
@@ -216,6 +218,30 @@ def test_endpoint_close_aborts_streams_and_joins_its_thread() -> None:
     assert not server.thread.is_alive()
     with pytest.raises(ConnectionAbortedError):
         server.accept(timeout=WAIT)
+
+
+def test_a_peer_that_goes_silent_ends_the_stream_with_a_timeout() -> None:
+    # The peer is a multiplexer driven by hand on a plain socket: it answers the
+    # handshake, then never again (a peer whose machine vanished).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        raw.bind(LOOPBACK)
+        raw.settimeout(WAIT)
+        peer = UdtMultiplexer(now=0.0, random_bits=secrets.randbits, cookie_secret=bytes(32))
+        peer.listen()
+        config = UdtConfig(idle_timeout=0.5)
+        with UdtEndpoint.bind(LOOPBACK, config=config) as endpoint:
+            connecting = Worker(lambda: endpoint.connect(raw.getsockname(), timeout=WAIT))
+            while not isinstance(peer.next_event(), ConnectionAccepted):
+                data, source = raw.recvfrom(2048)
+                peer.receive_datagram(data, source, 0.0)
+                for datagram, destination in peer.datagrams_to_send(0.0):
+                    raw.sendto(datagram, destination)
+            stream = connecting.result()
+            stream.sendall(b"anyone there?")
+            with suppress(ConnectionResetError):
+                assert receive_to_end(stream) == b""
+            assert endpoint.stream_info(stream).close_reason is CloseReason.TIMEOUT
+            stream.close()
 
 
 def test_accept_times_out_and_needs_listen() -> None:
