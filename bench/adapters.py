@@ -118,6 +118,8 @@ class Meter:
     first_at: float = 0.0
     last_at: float = 0.0
     first_chunk: int = 0
+    #: This process's CPU time (every thread) when the meter was made.
+    cpu_start: float = field(default_factory=time.process_time)
 
     def feed(self, chunk: bytes) -> None:
         now = time.perf_counter()
@@ -130,7 +132,9 @@ class Meter:
     def report(self) -> str:
         seconds = max(self.last_at - self.first_at, 1e-9)
         rate = (self.size - self.first_chunk) / seconds / MB
-        return json.dumps({"size": self.size, "rate": rate, "sha256": self.hashed.hexdigest()})
+        cpu = time.process_time() - self.cpu_start
+        digest = self.hashed.hexdigest()
+        return json.dumps({"size": self.size, "rate": rate, "sha256": digest, "cpu": cpu})
 
 
 def announce(port: int) -> None:
@@ -255,10 +259,12 @@ def udt_child(role: str, adapter: str, args: list[str]) -> None:
         print(meter.report(), flush=True)
         return
     port, total = int(args[0]), int(args[1])
+    cpu_start = time.process_time()
     if adapter == "blocking":
         blocking_udt_send(port, total)
     else:
         run_on(adapter, asyncio_udt_send if adapter == "asyncio" else anyio_udt_send, port, total)
+    print(json.dumps({"cpu": time.process_time() - cpu_start}), flush=True)
 
 
 # --- child: the connect world (anyio server side) and a client per adapter --------------
@@ -301,6 +307,8 @@ def connector_options(info: dict[str, Any], path: str) -> dict[str, Any]:
 class Latencies:
     ms: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Client CPU milliseconds per timed connect (connect, echo, close), one per client run.
+    cpu_ms: list[float] = field(default_factory=list)
 
 
 async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
@@ -309,8 +317,11 @@ async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.anyio.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
+    cpu_start = time.process_time()
     for index in range(count + 1):
         await anyio.sleep(CONNECT_GAP)
+        if index == 1:
+            cpu_start = time.process_time()
         with anyio.fail_after(30):
             async with Connector(**options) as client:
                 start = time.perf_counter()
@@ -326,6 +337,7 @@ async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
                         raise RuntimeError("the echo came back wrong")
         if index:
             result.ms.append(took * 1e3)
+    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
     return result
 
 
@@ -335,8 +347,11 @@ async def asyncio_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.asyncio.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
+    cpu_start = time.process_time()
     for index in range(count + 1):
         await asyncio.sleep(CONNECT_GAP)
+        if index == 1:
+            cpu_start = time.process_time()
         async with asyncio.timeout(30), Connector(**options) as client:
             start = time.perf_counter()
             try:
@@ -353,6 +368,7 @@ async def asyncio_connects(options: dict[str, Any], count: int) -> Latencies:
                 await connection.writer.wait_closed()
         if index:
             result.ms.append(took * 1e3)
+    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
     return result
 
 
@@ -360,8 +376,11 @@ def blocking_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.blocking.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
+    cpu_start = time.process_time()
     for index in range(count + 1):
         time.sleep(CONNECT_GAP)
+        if index == 1:
+            cpu_start = time.process_time()
         with Connector(**options) as client:
             start = time.perf_counter()
             try:
@@ -377,6 +396,7 @@ def blocking_connects(options: dict[str, Any], count: int) -> Latencies:
                     raise RuntimeError("the echo came back wrong")
         if index:
             result.ms.append(took * 1e3)
+    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
     return result
 
 
@@ -387,7 +407,7 @@ def connect_child(adapter: str, path: str, count: int, info: dict[str, Any]) -> 
     else:
         connects = asyncio_connects if adapter == "asyncio" else anyio_connects
         result = run_on(adapter, connects, options, count)
-    print(json.dumps({"ms": result.ms, "failures": result.failures}), flush=True)
+    print(json.dumps(vars(result)), flush=True)
 
 
 def child(args: list[str]) -> int:
@@ -429,8 +449,9 @@ def stop(process: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
-def udt_transfer(adapter: str, total: int, digest: str, workdir: Path) -> float:
-    """One UDT transfer between two processes of ``adapter``; MB/s at the receiver."""
+def udt_transfer(adapter: str, total: int, digest: str, workdir: Path) -> tuple[float, float]:
+    """One UDT transfer between two processes of ``adapter``: MB/s at the receiver, and
+    CPU seconds per GB of both processes (from the endpoint's start to the end)."""
     log = workdir / "udt-stderr.log"
     with log.open("w") as errors:
         receiver = subprocess.Popen(  # noqa: S603 - this script
@@ -440,10 +461,14 @@ def udt_transfer(adapter: str, total: int, digest: str, workdir: Path) -> float:
         try:
             port = first_line(receiver, 60).removeprefix("port ").strip()
             sender = subprocess.Popen(  # noqa: S603 - this script
-                this_script("udt-send", adapter, port, str(total)), stderr=errors, text=True
+                this_script("udt-send", adapter, port, str(total)),
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
             )
             out, _ = receiver.communicate(timeout=STEP_TIMEOUT)
-            sent = sender.wait(timeout=60)
+            sent_out, _ = sender.communicate(timeout=60)
+            sent = sender.returncode
         finally:
             stop(receiver)
             if sender is not None:
@@ -453,7 +478,8 @@ def udt_transfer(adapter: str, total: int, digest: str, workdir: Path) -> float:
     result = json.loads(out)
     if result["size"] != total or result["sha256"] != digest:
         raise RuntimeError(f"{adapter} UDT: stream differs ({result['size']} of {total} bytes)")
-    return float(result["rate"])
+    cpu = float(result["cpu"]) + float(json.loads(sent_out)["cpu"])
+    return float(result["rate"]), cpu / (total / 1e9)
 
 
 @contextlib.contextmanager
@@ -526,7 +552,7 @@ def client_connects(adapter: str, path: str, count: int, info: dict[str, Any]) -
     if result.returncode != 0:
         raise RuntimeError(f"{adapter} {path} client: {result.stderr[-3000:]}")
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    return Latencies(data["ms"], data["failures"])
+    return Latencies(**data)
 
 
 def rotated(round_number: int) -> list[str]:
@@ -540,6 +566,7 @@ class Results:
     udt: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
     relay: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
     relay_cpu: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+    udt_cpu: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
     connect: dict[tuple[str, str], Latencies] = field(
         default_factory=lambda: {(a, p): Latencies() for a in ADAPTERS for p in PATHS}
     )
@@ -562,9 +589,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> Results:
             print(f"round {round_number + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
             for adapter in order:
                 try:
-                    results.udt[adapter].append(udt_transfer(adapter, udt_total, digest, workdir))
+                    rate, cpu = udt_transfer(adapter, udt_total, digest, workdir)
                 except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
                     results.errors.append(f"UDT {adapter}: {exc}")
+                    continue
+                results.udt[adapter].append(rate)
+                results.udt_cpu[adapter].append(cpu)
             for adapter in order:
                 relay = relays[adapter]
                 cpu_before = relay_bench.cpu_seconds(relay.process.pid)
@@ -582,6 +612,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Results:
                         continue
                     results.connect[adapter, path].ms.extend(got.ms)
                     results.connect[adapter, path].failures.extend(got.failures)
+                    results.connect[adapter, path].cpu_ms.extend(got.cpu_ms)
     return results
 
 
@@ -607,9 +638,29 @@ def cell(value: float | None, slowdown: float | None, digits: int) -> str:
     return f"{value:>8.{digits}f} {f'{slowdown:.2f}{flag}':>10}"
 
 
+Column = tuple[dict[str, float | None], bool, int]
+
+
+def print_rows(title: str, columns: dict[str, Column]) -> list[str]:
+    """Rows of figures, adapters side by side, each against the best; the misses."""
+    print(title)
+    print(f"{'measure':32}" + "".join(f" {a:>19}" for a in ADAPTERS))
+    print(f"{'':32}" + f" {'value':>8} {'vs best':>10}" * len(ADAPTERS))
+    misses = []
+    for name, (values, higher, digits) in columns.items():
+        slower = slowdowns(values, higher)
+        print(f"{name:32}" + "".join(" " + cell(values[a], slower[a], digits) for a in ADAPTERS))
+        misses += [
+            f"{a}: {name} {slower[a]:.2f} x the fastest"
+            for a in ADAPTERS
+            if (slower[a] or 0) > TARGET_SLOWDOWN
+        ]
+    return misses
+
+
 def report(results: Results, args: argparse.Namespace) -> list[str]:
     """Print the table (one row per measure, adapters side by side); the misses."""
-    columns: dict[str, tuple[dict[str, float | None], bool, int]] = {
+    columns: dict[str, Column] = {
         f"UDT goodput, {args.udt_mb:g} MB, MB/s": (
             {a: statistics.median(r) if r else None for a, r in results.udt.items()},
             True,
@@ -630,21 +681,17 @@ def report(results: Results, args: argparse.Namespace) -> list[str]:
                 for a in ADAPTERS
             }
             columns[f"connect {path} {mark}, ms"] = (values, False, 2)
-    print(f"{'measure':32}" + "".join(f" {a:>19}" for a in ADAPTERS))
-    print(f"{'':32}" + f" {'value':>8} {'vs best':>10}" * len(ADAPTERS))
-    misses = []
-    for name, (values, higher, digits) in columns.items():
-        slower = slowdowns(values, higher)
-        print(f"{name:32}" + "".join(" " + cell(values[a], slower[a], digits) for a in ADAPTERS))
-        misses += [
-            f"{a}: {name} {slower[a]:.2f} x the fastest"
-            for a in ADAPTERS
-            if (slower[a] or 0) > TARGET_SLOWDOWN
-        ]
-    cpu = "".join(
-        f" {statistics.median(c) if c else 0.0:>8.2f} {'':>10}" for c in results.relay_cpu.values()
-    )
-    print(f"{'relay process CPU s per GB':32}" + cpu)
+    misses = print_rows("wall clock (the target)", columns)
+    medians = {a: statistics.median(c) if c else None for a, c in results.udt_cpu.items()}
+    costs = {"UDT, both processes, s per GB": (medians, False, 2)}
+    medians = {a: statistics.median(c) if c else None for a, c in results.relay_cpu.items()}
+    costs["relay process, s per GB"] = (medians, False, 2)
+    for path in PATHS:
+        cpu = {a: results.connect[a, path].cpu_ms for a in ADAPTERS}
+        medians = {a: statistics.median(c) if c else None for a, c in cpu.items()}
+        costs[f"client per {path} connect, ms"] = (medians, False, 2)
+    print()
+    print_rows("CPU time (user + system, every thread; less disturbed by other load)", costs)
     print("\nevery run (UDT and relay: MB/s per round; connect: timed connects, failures):")
     for adapter in ADAPTERS:
         udt = ", ".join(f"{r:.1f}" for r in results.udt[adapter])
