@@ -97,11 +97,10 @@ async def running_agent(
         standby_count=2,
         **options,
     )
-    async with anyio.create_task_group() as group:
-        await group.start(agent.serve, echo)
+    async with agent.running(echo) as tcp_endpoint:
+        assert tcp_endpoint == agent.tcp_endpoint
         await agent.wait_ready()
         yield agent
-        group.cancel_scope.cancel()
 
 
 def connector_for(

@@ -14,10 +14,11 @@ verification are the core's machines; this module wires them to sockets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -216,6 +217,18 @@ class ServerAgent:
                 )
                 await group.start(lan.run)
             task_status.started(self.tcp_endpoint)
+
+    @contextlib.asynccontextmanager
+    async def running(self, handler: StreamHandler) -> AsyncIterator[Endpoint]:
+        """``serve`` in a task group for the block; yields the TCP listener's address.
+        Leaving the block stops every part (as the asyncio and blocking agents'
+        ``running`` do)."""
+        async with anyio.create_task_group() as group:
+            bound = await group.start(self.serve, handler)
+            try:
+                yield bound
+            finally:
+                group.cancel_scope.cancel()
 
     async def wait_ready(self) -> None:
         """Return once the mediator holds this server online and every relay has an idle

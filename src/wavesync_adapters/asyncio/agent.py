@@ -186,9 +186,11 @@ class ServerAgent:
     # --- running ----------------------------------------------------------------------
 
     async def serve(
-        self, handler: StreamHandler, *, started: asyncio.Future[Endpoint] | None = None
+        self, handler: StreamHandler, *, started: Callable[[Endpoint], None] | None = None
     ) -> None:
-        """Run every part until cancelled; ``started`` gets the TCP listener's address."""
+        """Run every part until cancelled; ``started`` is called with the TCP listener's
+        address once every part runs (a callback, as on the daemons and
+        ``serve_local_port``)."""
         async with asyncio.TaskGroup() as group:
             self._handler, self._group = handler, group
             host, port = self._tcp_listen
@@ -206,8 +208,8 @@ class ServerAgent:
                     ", ".join(format_endpoint(e) for e in self.advertised),
                 )
                 await self._start_parts(group)
-                if started is not None and not started.done():
-                    started.set_result(self.tcp_endpoint)
+                if started is not None:
+                    started(self.tcp_endpoint)
                 await asyncio.get_running_loop().create_future()  # until cancelled
             finally:
                 tcp.close()
@@ -217,7 +219,7 @@ class ServerAgent:
         """``serve`` in a task for the block; yields the TCP listener's address."""
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Endpoint] = loop.create_future()
-        task = loop.create_task(self.serve(handler, started=ready))
+        task = loop.create_task(self.serve(handler, started=ready.set_result))
         try:
             waits: set[asyncio.Future[Any]] = {ready, task}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

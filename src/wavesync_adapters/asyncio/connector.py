@@ -56,7 +56,13 @@ from wavesync_proto.udt.connection_types import UdtConfig
 from .._common import describe_failure, parse_target
 from ..errors import PathRaceError
 from ._net import resolve, run_transaction
-from .connect import ConnectError, cancel_and_wait, request_connection, sleep_until_or
+from .connect import (
+    ConnectError,
+    cancel_and_wait,
+    refuse_tunnels,
+    request_connection,
+    sleep_until_or,
+)
 from .lan import search_lan
 from .relay_client import RelayConnectError, open_relay_stream
 from .udt import (
@@ -143,13 +149,20 @@ class Connector:
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
         hole_linger: float = 20.0,
         udt_config: UdtConfig | None = None,
+        tunnel: object | None = None,
+        mediator_http: str | None = None,
+        proxy: object | None = None,
     ) -> None:
-        """``relay_grace`` (0.1 s): how long a verified relay stream waits for a direct
+        """``tunnel``, ``mediator_http`` and ``proxy`` exist for parity with the anyio
+        Connector and are refused (``LocalProtocolError``): HTTP tunnels are anyio-only.
+
+        ``relay_grace`` (0.1 s): how long a verified relay stream waits for a direct
         path still under way before it wins (wavesync_proto.race).
 
         ``hole_linger`` (20 s) is shorter than the agent's (30 s) on purpose: the client
         lets an idle hole go first, so a reuse never waits out a connect timeout
         against a socket the agent already closed."""
+        refuse_tunnels(tunnel=tunnel, mediator_http=mediator_http, proxy=proxy)
         if (server_id is None) == (system_id is None):
             raise LocalProtocolError("name exactly one of server_id and system_id")
         if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:

@@ -141,6 +141,11 @@ async def serve_local_port(
         carrying.add(task)
         try:
             await _carry(connector, (reader, writer))
+        except asyncio.CancelledError:
+            # Cancelled by this function on its way out (it awaits the task). Ending
+            # quietly matters: asyncio.start_server's own callback would otherwise log
+            # the cancellation as an error with a traceback (Python 3.11).
+            pass
         finally:
             carrying.discard(task)
 
