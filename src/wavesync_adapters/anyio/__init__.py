@@ -1,4 +1,10 @@
-"""The anyio adapter (asyncio or trio underneath): daemons and library calls."""
+"""The anyio adapter (asyncio or trio underneath): daemons and library calls.
+
+Every stream is an ``anyio.abc.ByteStream``. The programs: ``mediator``,
+``relay``, ``agent.ServerAgent``, ``connector.Connector`` (with ``forward``),
+UDT in ``udt``, and the HTTP tunnels (``tunnel``, ``tunnel_server``), which
+only this adapter has. docs/embedding.md shows each in use.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """The asyncio adapter: plain asyncio (and uvloop), without anyio.
 
-So far UDT only (``wavesync_adapters.asyncio.udt``): endpoints, transports and
-``asyncio`` stream pairs over one UDP socket.
+Every stream is an ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair, whichever
+path carried it (TCP, LAN, relay or punched UDT). The programs:
+``mediator.MediatorDaemon``, ``relay.RelayDaemon``, ``agent.ServerAgent`` and
+``connector.Connector`` (with ``forward`` for port forwarding); UDT on its own in
+``udt`` (endpoints, transports and stream pairs over one UDP socket). HTTP
+tunnels are the anyio adapter's only. docs/embedding.md shows each in use.
 """
 
 from __future__ import annotations
