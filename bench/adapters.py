@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import random
+import resource
 import selectors
 import socket
 import statistics
@@ -309,6 +310,19 @@ class Latencies:
     failures: list[str] = field(default_factory=list)
     #: Client CPU milliseconds per timed connect (connect, echo, close), one per client run.
     cpu_ms: list[float] = field(default_factory=list)
+    #: Context switches (voluntary + involuntary, every thread) per timed connect.
+    switches: list[float] = field(default_factory=list)
+
+    def add_cost(self, before: tuple[float, int], count: int) -> None:
+        cpu, switches = usage()
+        self.cpu_ms.append((cpu - before[0]) * 1e3 / max(1, count))
+        self.switches.append((switches - before[1]) / max(1, count))
+
+
+def usage() -> tuple[float, int]:
+    """This process's CPU seconds and context switches so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime, own.ru_nvcsw + own.ru_nivcsw
 
 
 async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
@@ -317,11 +331,11 @@ async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.anyio.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
-    cpu_start = time.process_time()
+    before = usage()
     for index in range(count + 1):
         await anyio.sleep(CONNECT_GAP)
         if index == 1:
-            cpu_start = time.process_time()
+            before = usage()
         with anyio.fail_after(30):
             async with Connector(**options) as client:
                 start = time.perf_counter()
@@ -337,7 +351,7 @@ async def anyio_connects(options: dict[str, Any], count: int) -> Latencies:
                         raise RuntimeError("the echo came back wrong")
         if index:
             result.ms.append(took * 1e3)
-    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
+    result.add_cost(before, count)
     return result
 
 
@@ -347,11 +361,11 @@ async def asyncio_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.asyncio.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
-    cpu_start = time.process_time()
+    before = usage()
     for index in range(count + 1):
         await asyncio.sleep(CONNECT_GAP)
         if index == 1:
-            cpu_start = time.process_time()
+            before = usage()
         async with asyncio.timeout(30), Connector(**options) as client:
             start = time.perf_counter()
             try:
@@ -368,7 +382,7 @@ async def asyncio_connects(options: dict[str, Any], count: int) -> Latencies:
                 await connection.writer.wait_closed()
         if index:
             result.ms.append(took * 1e3)
-    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
+    result.add_cost(before, count)
     return result
 
 
@@ -376,11 +390,11 @@ def blocking_connects(options: dict[str, Any], count: int) -> Latencies:
     from wavesync_adapters.blocking.connector import Connector, PathRaceError  # noqa: PLC0415
 
     result = Latencies()
-    cpu_start = time.process_time()
+    before = usage()
     for index in range(count + 1):
         time.sleep(CONNECT_GAP)
         if index == 1:
-            cpu_start = time.process_time()
+            before = usage()
         with Connector(**options) as client:
             start = time.perf_counter()
             try:
@@ -396,7 +410,7 @@ def blocking_connects(options: dict[str, Any], count: int) -> Latencies:
                     raise RuntimeError("the echo came back wrong")
         if index:
             result.ms.append(took * 1e3)
-    result.cpu_ms.append((time.process_time() - cpu_start) * 1e3 / max(1, count))
+    result.add_cost(before, count)
     return result
 
 
@@ -613,6 +627,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Results:
                     results.connect[adapter, path].ms.extend(got.ms)
                     results.connect[adapter, path].failures.extend(got.failures)
                     results.connect[adapter, path].cpu_ms.extend(got.cpu_ms)
+                    results.connect[adapter, path].switches.extend(got.switches)
     return results
 
 
@@ -690,8 +705,13 @@ def report(results: Results, args: argparse.Namespace) -> list[str]:
         cpu = {a: results.connect[a, path].cpu_ms for a in ADAPTERS}
         medians = {a: statistics.median(c) if c else None for a, c in cpu.items()}
         costs[f"client per {path} connect, ms"] = (medians, False, 2)
+    for path in PATHS:
+        switches = {a: results.connect[a, path].switches for a in ADAPTERS}
+        medians = {a: statistics.median(c) if c else None for a, c in switches.items()}
+        costs[f"switches per {path} connect"] = (medians, False, 1)
     print()
-    print_rows("CPU time (user + system, every thread; less disturbed by other load)", costs)
+    title = "CPU time (user + system) and context switches of every thread; less disturbed by load"
+    print_rows(title, costs)
     print("\nevery run (UDT and relay: MB/s per round; connect: timed connects, failures):")
     for adapter in ADAPTERS:
         udt = ", ".join(f"{r:.1f}" for r in results.udt[adapter])
