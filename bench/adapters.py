@@ -29,7 +29,10 @@ order rotating from round to round, so machine noise falls on all of them alike.
 Figures are medians over rounds (latency: p50/p90 over every timed connect). "vs best"
 is how many times slower than the fastest adapter of that column (1.00: the fastest;
 for a rate, best/rate; for a latency, latency/best); a figure more than 20 % slower is
-flagged "SLOW".
+flagged "SLOW". A second table gives what other load disturbs least: CPU time (UDT:
+both processes per GB; the relay process per GB; the client per connect) and the
+client's context switches per connect (getrusage), which tell an adapter's own cost
+from time spent waiting for a core.
 
     python bench/adapters.py [--rounds R] [--udt-mb N] [--relay-mib N] [--connects C]
                              [--quick]
