@@ -11,20 +11,29 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.race import PathKind
+from wavesync_proto.tunnel import TunnelKind, TunnelMethod
 
 from .errors import UdtConnectError
 
 __all__ = [
+    "AUTO",
     "AgentCounters",
     "RelayTunnelInfo",
+    "TunnelChoice",
     "advertised_endpoint",
     "describe_failure",
     "parse_target",
+    "parse_tunnel_choice",
 ]
+
+AUTO: Literal["auto"] = "auto"
+#: A tunnel method, or ``"auto"`` (probe every kind, keep the winner per location).
+TunnelChoice = TunnelKind | Literal["auto"]
 
 
 @dataclass
@@ -90,3 +99,18 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     return str(exc) or type(exc).__name__
+
+
+def parse_tunnel_choice(text: str) -> TunnelChoice:
+    """``auto``, a method (``getpost``) or ``ssl+<method>``; ``ValueError`` otherwise."""
+    if text == AUTO:
+        return AUTO
+    tls, _, name = text.rpartition("+")
+    if tls not in ("", "ssl"):
+        raise ValueError(f"bad tunnel {text!r}: want auto, METHOD or ssl+METHOD")
+    try:
+        method = TunnelMethod(name)
+    except ValueError:
+        names = ", ".join(method.value for method in TunnelMethod)
+        raise ValueError(f"bad tunnel method {name!r}: want one of {names}") from None
+    return TunnelKind(method=method, tls=tls == "ssl")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from wavesync_proto.mediator.connect import ConnectFailed
 from wavesync_proto.race import AttemptFailure, RaceFailed
+from wavesync_proto.tunnel import TunnelKind
 from wavesync_proto.udt.connection_types import CloseReason
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "PathRaceError",
     "RegistrationError",
     "RelayConnectError",
+    "TunnelError",
     "UdtConnectError",
     "VerificationError",
 ]
@@ -75,3 +77,23 @@ class PathRaceError(OSError):
         super().__init__(result.describe())
         self.reason = result.reason
         self.failures: tuple[AttemptFailure, ...] = result.failures
+
+
+class TunnelError(Exception):
+    """A tunnel could not be opened: ``kind``, the HTTP ``status`` behind it (None: no
+    HTTP answer, e.g. a timeout or a refused TCP connect) and the ``reason``."""
+
+    def __init__(
+        self,
+        kind: TunnelKind | None,
+        reason: str,
+        *,
+        status: int | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        where = f"{kind} tunnel" if kind is not None else "tunnel"
+        super().__init__(f"{where}: {reason}")
+        self.kind = kind
+        self.reason = reason
+        self.status = status
+        self.headers = headers

@@ -13,21 +13,17 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import anyio
 import anyio.abc
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
-from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory, TunnelMethod
+from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory
 
+from .._common import AUTO, TunnelChoice, parse_tunnel_choice
 from .tunnel import ALL_KINDS, TunnelError, open_tunnel, probe_tunnel
 
 __all__ = ["AUTO", "Dialer", "TunnelChoice", "dialer_for", "parse_tunnel_choice"]
-
-AUTO: Literal["auto"] = "auto"
-#: A tunnel method, or ``"auto"`` (probe every kind, keep the winner per location).
-TunnelChoice = TunnelKind | Literal["auto"]
 
 
 @dataclass(kw_only=True)
@@ -111,18 +107,3 @@ def dialer_for(
         ssl_context=ssl_context,
         memory=memory if memory is not None else TunnelMemory(),
     )
-
-
-def parse_tunnel_choice(text: str) -> TunnelChoice:
-    """``auto``, a method (``getpost``) or ``ssl+<method>``; ``ValueError`` otherwise."""
-    if text == AUTO:
-        return AUTO
-    tls, _, name = text.rpartition("+")
-    if tls not in ("", "ssl"):
-        raise ValueError(f"bad tunnel {text!r}: want auto, METHOD or ssl+METHOD")
-    try:
-        method = TunnelMethod(name)
-    except ValueError:
-        names = ", ".join(method.value for method in TunnelMethod)
-        raise ValueError(f"bad tunnel method {name!r}: want one of {names}") from None
-    return TunnelKind(method=method, tls=tls == "ssl")

@@ -48,6 +48,7 @@ from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 from wavesync_proto.tunnel.wire import authority
 
 from .._common import parse_target
+from ..errors import TunnelError
 from ._streams import PrefixedStream
 from .tunnel_stream import TunnelStream
 
@@ -73,26 +74,6 @@ ALL_KINDS: tuple[TunnelKind, ...] = tuple(
         TunnelMethod.GETPOST,
     )
 )
-
-
-class TunnelError(Exception):
-    """A tunnel could not be opened: ``kind``, the HTTP ``status`` behind it (None: no
-    HTTP answer, e.g. a timeout or a refused TCP connect) and the ``reason``."""
-
-    def __init__(
-        self,
-        kind: TunnelKind | None,
-        reason: str,
-        *,
-        status: int | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        where = f"{kind} tunnel" if kind is not None else "tunnel"
-        super().__init__(f"{where}: {reason}")
-        self.kind = kind
-        self.reason = reason
-        self.status = status
-        self.headers = headers
 
 
 def environment_proxy(
