@@ -76,3 +76,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/relay.py")
     session.run("python", "bench/udt.py")
     session.run("python", "bench/tunnel.py")
+    session.run("python", "bench/adapters.py")
