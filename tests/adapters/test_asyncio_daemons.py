@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import socket
 import subprocess
@@ -36,7 +35,6 @@ from wavesync_adapters.anyio.relay_client import RelayConnectError, open_relay_s
 from wavesync_adapters.asyncio.mediator import MediatorDaemon
 from wavesync_adapters.asyncio.relay import RelayDaemon
 from wavesync_proto.addresses import Endpoint
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.connect import ConnectRequest, ConnectSucceeded
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.service import MediatorService
@@ -311,10 +309,10 @@ async def test_binding_is_answered_on_both_transports_and_garbage_is_dropped(
     await anyio.to_thread.run_sync(exchange)
 
 
-async def test_the_http_face_is_refused_with_a_pointer_to_the_anyio_adapter() -> None:
-    service = MediatorService(systems={}, nonce_secret=bytes(32))
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        MediatorDaemon(service, http=("127.0.0.1", 0))
+async def test_without_http_there_is_no_http_face() -> None:
+    # The face itself (http=) is tested in test_asyncio_faces.py.
+    daemon = MediatorDaemon(MediatorService(systems={}, nonce_secret=bytes(32)))
+    assert daemon.http_bound is None
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -470,14 +468,15 @@ async def test_bad_requests_are_answered_and_closed(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_an_http_tunnel_is_closed_with_a_warning_naming_the_anyio_adapter(
-    relay: AsyncioRelay, caplog: pytest.LogCaptureFixture
-) -> None:
-    request = b"POST /wavesync/tunnel/v1/x HTTP/1.1\r\nHost: relay\r\nContent-Length: 5\r\n\r\n"
-    with caplog.at_level(logging.WARNING, logger="wavesync.relay"):
-        answer = await anyio.to_thread.run_sync(relay_answer, relay, request)
-    assert answer == b""
-    assert any("--adapter anyio" in record.getMessage() for record in caplog.records)
+async def test_an_http_tunnel_request_goes_to_the_tunnel_face(relay: AsyncioRelay) -> None:
+    # A POST of a getpost tunnel nobody opened: the face's registry answers 404 (the
+    # tunnels themselves are tested in test_asyncio_faces.py).
+    request = (
+        b"POST /wavesync/tunnel/v1/getpost/" + b"ab" * 16 + b"/0 HTTP/1.1\r\n"
+        b"Host: relay\r\nContent-Length: 5\r\n\r\n"
+    )
+    answer = await anyio.to_thread.run_sync(relay_answer, relay, request)
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
 
 
 async def test_limits_hold_the_pool_at_its_cap_and_a_silent_connection_times_out() -> None:

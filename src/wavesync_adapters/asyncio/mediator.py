@@ -9,8 +9,12 @@ makes no protocol decision (who is online, what to answer, when to give up).
 
 Nothing here is a task per peer: the UDP socket is read from an ``add_reader``
 callback, each TCP peer is an ``asyncio.Protocol`` whose ``data_received`` feeds the
-service, and the service's timer is a ``call_later`` handle. The HTTP tunnel face
-stays with the anyio adapter.
+service, and the service's timer is a ``call_later`` handle.
+
+With ``http``, the daemon serves an HTTP face too (``TunnelServer``): every tunnel
+of any method carries one session, which reaches the service as a TCP peer (the
+same ``_TcpPeer``, on the tunnel's socket pair end), so the service cannot tell
+them apart.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from wavesync_proto.mediator.service import (
     SendDatagram,
     SendTcp,
 )
+from wavesync_proto.tunnel import TunnelKind
+
+from .tunnel_server import TunnelServer
 
 __all__ = ["MediatorDaemon"]
 
@@ -117,11 +124,14 @@ class ServiceTimer:
 class _TcpPeer(asyncio.Protocol):
     """One TCP peer: its bytes go to the service, the service's answers to its transport."""
 
-    def __init__(self, daemon: MediatorDaemon) -> None:
+    def __init__(self, daemon: MediatorDaemon, remote: Endpoint | None = None) -> None:
+        """``remote``: the peer's address when the transport's is not it (a tunnel's
+        socket pair: then the address of the connection that carries the tunnel)."""
         self._daemon = daemon
         self.handle = next(daemon._peer_ids)
         self.transport: asyncio.Transport | None = None
-        self.remote: Endpoint = ("0.0.0.0", 0)  # noqa: S104 - an address to report
+        self._given_remote = remote
+        self.remote: Endpoint = remote or ("0.0.0.0", 0)  # noqa: S104 - an address to report
         self.closed_by_service = False
         #: Dropped by this daemon (too slow a reader): what it still sends is not read.
         self.dropped = False
@@ -130,10 +140,10 @@ class _TcpPeer(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they have its methods.
         self.transport = cast(asyncio.Transport, transport)
         address = transport.get_extra_info("peername")
-        if address is not None:
+        if self._given_remote is None and isinstance(address, tuple):
             self.remote = (str(address[0]), int(address[1]))
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         daemon = self._daemon
         daemon._peers[self.handle] = self
@@ -190,15 +200,15 @@ class MediatorDaemon:
         http_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``clock``: seconds, monotonic (default: the running loop's ``time``).
-        ``http`` and ``http_ssl_context`` (the HTTP tunnel face) are refused: that face
-        runs on the anyio adapter only."""
-        if http is not None or http_ssl_context is not None:
-            raise LocalProtocolError(
-                "the mediator's HTTP tunnel face (http=) needs the anyio adapter (--adapter anyio)"
-            )
+        ``http``: where the HTTP face listens. Each tunnel of any method
+        (docs/tunnel.md) carries one session, served as a TCP peer; with
+        ``http_ssl_context`` every connection there is TLS (the ``ssl+`` kinds)."""
         self.service = service
-        #: Always None here (no HTTP face); kept so callers can treat both twins alike.
+        self._http = http
+        #: The HTTP face: every tunnel it opens is a TCP session of the service.
+        self.tunnels = TunnelServer(on_socket=self._tunnel_opened, ssl_context=http_ssl_context)
         self.http_bound: Endpoint | None = None
+        self._tunnel_peers: set[asyncio.Task[Any]] = set()
         self._given_clock = clock
         self._clock: Callable[[], float] = clock or _unset_clock
         self._peers: dict[Hashable, _TcpPeer] = {}
@@ -221,9 +231,10 @@ class MediatorDaemon:
         *,
         started: Callable[[Endpoint], None] | None = None,
     ) -> None:
-        """Bind ``host:port`` (UDP and TCP) and serve until cancelled.
+        """Bind ``host:port`` (UDP and TCP) and serve until cancelled; with ``http``
+        (given to the constructor), the HTTP tunnel face too (``http_bound``).
 
-        ``started(bound)`` is called once both sockets are bound; a port that cannot
+        ``started(bound)`` is called once every socket is bound; an address that cannot
         be bound raises ``OSError`` before it.
         """
         loop = asyncio.get_running_loop()
@@ -234,6 +245,8 @@ class MediatorDaemon:
         server: asyncio.Server | None = None
         try:
             server = await loop.create_server(lambda: _TcpPeer(self), sock=listener)
+            if self._http is not None:
+                self.http_bound = await self.tunnels.listen(*self._http)
             self._serving = True
             loop.add_reader(udp.fileno(), self._receive_datagrams, udp)
             self._timer.start(loop, self._clock)
@@ -245,6 +258,9 @@ class MediatorDaemon:
             await self._timer.failed  # runs until cancelled, or until the service raises
         finally:
             self._serving = False
+            self.tunnels.close()
+            for task in list(self._tunnel_peers):
+                task.cancel()
             self._timer.stop()
             loop.remove_reader(udp.fileno())
             self._udp = None
@@ -280,6 +296,21 @@ class MediatorDaemon:
         raise OSError(
             f"no port free for both UDP and TCP on {host} after {_UDP_BIND_ATTEMPTS} tries"
         )
+
+    def _tunnel_opened(self, sock: socket.socket, kind: TunnelKind, remote: Endpoint) -> None:
+        """A tunnel from the HTTP face: its socket pair end becomes a TCP peer."""
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve_tunnel(sock, remote))
+        self._tunnel_peers.add(task)
+        task.add_done_callback(self._tunnel_peers.discard)
+
+    async def _serve_tunnel(self, sock: socket.socket, remote: Endpoint) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(lambda: _TcpPeer(self, remote), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     # --- carrying out the service's decisions ---------------------------------------------
 

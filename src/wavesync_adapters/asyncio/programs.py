@@ -50,7 +50,7 @@ class AsyncioPrograms:
         daemon = MediatorDaemon(service, http=http)
 
         def started(bound: Endpoint) -> None:
-            announce(mediator_ready(bound, None))
+            announce(mediator_ready(bound, daemon.http_bound))
 
         _run_until_signal(lambda: daemon.serve(*listen, started=started))
 

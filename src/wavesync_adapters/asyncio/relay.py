@@ -12,8 +12,15 @@ Every connection is a set of callbacks, not a task: a readable socket is read an
 fed to the service; a paired session is moved by two ``SplicePump``s (the steps
 shared with the anyio and blocking relays, ``wavesync_adapters._splice_core``),
 each woken by the readiness it last asked for, so on Linux the bytes go through
-``os.splice`` and never enter Python. The HTTP tunnel face stays with the anyio
-adapter: a tunnel request is closed with a warning.
+``os.splice`` and never enter Python.
+
+The same port is the relay's HTTP tunnel face (docs/tunnel.md): a connection
+whose request the service reports as a tunnel (``HandOffTunnel``) goes to a
+``TunnelServer``. Each stream a tunnel carries enters the relay through a socket
+pair, as on the anyio relay: the service and the splice see one end as a
+connection like any other (the tunnel server moves bytes between the other end
+and the tunnel), so a tunnelled standby pairs with a plain client (and the
+reverse) unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from wavesync_proto.relay import (
     SendBytes,
     StartSplice,
 )
+from wavesync_proto.tunnel import TunnelKind
 
 from .._splice_core import PipePool, PumpWait, SplicePump, SpliceResult
 from .mediator import ServiceTimer
+from .tunnel_server import TunnelServer
 
 __all__ = ["RelayDaemon"]
 
@@ -101,6 +110,8 @@ class RelayDaemon:
         self.bytes_server_to_client = 0
         #: The pipes spliced sessions borrow while bytes flow.
         self.pipes = PipePool()
+        #: The HTTP tunnel face on the same port; each tunnel carries one relay connection.
+        self.tunnels = TunnelServer(on_socket=self._tunnel_opened)
 
     async def serve(
         self,
@@ -121,6 +132,7 @@ class RelayDaemon:
         try:
             local = listener.getsockname()
             self.bound = (str(local[0]), int(local[1]))
+            self.tunnels.attach(loop)
             loop.add_reader(listener.fileno(), self._accept, listener)
             self._timer.start(loop, self._clock)
             self._report_handle = loop.call_later(self._report_interval, self._report)
@@ -133,6 +145,7 @@ class RelayDaemon:
             if self._report_handle is not None:
                 self._report_handle.cancel()
             self._timer.stop()
+            self.tunnels.close()
             loop.remove_reader(listener.fileno())
             listener.close()
             for session in list(self._sessions):
@@ -164,13 +177,11 @@ class RelayDaemon:
             elif isinstance(action, HandOffTunnel):
                 connection = self._connections.pop(action.connection, None)
                 if connection is not None:
-                    log.warning(
-                        "closing %s: the relay's HTTP tunnel face needs the anyio adapter"
-                        " (--adapter anyio)",
-                        format_endpoint(connection.remote),
-                    )
-                    connection.released = True
-                    self._forget(connection)
+                    # The tunnel server owns the socket now; the bytes read so far are
+                    # the start of its request.
+                    connection.released = connection.gone = True
+                    self._stop_reading(connection)
+                    self.tunnels.handle_socket(connection.sock, action.received)
         self._timer.changed()
 
     def _send_now(self, connection: _Connection, data: bytes) -> None:
@@ -235,6 +246,10 @@ class RelayDaemon:
         self._connections[handle] = connection
         self._loop.add_reader(sock.fileno(), self._readable, handle, connection)
         self._apply(self.service.connection_made(handle, remote, self._clock()))
+
+    def _tunnel_opened(self, sock: socket.socket, kind: TunnelKind, remote: Endpoint) -> None:
+        """One tunnel's stream, as the socket pair's end: a relay connection like any other."""
+        self._connection_made(sock, remote)
 
     def _readable(self, handle: int, connection: _Connection) -> None:
         if connection.draining is not None:

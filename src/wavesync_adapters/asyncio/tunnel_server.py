@@ -1,0 +1,711 @@
+"""HTTP tunnels on plain asyncio, the server's side: an HTTP face that turns requests into
+tunnels.
+
+The twin of ``wavesync_adapters.anyio.tunnel_server`` (same class, arguments, log
+lines and ``served`` counter), on public asyncio APIs only, so it runs on uvloop and
+imports nothing of anyio. Thin by design: ``TunnelRequestReader`` reads each
+connection's first request and says which tunnel it opens or what to answer; the
+method machines and ``GetPostRegistry`` (which pairs a getpost GET with its POSTs,
+and times out a GET whose first POST does not come) decide the rest. A connection
+whose first byte cannot start a request arrived through a proxy's CONNECT: it is a
+raw tunnel (``connect``) from its first byte.
+
+How a tunnel reaches the application: every established tunnel's stream is one end
+of a ``socket.socketpair()``. This module holds the other end and moves bytes
+between it and the tunnel's legs (TCP or TLS connections, each an
+``asyncio.Protocol``) through the machine, with flow control both ways (a full
+buffer on one side pauses reading on the other). What the application gets:
+
+- ``TunnelServer(handler)``: ``async def handler(tunnel: AcceptedTunnel)`` gets an
+  ``asyncio.StreamReader``/``StreamWriter`` pair (plus the tunnel's kind and the
+  remote address of the connection that carries it); the writer is closed when
+  the handler returns.
+- ``TunnelServer(on_socket=take)``: ``take(sock, kind, remote)`` is called with the
+  socket pair's end itself (non-blocking) and owns it from then on. The relay and
+  the mediator use this: the socket enters them as a connection like any other,
+  and the relay splices it. ``sock.shutdown(SHUT_WR)`` ends our direction in band;
+  closing it ends the tunnel.
+
+A probe's echo at the start of a stream is answered before the application reads
+anything (docs/tunnel.md §7.1), so it sees only what follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.tunnel import (
+    GetPostRegistry,
+    RawEndpoint,
+    RequestRejected,
+    StreamData,
+    StreamEnded,
+    TunnelEndpoint,
+    TunnelFailed,
+    TunnelKind,
+    TunnelLimits,
+    TunnelMethod,
+    TunnelRequest,
+    TunnelRequestReader,
+    TunnelState,
+    UpgradeServer,
+    WebSocketServer,
+)
+from wavesync_proto.tunnel.echo import EchoAnswer, EchoReader, starts_http
+
+__all__ = ["AcceptedTunnel", "SocketTaker", "TunnelHandler", "TunnelServer"]
+
+log = logging.getLogger("wavesync.tunnel.server")
+
+# How long a closing leg may take to write out what it holds before it is reset.
+_CLOSE_LINGER = 2.0
+_LISTEN_BACKLOG = 4096
+_UNKNOWN: Endpoint = ("0.0.0.0", 0)  # noqa: S104 - an address to report, not to bind
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcceptedTunnel:
+    """One tunnel's stream, as asyncio streams: what a ``TunnelHandler`` is given."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    kind: TunnelKind
+    #: The connection that carries the tunnel (its leg 0): the peer's, or its proxy's.
+    remote: Endpoint
+
+
+TunnelHandler = Callable[[AcceptedTunnel], Awaitable[None]]
+#: Takes one end of a socket pair that carries a tunnel's stream (see the module docstring).
+SocketTaker = Callable[[socket.socket, TunnelKind, Endpoint], None]
+
+
+class TunnelServer:
+    """Serves tunnels of every method on one TCP port; each one goes to the application.
+
+    Give exactly one of ``handler`` and ``on_socket`` (the module docstring says how
+    each receives a tunnel).
+    """
+
+    def __init__(
+        self,
+        handler: TunnelHandler | None = None,
+        *,
+        on_socket: SocketTaker | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: TunnelLimits | None = None,
+        registry: GetPostRegistry | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        """``ssl_context``: a server context; every connection is TLS (the ``ssl+`` kinds).
+        ``handshake_timeout``: how long a connection may take to send its request."""
+        if (handler is None) == (on_socket is None):
+            raise TypeError("give TunnelServer a handler or on_socket, not both or neither")
+        self._handler = handler
+        self._on_socket = on_socket
+        self._ssl_context = ssl_context
+        self.limits = limits or TunnelLimits()
+        self.registry = registry or GetPostRegistry(limits=self.limits)
+        self._handshake_timeout = handshake_timeout
+        self._getpost: dict[bytes, _Tunnel] = {}
+        self._tunnels: set[_Tunnel] = set()
+        self._handshaking: set[_Leg] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.bound: Endpoint | None = None
+        #: Tunnels handed to the application so far, per kind.
+        self.served: dict[str, int] = {}
+
+    # --- running ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        started: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        """Listen on ``host:port`` and serve until cancelled (then close every tunnel)."""
+        try:
+            bound = await self.listen(host, port)
+            if started is not None:
+                started(bound)
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self.close()
+
+    async def listen(self, host: str, port: int) -> Endpoint:
+        """Listen on ``host:port`` and serve in the background until ``close()``."""
+        loop = asyncio.get_running_loop()
+        self.attach(loop)
+        infos: list[tuple[Any, ...]] = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, address = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setblocking(False)
+            listener.bind(address)
+            listener.listen(_LISTEN_BACKLOG)
+            self._server = await loop.create_server(
+                lambda: _Leg(self),
+                sock=listener,
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            )
+        except BaseException:
+            listener.close()
+            raise
+        local = listener.getsockname()
+        self.bound = (str(local[0]), int(local[1]))
+        log.info("tunnel server on tcp %s", format_endpoint(self.bound))
+        return self.bound
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``loop`` without a listener of its own: for a daemon that hands
+        connections over with ``handle_socket`` (``listen`` does this itself)."""
+        self._loop = loop
+
+    def handle_socket(self, sock: socket.socket, prefix: bytes = b"") -> None:
+        """Serve one accepted TCP connection (plain: TLS needs ``listen``) whose first
+        bytes, ``prefix``, were already read from it; the server owns ``sock`` now."""
+        loop = self._require_loop()
+        self._spawn(self._adopt(loop, sock, prefix))
+
+    def close(self) -> None:
+        """Stop listening and end every connection and tunnel at once."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        for leg in list(self._handshaking):
+            leg.abort()
+        for tunnel in list(self._tunnels):
+            tunnel.abort()
+        self._loop = None
+
+    # --- connections and their requests ---------------------------------------------
+
+    async def _adopt(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, prefix: bytes
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: _Leg(self, prefix), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _dispatch(self, leg: _Leg, request: TunnelRequest) -> None:
+        if request.method is TunnelMethod.GETPOST and request.verb == "POST":
+            joined = self.registry.join(request)
+            if isinstance(joined, RequestRejected):
+                leg.refuse(joined.response)
+                return
+            machine, number = joined
+            self._getpost[machine.tunnel_id].join(number, leg)
+            return
+        machine_now: TunnelEndpoint
+        if request.method is TunnelMethod.GETPOST:
+            opened = self.registry.open(request, self._require_loop().time())
+            if isinstance(opened, RequestRejected):
+                leg.refuse(opened.response)
+                return
+            machine_now = opened
+            self._registry_changed()
+        elif request.method is TunnelMethod.UPGRADE:
+            machine_now = UpgradeServer(request, limits=self.limits)
+        else:
+            machine_now = WebSocketServer(request, limits=self.limits)
+        self._open(leg, machine_now)
+
+    def _open(self, leg: _Leg, machine: TunnelEndpoint) -> None:
+        kind = TunnelKind(method=machine.method, tls=self._ssl_context is not None)
+        tunnel = _Tunnel(self, machine, kind, leg)
+        self._tunnels.add(tunnel)
+        if machine.method is TunnelMethod.GETPOST:
+            self._getpost[cast(Any, machine).tunnel_id] = tunnel
+        tunnel.start()
+
+    def _hand_over(self, tunnel: _Tunnel) -> None:
+        """The tunnel is up: its stream goes to the application through a socket pair."""
+        loop = self._require_loop()
+        self.served[str(tunnel.kind)] = self.served.get(str(tunnel.kind), 0) + 1
+        inner, outer = socket.socketpair()
+        inner.setblocking(False)
+        outer.setblocking(False)
+        self._spawn(self._attach_local(loop, tunnel, outer))
+        try:
+            if self._on_socket is not None:
+                self._on_socket(inner, tunnel.kind, tunnel.remote)
+            else:
+                self._spawn(self._run_handler(tunnel, inner))
+        except Exception:
+            log.exception("the %s tunnel's handler failed", tunnel.kind)
+            inner.close()
+
+    async def _attach_local(
+        self, loop: asyncio.AbstractEventLoop, tunnel: _Tunnel, outer: socket.socket
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: _LocalSide(tunnel), sock=outer)
+        except BaseException:
+            outer.close()
+            tunnel.abort()
+            raise
+
+    async def _run_handler(self, tunnel: _Tunnel, inner: socket.socket) -> None:
+        assert self._handler is not None
+        try:
+            reader, writer = await asyncio.open_connection(sock=inner)
+        except BaseException:
+            inner.close()
+            raise
+        try:
+            await self._handler(
+                AcceptedTunnel(reader=reader, writer=writer, kind=tunnel.kind, remote=tunnel.remote)
+            )
+        except Exception:
+            log.exception("the %s tunnel's handler failed", tunnel.kind)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), _CLOSE_LINGER)
+
+    def _ended(self, tunnel: _Tunnel) -> None:
+        self._tunnels.discard(tunnel)
+        tunnel_id = getattr(tunnel.machine, "tunnel_id", None)
+        if tunnel_id is not None and self._getpost.get(tunnel_id) is tunnel:
+            del self._getpost[tunnel_id]
+            self.registry.release(tunnel_id)
+            self._registry_changed()
+
+    # --- the getpost registry's timer --------------------------------------------------
+
+    def _registry_changed(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.registry.get_timer()
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_at(deadline, self._registry_timer)
+
+    def _registry_timer(self) -> None:
+        self._timer = None
+        if self._loop is None:
+            return
+        for machine in self.registry.handle_timer(self._loop.time()):
+            tunnel = self._getpost.get(machine.tunnel_id)
+            if tunnel is not None:
+                tunnel.machine_moved()  # its TunnelFailed ends the application's stream
+        self._registry_changed()
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the tunnel server is not running (listen() or attach() first)")
+        return self._loop
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work, loop=self._require_loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _Leg(asyncio.Protocol):
+    """One accepted connection: first its request, then one leg of a tunnel."""
+
+    def __init__(self, server: TunnelServer, prefix: bytes = b"") -> None:
+        self._server = server
+        self._prefix = prefix
+        self.transport: asyncio.Transport | None = None
+        self.remote = _UNKNOWN
+        self._reader: TunnelRequestReader | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        #: Once the request is read: the tunnel this connection is a leg of.
+        self.tunnel: _Tunnel | None = None
+        self.number = 0
+        self._got_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        address = transport.get_extra_info("peername")
+        if isinstance(address, tuple):
+            self.remote = (str(address[0]), int(address[1]))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server = self._server
+        server._handshaking.add(self)
+        loop = server._require_loop()
+        self._deadline = loop.call_later(server._handshake_timeout, self._too_slow)
+        if self._prefix:
+            prefix, self._prefix = self._prefix, b""
+            self.data_received(prefix)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.leg_data(self, data)
+        elif self.transport is not None and not self.transport.is_closing():
+            self._read_request(data)
+
+    def eof_received(self) -> bool:
+        self._got_eof = True
+        if self.tunnel is not None:
+            self.tunnel.leg_data(self, b"")
+            return True  # keep writing: the other direction may go on
+        if self._reader is None:
+            self._give_up(EOFError("closed before its request"))
+            return False
+        self._read_request(b"")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_handshake()
+        if self.tunnel is not None:
+            if not self._got_eof:
+                self._got_eof = True
+                self.tunnel.leg_data(self, b"")
+            self.tunnel.leg_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.leg_writable(self, writable=False)
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.leg_writable(self, writable=True)
+
+    # --- the request ------------------------------------------------------------------
+
+    def _read_request(self, data: bytes) -> None:
+        server = self._server
+        if self._reader is None:
+            if not starts_http(data):
+                self._end_handshake()
+                machine = RawEndpoint(limits=server.limits)
+                machine.receive_data(data)
+                server._open(self, machine)
+                return
+            self._reader = TunnelRequestReader(limits=server.limits)
+        self._reader.receive_data(data)
+        event = self._reader.next_event()
+        if event is None:
+            return
+        self._end_handshake()
+        if isinstance(event, RequestRejected):
+            log.debug("refused with %d: %s", event.status, event.reason)
+            self.refuse(self._reader.data_to_send())
+            return
+        server._dispatch(self, event)
+
+    def refuse(self, response: bytes) -> None:
+        self._end_handshake()
+        self.close_after(response)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._give_up(TimeoutError("no request in time"))
+
+    def _give_up(self, exc: BaseException) -> None:
+        log.debug("no tunnel request: %r", exc)
+        self.abort()
+
+    def _end_handshake(self) -> None:
+        self._server._handshaking.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    # --- writing and closing ----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def half_close(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def close_after(self, data: bytes = b"") -> None:
+        """Write ``data`` and what is queued, then close; reset if that takes too long."""
+        self.write(data)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        with contextlib.suppress(RuntimeError):  # the server is stopping: it aborts us
+            self._server._require_loop().call_later(_CLOSE_LINGER, transport.abort)
+
+    def abort(self) -> None:
+        self._end_handshake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def reading(self, wanted: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if wanted and not transport.is_reading():
+            transport.resume_reading()
+        elif not wanted and transport.is_reading():
+            transport.pause_reading()
+
+
+class _LocalSide(asyncio.Protocol):
+    """Our end of the socket pair: the application's bytes go to the tunnel's machine."""
+
+    def __init__(self, tunnel: _Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._tunnel.local_ready(cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self._tunnel.local_data(data)
+
+    def eof_received(self) -> bool:
+        self._tunnel.local_data(b"")
+        return True  # the tunnel's other direction may go on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel.local_lost()
+
+    def pause_writing(self) -> None:
+        self._tunnel.local_writable(writable=False)
+
+    def resume_writing(self) -> None:
+        self._tunnel.local_writable(writable=True)
+
+
+class _Tunnel:
+    """A tunnel machine, its legs and our end of the socket pair: bytes moved between them.
+
+    The machine decides everything (what goes on which leg, when a leg ends, when the
+    stream has ended or failed); this class writes what it says and keeps the
+    buffers bounded: a full socket pair stops the legs' reading, a full leg stops
+    the socket pair's.
+    """
+
+    def __init__(
+        self, server: TunnelServer, machine: TunnelEndpoint, kind: TunnelKind, leg: _Leg
+    ) -> None:
+        self.server = server
+        self.machine = machine
+        self.kind = kind
+        self.remote = leg.remote
+        self.legs: dict[int, _Leg] = {0: leg}
+        self._shut: set[int] = set()
+        self._full_legs: set[int] = set()
+        self._local: asyncio.Transport | None = None
+        self._local_full = False
+        self._local_gone = False
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._echo: EchoReader | None = EchoReader()
+        self._failure: TunnelFailed | None = None
+        self._handed = False
+        self._ended = False
+        leg.tunnel = self
+
+    def start(self) -> None:
+        self._reading_changed()
+        self.machine_moved()
+        if self._failure is not None:
+            log.debug("%s tunnel failed: %s", self.kind, self._failure.reason)
+            self._close_legs()
+            return
+        if self._ended:
+            return
+        self._handed = True
+        self.server._hand_over(self)
+
+    def join(self, number: int, leg: _Leg) -> None:
+        """A getpost POST joined as leg ``number`` (``join`` fed its glued bytes)."""
+        leg.tunnel, leg.number = self, number
+        self.legs[number] = leg
+        self._reading_changed()
+        self.machine_moved()
+
+    # --- what the machine says -------------------------------------------------------
+
+    def machine_moved(self) -> None:
+        """Take the machine's events, then write what it has for every leg."""
+        machine = self.machine
+        while (event := machine.next_event()) is not None:
+            if isinstance(event, StreamData):
+                self._to_local(event.data)
+            elif isinstance(event, StreamEnded):
+                self._to_local(b"")
+            elif isinstance(event, TunnelFailed) and self._failure is None:
+                self._failure = event
+                if self._handed:  # the application's stream ends with a reset
+                    self._pending.clear()
+                    if self._local is not None:
+                        self._local.abort()
+        self._flush()
+
+    def _flush(self) -> None:
+        machine = self.machine
+        for number, leg in list(self.legs.items()):
+            if number in self._shut:
+                continue
+            leg.write(machine.data_to_send(number))
+            if machine.eof_to_send(number):
+                self._shut.add(number)
+                if number == 0 and machine.state is TunnelState.OPEN:
+                    leg.half_close()  # TLS has none: then nothing is sent
+                else:
+                    self._drop(number)
+        self._maybe_ended()
+
+    def _to_local(self, data: bytes) -> None:
+        """Stream bytes for the application (``b""``: the peer's end), after the echo."""
+        if self._echo is not None:
+            decision = self._echo.feed(data)
+            if decision is None:
+                return
+            self._echo = None
+            if isinstance(decision, EchoAnswer):
+                self.machine.send(decision.answer)
+                forward = decision.rest
+            else:
+                forward = decision.data
+            if forward:
+                self._to_local(forward)
+            if data:
+                return
+        if self._local is None:
+            if data:
+                self._pending.append(data)
+            else:
+                self._pending_eof = True
+            return
+        if self._local.is_closing():
+            return
+        if data:
+            self._local.write(data)
+        elif self._local.can_write_eof():
+            self._local.write_eof()
+
+    # --- the legs -----------------------------------------------------------------------
+
+    def leg_data(self, leg: _Leg, data: bytes) -> None:
+        if self.legs.get(leg.number) is not leg:
+            return  # a leg we let go of
+        self.machine.receive_data(data, leg.number)
+        self.machine_moved()
+
+    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
+        if self.legs.get(leg.number) is leg:
+            self._shut.add(leg.number)
+            self._drop(leg.number)
+            if exc is not None and self._failure is None and self.machine.state is TunnelState.OPEN:
+                self._failure = TunnelFailed(reason=f"leg {leg.number} broke: {exc!r}")
+                if self._local is not None:
+                    self._local.abort()
+        self._maybe_ended()
+
+    def leg_writable(self, leg: _Leg, *, writable: bool) -> None:
+        if writable:
+            self._full_legs.discard(leg.number)
+        else:
+            self._full_legs.add(leg.number)
+        self._reading_changed()
+
+    def _drop(self, number: int) -> None:
+        leg = self.legs.pop(number, None)
+        self._full_legs.discard(number)
+        if leg is not None:
+            leg.close_after()
+
+    def _close_legs(self) -> None:
+        for number in list(self.legs):
+            self._drop(number)
+        self._maybe_ended()
+
+    # --- our end of the socket pair ---------------------------------------------------
+
+    def local_ready(self, transport: asyncio.Transport) -> None:
+        if self._failure is not None or self._local_gone:
+            transport.abort()
+            return
+        self._local = transport
+        pending, self._pending = self._pending, []
+        for data in pending:
+            transport.write(data)
+        if self._pending_eof and transport.can_write_eof():
+            transport.write_eof()
+        if self._ended:  # the peer said all it had before we were ready
+            transport.close()
+            return
+        self._reading_changed()
+
+    def local_data(self, data: bytes) -> None:
+        """The application's bytes for the peer (``b""``: its end of our direction)."""
+        try:
+            if data:
+                self.machine.send(data)
+            else:
+                self.machine.close()
+        except Exception:  # LocalProtocolError: the tunnel failed or our side ended
+            return
+        self._flush()
+
+    def local_lost(self) -> None:
+        """The application closed its end: end our direction, then let the legs go."""
+        self._local_gone = True
+        if self._failure is None and self.machine.state is TunnelState.OPEN:
+            self.machine.close()
+            self.machine_moved()
+        self._close_legs()
+
+    def local_writable(self, *, writable: bool) -> None:
+        self._local_full = not writable
+        self._reading_changed()
+
+    def _reading_changed(self) -> None:
+        legs_read = self._local is not None and not self._local_full
+        for leg in self.legs.values():
+            leg.reading(legs_read)
+        local = self._local
+        if local is not None and not local.is_closing():
+            if self._full_legs and local.is_reading():
+                local.pause_reading()
+            elif not self._full_legs and not local.is_reading():
+                local.resume_reading()
+
+    def _maybe_ended(self) -> None:
+        if self._ended or self.legs:
+            return
+        self._ended = True
+        if self._local is not None and not self._local_gone:
+            self._local.close()  # what the peer sent last is written first
+        self.server._ended(self)
+
+    def abort(self) -> None:
+        """The server is stopping: reset everything at once."""
+        self._local_gone = True
+        for leg in list(self.legs.values()):
+            leg.abort()
+        self.legs.clear()
+        if self._local is not None:
+            self._local.abort()
+        self._maybe_ended()
