@@ -9,14 +9,17 @@ never import anyio (or asyncio).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.race import PathKind
-from wavesync_proto.tunnel import TunnelKind, TunnelMethod
+from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMethod
+from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 
 from .errors import UdtConnectError
 
@@ -27,6 +30,7 @@ __all__ = [
     "TunnelChoice",
     "advertised_endpoint",
     "describe_failure",
+    "environment_proxy",
     "parse_target",
     "parse_tunnel_choice",
 ]
@@ -114,3 +118,13 @@ def parse_tunnel_choice(text: str) -> TunnelChoice:
         names = ", ".join(method.value for method in TunnelMethod)
         raise ValueError(f"bad tunnel method {name!r}: want one of {names}") from None
     return TunnelKind(method=method, tls=tls == "ssl")
+
+
+def environment_proxy(
+    target: str, *, tls: bool, environ: Mapping[str, str] | None = None
+) -> ProxyConfig | None:
+    """The proxy ``https_proxy``/``http_proxy``/``all_proxy``/``no_proxy`` name for ``target``."""
+    host, port = parse_target(target, tls=tls)
+    return proxy_from_environment(
+        host, port, tls=tls, environ=os.environ if environ is None else environ
+    )

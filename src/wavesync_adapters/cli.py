@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-import anyio
-
 from wavesync_proto import __version__
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.errors import LocalProtocolError
@@ -34,7 +32,6 @@ from wavesync_proto.udt.congestion import CongestionControl, UdtNativeCongestion
 from wavesync_proto.udt.congestion_rate import DeliveryRateCongestion
 from wavesync_proto.udt.connection_types import UdtConfig
 
-from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream
 from .blocking.stun import StunError, binding_request, serve_binding
 from .cli_args import STUN_PORT, adapter_option, address, stun_address
 from .cli_connect import (
@@ -403,6 +400,12 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_udt(args: argparse.Namespace) -> int:
+    # Imported here: `wavesync udt` runs on anyio, and a daemon run with --adapter asyncio
+    # or blocking should not load it.
+    import anyio  # noqa: PLC0415
+
+    from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream  # noqa: PLC0415
+
     command = f"udt {args.udt_command}"
     if args.rendezvous:
         if args.local is None or args.peer is None:

@@ -17,14 +17,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import anyio
-
 from wavesync_proto.addresses import format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, RELAY_GRACE, PathKind
 
-from .anyio.demo import run_demo
 from .cli_args import adapter_option, address, stun_address
 from .cli_tunnel import add_tunnel_options, tunnel_settings
 from .errors import RegistrationError
@@ -315,6 +312,10 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    import anyio  # noqa: PLC0415 - the demo runs on anyio; other programs need not load it
+
+    from .anyio.demo import run_demo  # noqa: PLC0415
+
     rows = anyio.run(functools.partial(run_demo, page_bytes=args.page_bytes))
     failed = [row.path for row in rows if not row.connected]
     if failed:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import anyio
-
 from wavesync_proto.errors import LocalProtocolError
-from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory
+from wavesync_proto.tunnel import ALL_KINDS, ProxyConfig, TunnelKind, TunnelMemory
 
-from .anyio._dial import AUTO, TunnelChoice, parse_tunnel_choice
-from .anyio.tunnel import ALL_KINDS, TunnelError, environment_proxy, probe_tunnel
+from ._common import AUTO, TunnelChoice, environment_proxy, parse_tunnel_choice
+from .errors import TunnelError
 
 __all__ = [
     "DIRECT",
@@ -110,6 +108,10 @@ def add_tunnel_probe_command(
 
 
 def run_tunnel_probe(args: argparse.Namespace) -> int:
+    import anyio  # noqa: PLC0415 - the probe command runs on anyio; other programs need not
+
+    from .anyio.tunnel import probe_tunnel  # noqa: PLC0415
+
     try:
         tunnel, proxy = tunnel_settings(args, args.target)
     except (ValueError, LocalProtocolError) as exc:

@@ -14,6 +14,7 @@ import contextlib
 import re
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -290,3 +291,24 @@ def get_until_served(port: int) -> bytes:
         if answer or time.monotonic() > deadline:
             return answer
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "absent"),
+    [("asyncio", ("anyio", "trio")), ("blocking", ("anyio", "trio", "asyncio"))],
+)
+def test_the_command_loads_only_the_runtime_it_is_asked_for(
+    adapter: str, absent: tuple[str, ...]
+) -> None:
+    # What `wavesync mediator|relay|server|client --adapter X` imports before it serves.
+    script = (
+        "import sys\n"
+        "from wavesync_adapters.cli import _build_parser\n"
+        "from wavesync_adapters.programs import programs_for\n"
+        f"_build_parser(); programs_for({adapter!r})\n"
+        f"print([m for m in {absent!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

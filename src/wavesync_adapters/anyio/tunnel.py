@@ -12,10 +12,9 @@ the probe's echo through each finished tunnel, and turns failures into
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,6 +23,7 @@ from anyio.streams.tls import TLSStream
 
 from wavesync_proto.errors import RemoteProtocolError
 from wavesync_proto.tunnel import (
+    ALL_KINDS,
     CancelAttempt,
     ConnectClient,
     GetPostClient,
@@ -44,10 +44,9 @@ from wavesync_proto.tunnel import (
     WebSocketClient,
 )
 from wavesync_proto.tunnel.echo import EchoCheck
-from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 from wavesync_proto.tunnel.wire import authority
 
-from .._common import parse_target
+from .._common import environment_proxy, parse_target
 from ..errors import TunnelError
 from ._streams import PrefixedStream
 from .tunnel_stream import TunnelStream
@@ -62,28 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("wavesync.tunnel")
-
-#: Every kind, cheapest first (per MB and in round trips): the probe's default order.
-ALL_KINDS: tuple[TunnelKind, ...] = tuple(
-    TunnelKind(method=method, tls=tls)
-    for tls in (False, True)
-    for method in (
-        TunnelMethod.CONNECT,
-        TunnelMethod.UPGRADE,
-        TunnelMethod.WEBSOCKET,
-        TunnelMethod.GETPOST,
-    )
-)
-
-
-def environment_proxy(
-    target: str, *, tls: bool, environ: Mapping[str, str] | None = None
-) -> ProxyConfig | None:
-    """The proxy ``https_proxy``/``http_proxy``/``all_proxy``/``no_proxy`` name for ``target``."""
-    host, port = parse_target(target, tls=tls)
-    return proxy_from_environment(
-        host, port, tls=tls, environ=os.environ if environ is None else environ
-    )
 
 
 @dataclass(frozen=True, kw_only=True)

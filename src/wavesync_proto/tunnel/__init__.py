@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .getpost import DOWNSTREAM_LEG, GetPostClient, GetPostServer
 from .probe import (
+    ALL_KINDS,
     CancelAttempt,
     ProbeAction,
     ProbeChosen,
@@ -47,6 +48,7 @@ from .wire import (
 )
 
 __all__ = [
+    "ALL_KINDS",
     "DOWNSTREAM_LEG",
     "PATH_PREFIX",
     "UPGRADE_PROTOCOL",

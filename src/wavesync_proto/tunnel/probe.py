@@ -23,6 +23,7 @@ from ..errors import LocalProtocolError
 from .wire import TunnelMethod
 
 __all__ = [
+    "ALL_KINDS",
     "CancelAttempt",
     "ProbeAction",
     "ProbeChosen",
@@ -45,6 +46,19 @@ class TunnelKind:
 
     def __str__(self) -> str:
         return f"ssl+{self.method.value}" if self.tls else self.method.value
+
+
+#: Every kind, cheapest first (per MB and in round trips): the probe's default order.
+ALL_KINDS: tuple[TunnelKind, ...] = tuple(
+    TunnelKind(method=method, tls=tls)
+    for tls in (False, True)
+    for method in (
+        TunnelMethod.CONNECT,
+        TunnelMethod.UPGRADE,
+        TunnelMethod.WEBSOCKET,
+        TunnelMethod.GETPOST,
+    )
+)
 
 
 @dataclass(frozen=True, kw_only=True)
