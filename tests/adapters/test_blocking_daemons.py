@@ -11,7 +11,6 @@ bounded (``fail_after``, socket timeouts, ``join`` timeouts).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import queue
 import secrets
@@ -341,12 +340,6 @@ def test_the_mediator_limits_hold_an_oversized_message_and_an_idle_peer_are_clos
     assert service.counters.bindings_answered == 1
 
 
-def test_the_mediator_refuses_the_http_face() -> None:
-    service = MediatorService(systems=new_systems(1), nonce_secret=secrets.token_bytes(32))
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        MediatorDaemon(service, http=(LOOPBACK, 0))
-
-
 def test_a_taken_port_is_an_oserror_and_shutdown_from_another_thread_ends_serving() -> None:
     service = MediatorService(systems=new_systems(1), nonce_secret=secrets.token_bytes(32))
     daemon = MediatorDaemon(service)
@@ -553,15 +546,6 @@ def test_the_relay_is_not_an_open_proxy_and_answers_bad_input(
 ) -> None:
     answer = relay_answer(relay.address, request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
-
-
-def test_a_tunnel_request_is_closed_with_a_warning_naming_the_anyio_adapter(
-    relay: Relay, caplog: pytest.LogCaptureFixture
-) -> None:
-    request = b"GET /wavesync/tunnel/v1/upgrade HTTP/1.1\r\nHost: relay\r\n\r\n"
-    with caplog.at_level(logging.WARNING, logger="wavesync.relay"):
-        assert relay_answer(relay.address, request) == b""
-    assert any("--adapter anyio" in record.getMessage() for record in caplog.records)
 
 
 def test_the_handshake_limits_are_enforced_by_the_service_timer() -> None:

@@ -6,7 +6,9 @@ moves datagrams, TCP bytes and time between the operating system and the
 service, and carries out the service's actions. It makes no protocol decision
 (who is online, what to answer, when to give up). One thread runs everything
 (``SelectorLoop``), so the service is never entered from two threads and
-thousands of TCP peers cost no thread each. The HTTP face stays anyio's.
+thousands of TCP peers cost no thread each. The HTTP tunnel face (``http``)
+runs in the same loop (``TunnelServer``): every tunnel reaches the service as a
+TCP peer, through one end of a socket pair.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -32,6 +35,7 @@ from wavesync_proto.mediator.service import (
 )
 
 from ._loop import EVENT_READ, EVENT_WRITE, Deadlines, SelectorLoop, earliest
+from .tunnel_server import TunnelServer
 
 __all__ = ["MediatorDaemon"]
 
@@ -72,17 +76,18 @@ class MediatorDaemon:
         *,
         clock: Callable[[], float] | None = None,
         http: Endpoint | None = None,
+        http_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``clock``: the service's clock (default ``time.monotonic``). ``http`` (the HTTP
-        tunnel face) is refused: it needs the anyio adapter."""
-        if http is not None:
-            raise LocalProtocolError(
-                "the mediator's HTTP face (--http) needs --adapter anyio;"
-                " the blocking adapter serves UDP and TCP only"
-            )
+        """``clock``: the service's clock (default ``time.monotonic``). ``http``: where the
+        HTTP face listens. Each tunnel of any method (docs/tunnel.md) carries one session,
+        served as a TCP peer; with ``http_ssl_context`` every connection there is TLS (the
+        ``ssl+`` kinds)."""
         self.service = service
+        self._http = http
         self._clock = clock or time.monotonic
         self._loop = SelectorLoop(clock=self._clock)
+        #: The HTTP face: every tunnel it opens is a TCP session of the service.
+        self.tunnels = TunnelServer(self._loop, self._add_peer, ssl_context=http_ssl_context)
         self._peers: dict[Hashable, _Peer] = {}
         self._peer_ids = itertools.count(1)
         #: Closing peers still writing their last answer, by handle.
@@ -92,7 +97,6 @@ class MediatorDaemon:
         #: Datagrams dropped because the socket's send buffer was full.
         self.udp_send_drops = 0
         self.bound: Endpoint | None = None
-        #: Always None here: the HTTP face is the anyio adapter's.
         self.http_bound: Endpoint | None = None
 
     def serve_forever(
@@ -102,16 +106,19 @@ class MediatorDaemon:
         *,
         started: Callable[[Endpoint], None] | None = None,
     ) -> None:
-        """Bind ``host:port`` (UDP and TCP), call ``started(bound)``, and serve in this
-        thread until ``shutdown()``; then close every socket. Raises ``OSError`` when
-        the port cannot be bound. A daemon serves once."""
+        """Bind ``host:port`` (UDP and TCP) and, with ``http`` (given to the constructor),
+        the HTTP tunnel face (``http_bound``); call ``started(bound)``, and serve in this
+        thread until ``shutdown()``; then close every socket (tunnels too). Raises
+        ``OSError`` when a port cannot be bound. A daemon serves once."""
         if not self._serving.acquire(blocking=False):
             raise LocalProtocolError("MediatorDaemon.serve_forever runs once")
         loop = self._loop
         try:
             listener, udp = self._bind(host, port)
             self._udp = udp
-            with listener, udp:
+            with listener, udp, contextlib.closing(self.tunnels):
+                if self._http is not None:
+                    self.http_bound = self.tunnels.listen(*self._http)
                 loop.watch(listener, EVENT_READ, lambda _: self._accept(listener))
                 loop.watch(udp, EVENT_READ, lambda _: self._receive_datagrams(udp))
                 assert self.bound is not None
@@ -156,7 +163,7 @@ class MediatorDaemon:
     # --- time --------------------------------------------------------------------------------
 
     def _next_deadline(self) -> float | None:
-        return earliest(self.service.get_timer(), self._drains.next())
+        return earliest(self.service.get_timer(), self._drains.next(), self.tunnels.next_deadline())
 
     def _on_deadline(self, now: float) -> None:
         for handle in self._drains.pop_due(now):
@@ -166,6 +173,9 @@ class MediatorDaemon:
         timer = self.service.get_timer()
         if timer is not None and timer <= now:
             self._apply(self.service.handle_timer(now))
+        tunnels = self.tunnels.next_deadline()
+        if tunnels is not None and tunnels <= now:
+            self.tunnels.on_deadline(now)
 
     # --- carrying out the service's decisions ---------------------------------------------
 
@@ -250,14 +260,20 @@ class MediatorDaemon:
             except OSError as exc:  # out of file descriptors, a reset in the backlog
                 log.warning("accept failed: %s", exc)
                 return
-            sock.setblocking(False)
-            handle = next(self._peer_ids)
-            peer = _Peer(handle=handle, sock=sock, remote=(str(address[0]), int(address[1])))
-            self._peers[handle] = peer
-            log.debug("tcp peer %d from %s", handle, format_endpoint(peer.remote))
-            peer.ready = self._peer_callback(peer)
-            self._loop.watch(sock, EVENT_READ, peer.ready)
-            self._apply(self.service.tcp_connected(handle, peer.remote, self._clock()))
+            self._add_peer(sock, (str(address[0]), int(address[1])))
+
+    def _add_peer(self, sock: socket.socket, remote: Endpoint) -> None:
+        """Serve a session on ``sock`` as a TCP peer: an accepted connection, or the
+        daemon's end of a tunnel from the HTTP face (the service cannot tell them apart;
+        ``remote`` is then the address of the connection carrying the tunnel)."""
+        sock.setblocking(False)
+        handle = next(self._peer_ids)
+        peer = _Peer(handle=handle, sock=sock, remote=remote)
+        self._peers[handle] = peer
+        log.debug("tcp peer %d from %s", handle, format_endpoint(peer.remote))
+        peer.ready = self._peer_callback(peer)
+        self._loop.watch(sock, EVENT_READ, peer.ready)
+        self._apply(self.service.tcp_connected(handle, peer.remote, self._clock()))
 
     def _peer_callback(self, peer: _Peer) -> Callable[[int], None]:
         def ready(mask: int) -> None:

@@ -53,7 +53,7 @@ class BlockingPrograms:
         daemon = MediatorDaemon(service, http=http)
         with _on_signal(daemon.shutdown):
             daemon.serve_forever(
-                *listen, started=lambda bound: announce(mediator_ready(bound, None))
+                *listen, started=lambda bound: announce(mediator_ready(bound, daemon.http_bound))
             )
 
     def run_relay(self, service: RelayService, *, listen: Endpoint, announce: Announce) -> None:

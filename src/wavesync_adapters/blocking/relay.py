@@ -10,8 +10,15 @@ A spliced session runs in the same selector loop as the handshakes: its two
 ``SplicePump``s (``_splice_core``) move what the sockets take without waiting
 (socket → pipe → socket with ``os.splice`` on Linux, so the bytes never enter
 Python) and the loop waits for whichever socket each pump needs next. A pump
-that had its turn lets the others run, as on anyio. The HTTP tunnel face is
-anyio's: a tunnel request is closed with a warning.
+that had its turn lets the others run, as on anyio.
+
+The same port is the relay's HTTP tunnel face (docs/tunnel.md): a connection
+whose request the service reports as a tunnel (``HandOffTunnel``) goes to a
+``TunnelServer`` in the same loop. Each stream a tunnel carries enters the relay
+through a socket pair: the service and the splice see one end as a connection
+like any other, and the tunnel server copies between the other end and the
+tunnel, so a tunnelled standby pairs with a plain client (and the reverse)
+unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from wavesync_proto.relay import (
 
 from .._splice_core import PipePool, PumpWait, SplicePump, SpliceResult
 from ._loop import EVENT_READ, EVENT_WRITE, Deadlines, SelectorLoop, earliest
+from .tunnel_server import TunnelServer
 
 __all__ = ["RelayDaemon"]
 
@@ -96,6 +104,8 @@ class RelayDaemon:
         self.bytes_server_to_client = 0
         #: The pipes spliced sessions borrow while bytes flow.
         self.pipes = PipePool()
+        #: The HTTP tunnel face on the same port; each tunnel carries one relay connection.
+        self.tunnels = TunnelServer(self._loop, self._add_connection)
 
     def serve_forever(
         self,
@@ -105,14 +115,14 @@ class RelayDaemon:
         started: Callable[[Endpoint], None] | None = None,
     ) -> None:
         """Listen on ``host:port``, call ``started(bound)``, and serve in this thread until
-        ``shutdown()``; then close every socket (spliced sessions too). Raises
+        ``shutdown()``; then close every socket (spliced sessions and tunnels too). Raises
         ``OSError`` when the port cannot be bound. A daemon serves once."""
         if not self._serving.acquire(blocking=False):
             raise LocalProtocolError("RelayDaemon.serve_forever runs once")
         loop = self._loop
         try:
             listener = _listen(host, port)
-            with listener, contextlib.closing(self.pipes):
+            with listener, contextlib.closing(self.pipes), contextlib.closing(self.tunnels):
                 local = listener.getsockname()
                 self.bound = (str(local[0]), int(local[1]))
                 loop.watch(listener, EVENT_READ, lambda _: self._accept(listener))
@@ -138,7 +148,12 @@ class RelayDaemon:
     # --- time --------------------------------------------------------------------------------
 
     def _next_deadline(self) -> float | None:
-        return earliest(self.service.get_timer(), self._drains.next(), self._next_report)
+        return earliest(
+            self.service.get_timer(),
+            self._drains.next(),
+            self._next_report,
+            self.tunnels.next_deadline(),
+        )
 
     def _on_deadline(self, now: float) -> None:
         for handle in self._drains.pop_due(now):
@@ -151,6 +166,9 @@ class RelayDaemon:
         if now >= self._next_report:
             self._next_report = now + self._report_interval
             self._report()
+        tunnels = self.tunnels.next_deadline()
+        if tunnels is not None and tunnels <= now:
+            self.tunnels.on_deadline(now)
 
     # --- carrying out the service's decisions ---------------------------------------------
 
@@ -170,13 +188,7 @@ class RelayDaemon:
             elif isinstance(action, HandOffTunnel):
                 connection = self._connections.get(action.connection)
                 if connection is not None:
-                    log.warning(
-                        "closing %s: it opens an HTTP tunnel, and the relay's tunnel face"
-                        " needs --adapter anyio",
-                        format_endpoint(connection.remote),
-                    )
-                    connection.released = True
-                    self._finish(connection)
+                    self._hand_off(connection, action.received)
 
     def _send_now(self, connection: _Connection, data: bytes) -> None:
         # Everything the relay itself says is small (answers, PING, OPEN) and fits the
@@ -228,6 +240,14 @@ class RelayDaemon:
         # what the relay exists to keep short.
         session.start()
 
+    def _hand_off(self, connection: _Connection, received: bytes) -> None:
+        """The connection opens a tunnel: the tunnel server takes it (and its socket),
+        reading ``received`` (every byte it sent so far) first."""
+        connection.released = connection.gone = True
+        self._loop.unwatch(connection.sock)
+        del self._connections[connection.handle]
+        self.tunnels.handle_connection(connection.sock, connection.remote, first=received)
+
     def _splice_ended(self, session: _SplicedSession, result: SpliceResult) -> None:
         self._sessions.discard(session)
         action = session.action
@@ -253,13 +273,18 @@ class RelayDaemon:
             except OSError as exc:  # out of file descriptors, a reset in the backlog
                 log.warning("accept failed: %s", exc)
                 return
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handle = next(self._ids)
-            connection = _Connection(handle, sock, (str(address[0]), int(address[1])))
-            self._connections[handle] = connection
-            self._loop.watch(sock, EVENT_READ, functools.partial(self._read, connection))
-            self._apply(self.service.connection_made(handle, connection.remote, self._clock()))
+            self._add_connection(sock, (str(address[0]), int(address[1])))
+
+    def _add_connection(self, sock: socket.socket, remote: Endpoint) -> None:
+        """A relay connection on ``sock``: accepted, or the relay's end of a tunnel's socket
+        pair (``remote`` is then the address of the connection carrying the tunnel)."""
+        sock.setblocking(False)
+        handle = next(self._ids)
+        connection = _Connection(handle, sock, remote)
+        self._connections[handle] = connection
+        self._loop.watch(sock, EVENT_READ, functools.partial(self._read, connection))
+        self._apply(self.service.connection_made(handle, connection.remote, self._clock()))
 
     def _read(self, connection: _Connection, mask: int) -> None:
         try:
