@@ -1,10 +1,11 @@
 """A UDT4 connection: handshake, then a reliable, paced byte stream (UDT 4.11 core.cpp ``CUDT``).
 
-This module owns one connection's life: it runs the handshake (``handshake.py``),
-hands the established connection to its data-transfer phase (``transfer.py``:
-sender, receiver, congestion control, ACK/NAK/EXP timers), routes the peer's
-datagrams, and owns the states, the events the application reads, the idle
-timeout and closing. It does not know sockets, clocks or the other connections of
+This module owns one connection's life: it starts in its connecting phase
+(``connecting.py``, which drives the handshake of ``handshake.py``), hands the
+established connection to its data-transfer phase (``transfer.py``: sender,
+receiver, congestion control, ACK/NAK/EXP timers), routes the peer's datagrams,
+and owns the states, the events the application reads, the idle timeout and
+closing. It does not know sockets, clocks or the other connections of
 its UDP socket (the multiplexer's), and draws no randomness of its own. Every
 state change is in ``_TRANSITIONS``; docs/protocol.md §4.8 describes the
 behaviour and where it departs from 4.11.
@@ -18,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 from ..addresses import Endpoint
 from ..errors import LocalProtocolError
+from .closing import SHUTDOWN_COPIES, ShutdownNotice, peer_shutdown_reason
 from .congestion import CongestionControl
+from .connecting import HOLD_LIMIT, ConnectingHandover, UdtConnecting, start_handshake
 from .connection_types import (
     CloseReason,
     ConnectionClosed,
@@ -44,7 +47,7 @@ from .packet_types import (
     SocketType,
     UdtDecodeError,
 )
-from .packets import decode_packet, encode_packet
+from .packets import decode_packet
 from .receiver import UdtReceiver
 from .sender import UdtSender
 from .transfer import (
@@ -65,22 +68,10 @@ __all__ = [
     "UdtConnection",
 ]
 
-#: Datagrams kept while the handshake is still finishing (a peer that completed
-#: first and started sending); replayed once established, in order.
-HOLD_LIMIT = 64
-#: A closed connection answers its peer's packets with Shutdown at most this often.
-_SHUTDOWN_REPLY_INTERVAL = 1.0
-#: Copies of each Shutdown. Nothing acknowledges a Shutdown, and a program that closes
-#: usually exits at once, so nobody is left to repeat it: with one copy, a single loss
-#: leaves the peer waiting for its idle timeout and reporting TIMEOUT after every byte
-#: arrived (seen at 5 % loss). Three copies make that 1 in 8,000 at 5 % random loss;
-#: a peer ignores the copies after the first (it is closed).
-SHUTDOWN_COPIES = 3
-
 _HEADER = struct.Struct("!IIII")
 _CONTROL = 0x80000000
-_SHUTDOWN_WORD = _CONTROL | ControlType.SHUTDOWN << 16
 _HANDSHAKE_WORD = _CONTROL | ControlType.HANDSHAKE << 16
+# HOLD_LIMIT (connecting.py's) and SHUTDOWN_COPIES (closing.py's) stay importable from here.
 
 _S = ConnectionState
 # (state, input) -> next state: every change of ``ConnectionState``; anything else
@@ -126,7 +117,14 @@ class UdtConnection:
         self._random = random
         self._state = ConnectionState.CONNECTING
         self._counters = UdtConnectionCounters()
+        # While connecting: the handshake's phase. After it, a rendezvous connection
+        # keeps the handshake alone, to answer the peer's late requests (-2).
+        self._connecting: UdtConnecting | None = None
         self._handshake = handshake
+        if handshake is not None:
+            self._connecting = UdtConnecting(
+                handshake, socket_id=socket_id, config=config, counters=self._counters
+            )
         self._transfer: UdtTransfer | None = None
         self._peer_socket_id: int | None = None
         self._peer_address: Endpoint | None = None
@@ -136,19 +134,12 @@ class UdtConnection:
         self._extra: list[tuple[bytes, Endpoint]] = []
         # The -2 a rendezvous connection sends as it connects.
         self._answer: tuple[bytes, Endpoint] | None = None
-        self._held: list[tuple[bytes, Endpoint]] = []
-        self._early: list[tuple[bytes, float | None]] = []
-        self._early_bytes = 0
         self._message_mode = config.socket_type is SocketType.DGRAM
         self._linger_deadline = float("inf")
-        self._last_shutdown_reply = float("-inf")
-        self._shutdown_aborted = False  # what a repeated Shutdown must say again
+        self._shutdown = ShutdownNotice(socket_id=socket_id)
         self._now = now  # the latest time given: where a message's time-to-live starts
-        # A keep-alive addressed to us: what we show the handshake when the peer's
-        # traffic proves it is connected (4.11 accepts data/keep-alive as that proof).
-        self._proof = encode_packet(KeepAlive(destination_socket_id=socket_id))
         if established is not None:
-            self._establish(established, now)
+            self._establish(ConnectingHandover(established=established), now)
 
     # --- constructors --------------------------------------------------------------------
 
@@ -164,14 +155,16 @@ class UdtConnection:
         config: UdtConfig = UdtConfig(),  # noqa: B008 - frozen, shared safely
     ) -> UdtConnection:
         """A regular connect to the listener at ``peer``."""
-        return cls._connecting(
-            HandshakeRole.CALLER,
-            [peer],
+        handshake = start_handshake(
+            HandshakeRole.CALLER, [peer], socket_id=socket_id, isn=isn, now=now, config=config
+        )
+        return cls(
             socket_id=socket_id,
-            isn=isn,
             now=now,
             random=random,
             config=config,
+            handshake=handshake,
+            established=None,
         )
 
     @classmethod
@@ -186,38 +179,13 @@ class UdtConnection:
         config: UdtConfig = UdtConfig(),  # noqa: B008 - frozen, shared safely
     ) -> UdtConnection:
         """A rendezvous connect toward every address in ``candidates``; the first heard wins."""
-        return cls._connecting(
+        handshake = start_handshake(
             HandshakeRole.RENDEZVOUS,
             candidates,
             socket_id=socket_id,
             isn=isn,
             now=now,
-            random=random,
             config=config,
-        )
-
-    @classmethod
-    def _connecting(
-        cls,
-        role: HandshakeRole,
-        candidates: Sequence[Endpoint],
-        *,
-        socket_id: int,
-        isn: int,
-        now: float,
-        random: Callable[[], float],
-        config: UdtConfig,
-    ) -> UdtConnection:
-        handshake = UdtHandshake(
-            role=role,
-            candidates=candidates,
-            socket_id=socket_id,
-            isn=isn,
-            now=now,
-            mss=config.mss,
-            flow_window=config.flow_window,
-            socket_type=config.socket_type,
-            timeout=config.connect_timeout,
         )
         return cls(
             socket_id=socket_id,
@@ -284,8 +252,8 @@ class UdtConnection:
     @property
     def send_space(self) -> int:
         """Bytes ``send()`` would accept now."""
-        if self._state is ConnectionState.CONNECTING:
-            return max(self._config.send_buffer_bytes - self._early_bytes, 0)
+        if self._connecting is not None:
+            return self._connecting.send_space
         if self._state is ConnectionState.CONNECTED and self._transfer is not None:
             return self._transfer.sender.send_space
         return 0
@@ -308,7 +276,7 @@ class UdtConnection:
     def send_buffer_bytes(self) -> int:
         """Bytes given to ``send()`` and not yet acknowledged."""
         if self._transfer is None:
-            return self._early_bytes
+            return 0 if self._connecting is None else self._connecting.buffered_bytes
         return self._transfer.sender.buffered_bytes
 
     @property
@@ -342,14 +310,8 @@ class UdtConnection:
             assert self._transfer is not None
             return self._transfer.sender.write(data, whole=self._message_mode, deadline=deadline)
         if state is ConnectionState.CONNECTING:
-            size = len(data)
-            space = self._config.send_buffer_bytes - self._early_bytes
-            if size == 0 or space <= 0 or (self._message_mode and size > space):
-                return 0
-            size = min(size, space)
-            self._early.append((bytes(data[:size]), deadline))
-            self._early_bytes += size
-            return size
+            assert self._connecting is not None
+            return self._connecting.send(data, deadline)
         raise LocalProtocolError(f"send() on a connection that is {state.value}")
 
     def next_event(self) -> UdtEvent | None:
@@ -452,8 +414,8 @@ class UdtConnection:
         """The next moment ``handle_timer`` (or pacing in ``datagrams_to_send``) has work."""
         state = self._state
         if state is ConnectionState.CONNECTING:
-            assert self._handshake is not None
-            return self._handshake.get_timer()
+            assert self._connecting is not None
+            return self._connecting.get_timer()
         if state is ConnectionState.CLOSED:
             return None
         transfer = self._transfer
@@ -469,9 +431,8 @@ class UdtConnection:
         self._now = now
         state = self._state
         if state is ConnectionState.CONNECTING:
-            assert self._handshake is not None
-            self._handshake.handle_timer(now)
-            self._poll_handshake(now)
+            assert self._connecting is not None
+            self._take_outcome(self._connecting.handle_timer(now), now)
             return
         if state is ConnectionState.CLOSED:
             return
@@ -498,57 +459,28 @@ class UdtConnection:
     # --- internals: the handshake ----------------------------------------------------------
 
     def _receive_connecting(self, data: bytes, addr: Endpoint, now: float) -> None:
-        handshake = self._handshake
-        assert handshake is not None
-        if len(data) < 16:
-            self._counters.malformed += 1
-            return
-        word0, _, _, destination = _HEADER.unpack_from(data)
-        if word0 & 0xFFFF0000 == _HANDSHAKE_WORD:
-            handshake.receive_datagram(data, addr, now)
-            self._poll_handshake(now)
-            return
-        if destination != self._socket_id:
-            self._counters.wrong_destination += 1
-            return
-        # Any packet of the connection, addressed to us, proves the peer connected (4.11
-        # takes data and keep-alives as proof; we take any packet). The handshake
-        # checks that it comes from the peer and that the peer's handshake was seen.
-        handshake.receive_datagram(self._proof, addr, now)
-        self._poll_handshake(now)
-        if self._state is ConnectionState.CONNECTING:
-            if len(self._held) < HOLD_LIMIT:
-                self._held.append((data, addr))
-                self._counters.held += 1
-            return
-        if self._state is not ConnectionState.CLOSED:
-            self.receive_datagram(data, addr, now)
+        assert self._connecting is not None
+        self._take_outcome(self._connecting.receive_datagram(data, addr, now), now)
 
-    def _poll_handshake(self, now: float) -> None:
-        handshake = self._handshake
-        assert handshake is not None
-        event = handshake.next_event()
-        if isinstance(event, HandshakeEstablished):
-            if handshake.role is HandshakeRole.CALLER:
-                # A caller never answers late handshakes; a rendezvous peer does (-2).
-                self._extra.extend(handshake.datagrams_to_send(now))
-                self._handshake = None
-            else:
-                # 4.11's side that connects on the peer's -1 stays silent, and the peer
-                # learns it is connected from the -2 that answers its next request, 250
-                # ms later (§4.6.3). Sent at once, the -2 saves those 250 ms; a peer
-                # already connected ignores it, so it cannot start a ping-pong.
-                self._answer = handshake.rendezvous_answer()
-            self._establish(event, now)
-        elif isinstance(event, HandshakeFailed):
+    def _take_outcome(
+        self, outcome: ConnectingHandover | HandshakeFailed | None, now: float
+    ) -> None:
+        if isinstance(outcome, ConnectingHandover):
+            self._establish(outcome, now)
+        elif isinstance(outcome, HandshakeFailed):
             self._handshake = None
             self._finish(
                 "handshake failed",
                 CloseReason.HANDSHAKE_FAILED,
-                f"{event.reason.value}: {event.detail}",
+                f"{outcome.reason.value}: {outcome.detail}",
             )
 
-    def _establish(self, established: HandshakeEstablished, now: float) -> None:
+    def _establish(self, handover: ConnectingHandover, now: float) -> None:
+        self._connecting = None
+        self._handshake = handover.handshake
+        self._answer = handover.answer
+        self._extra.extend(handover.trailing)
+        established = handover.established
         self._state = _TRANSITIONS[self._state, "established"]
         self._peer_socket_id = established.peer_socket_id
         self._peer_address = established.peer_address
@@ -568,13 +500,12 @@ class UdtConnection:
                 0,
             )
         )
-        for chunk, deadline in self._early:
+        for chunk, deadline in handover.early:
             transfer.sender.write(chunk, whole=self._message_mode, deadline=deadline)
-        self._early = []
-        self._early_bytes = 0
-        held, self._held = self._held, []
-        for data, addr in held:
+        for data, addr in handover.held:
             self.receive_datagram(data, addr, now)
+        if handover.proof is not None and self._state is not ConnectionState.CLOSED:
+            self.receive_datagram(*handover.proof, now)
 
     # --- internals: control packets ----------------------------------------------------------
 
@@ -599,7 +530,8 @@ class UdtConnection:
         elif isinstance(packet, KeepAlive):
             pass  # "the only purpose of keep-alive packet is to tell that the peer is still alive"
         elif isinstance(packet, Shutdown):
-            self._receive_shutdown(packet, len(transfer.receiver.loss))
+            reason, detail = peer_shutdown_reason(packet, len(transfer.receiver.loss))
+            self._finish("peer shutdown", reason, detail)
         elif isinstance(packet, Handshake):
             if self._handshake is not None:
                 self._handshake.receive_datagram(data, addr, now)
@@ -613,21 +545,6 @@ class UdtConnection:
             )
         else:
             self._counters.invalid += 1  # congestion warning, error signal, user-defined
-
-    def _receive_shutdown(self, packet: Shutdown, missing: int) -> None:
-        # UDT4's Shutdown says nothing of what was sent: a peer that closes with
-        # packets still missing here (or says it aborted) cut the stream short, and
-        # an application must not take the bytes it has for the whole (§4.8.7).
-        if packet.aborted:
-            self._finish("peer shutdown", CloseReason.PEER_ABORTED, "the peer aborted")
-        elif missing:
-            self._finish(
-                "peer shutdown",
-                CloseReason.PEER_ABORTED,
-                f"the peer closed with {missing} packets still missing",
-            )
-        else:
-            self._finish("peer shutdown", CloseReason.PEER_CLOSED, "the peer sent Shutdown")
 
     def _stray(self, data: bytes, addr: Endpoint, now: float, word0: int, destination: int) -> None:
         # A rendezvous peer's late handshake may still carry destination 0; answer it (-2).
@@ -643,27 +560,18 @@ class UdtConnection:
         self._counters.wrong_destination += 1
 
     def _receive_closed(self, data: bytes, addr: Endpoint, now: float) -> None:
-        # The peer still talks to a closed connection: its Shutdown was lost. Say it again.
-        if (
-            addr == self._peer_address
-            and self._peer_socket_id is not None
-            and len(data) >= 16
-            and now - self._last_shutdown_reply >= _SHUTDOWN_REPLY_INTERVAL
-        ):
-            word0, _, _, destination = _HEADER.unpack_from(data)
-            if destination == self._socket_id and word0 & 0xFFFF0000 != _SHUTDOWN_WORD:
-                self._last_shutdown_reply = now
-                self._send_shutdown(aborted=self._shutdown_aborted)
+        if self._peer_socket_id is not None:
+            self._extra += self._shutdown.reply(
+                data, addr, now, self._peer_address, self._peer_socket_id
+            )
 
     # --- internals: closing ------------------------------------------------------------------
 
     def _send_shutdown(self, *, aborted: bool = False) -> None:
-        if self._peer_socket_id is None or self._peer_address is None:
-            return
-        self._shutdown_aborted = aborted
-        shutdown = Shutdown(destination_socket_id=self._peer_socket_id, aborted=aborted)
-        packet = encode_packet(shutdown)
-        self._extra += [(packet, self._peer_address)] * SHUTDOWN_COPIES
+        if self._peer_socket_id is not None and self._peer_address is not None:
+            self._extra += self._shutdown.copies(
+                self._peer_address, self._peer_socket_id, aborted=aborted
+            )
 
     def _maybe_closed(self) -> None:
         transfer = self._transfer
@@ -705,8 +613,6 @@ class UdtConnection:
             transfer.receiver.clear()
             if reason is CloseReason.ABORTED:
                 transfer.out.clear()
-        self._early = []
-        self._early_bytes = 0
-        self._held = []
+        self._connecting = None
         self._handshake = None
         self._events.append((ConnectionClosed(reason=reason, detail=detail), 0))
