@@ -33,7 +33,6 @@ from wavesync_adapters.blocking.udt import UdtEndpoint
 from wavesync_adapters.blocking.verify import VerificationError, verify_server
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, PathKind
 
 WAIT = 20.0  # seconds any one step may take before the test fails
@@ -255,11 +254,6 @@ def test_a_udt_stream_with_a_wrong_session_is_rejected(services: Services) -> No
         assert refused.value.code == 403
     assert agent.counters.rejected == 1
     assert agent.counters.accepted["udp"] == 1
-
-
-def test_tunnels_are_refused_naming_the_anyio_adapter() -> None:
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        ServerAgent(system_id=uuid.uuid4(), server_id=uuid.uuid4(), key="k", tunnel="auto")
 
 
 def test_leaving_the_block_stops_every_thread_and_open_stream(services: Services) -> None:

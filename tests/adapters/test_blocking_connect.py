@@ -22,13 +22,13 @@ import anyio.from_thread
 import pytest
 
 from tests.daemons import free_udp_port, new_system, relay_and_mediator
+from wavesync_adapters._common import parse_tunnel_choice
 from wavesync_adapters.anyio.agent import AcceptedStream, ServerAgent
 from wavesync_adapters.blocking._net import SocketDatagramPort
 from wavesync_adapters.blocking.connect import ConnectError, open_udp_for, request_connection
 from wavesync_adapters.blocking.relay_client import RelayConnectError, open_relay_stream
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP
-from wavesync_proto.errors import LocalProtocolError
 
 WAIT = 20.0  # seconds any one blocking step may take before the test fails
 LOOPBACK = "127.0.0.1"
@@ -144,13 +144,17 @@ def test_a_silent_mediator_times_out() -> None:
     assert failure.value.code is None
 
 
-@pytest.mark.parametrize("option", ["tunnel", "http", "proxy"])
-def test_tunnels_are_refused_naming_the_anyio_adapter(option: str) -> None:
-    options: dict[str, Any] = {option: "auto"}
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        request_connection((LOOPBACK, 1), server_id=uuid.uuid4(), **options)
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        open_relay_stream((LOOPBACK, 1), server_id=uuid.uuid4(), tunnel="auto")
+def test_a_tunnel_to_nowhere_fails_each_call_plainly() -> None:
+    """Tunnel options are accepted (no more refusal): a tunnel that cannot open is the
+    TCP copy's loss (the request fails with the mediator's silence), and the relay
+    client's ``ConnectionError`` with the tunnel's reason."""
+    upgrade = parse_tunnel_choice("upgrade")
+    with pytest.raises(ConnectError):
+        request_connection(
+            (LOOPBACK, free_udp_port()), server_id=uuid.uuid4(), timeout=0.5, tunnel=upgrade
+        )
+    with pytest.raises(ConnectionError, match="upgrade tunnel: "):
+        open_relay_stream((LOOPBACK, 1), server_id=uuid.uuid4(), tunnel=upgrade, timeout=2)
 
 
 def test_the_relay_pairs_with_a_registered_server(services: Services) -> None:

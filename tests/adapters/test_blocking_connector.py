@@ -46,7 +46,6 @@ from wavesync_adapters.blocking.forward import (
     serve_local_port,
 )
 from wavesync_proto.addresses import Endpoint
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, PathKind
 
 DIRECT_AND_RELAYED = [PathKind.LAN, PathKind.TCP, PathKind.UDP, PathKind.RELAY]
@@ -234,14 +233,10 @@ def test_a_tcp_server_that_is_not_wavesync_fails_verification(services: Services
     assert f"tcp {impostor[0]}:{impostor[1]}" in str(failure.value)
 
 
-def test_tunnels_are_refused_naming_the_anyio_adapter() -> None:
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        Connector(server_id=uuid.uuid4(), tunnel="auto")
-
-
 def test_importing_the_blocking_connector_loads_no_async_runtime() -> None:
     probe = (
         "import sys, wavesync_adapters.blocking.connector, wavesync_adapters.blocking.forward\n"
+        "import wavesync_adapters.blocking.agent, wavesync_adapters.blocking.tunnel\n"
         "print(sorted({'asyncio', 'anyio', 'trio', 'sniffio'} & set(sys.modules)))"
     )
     result = subprocess.run(  # noqa: S603 - this interpreter with a fixed script

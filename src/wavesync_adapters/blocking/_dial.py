@@ -13,16 +13,56 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
-from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMemory
+from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelLocation, TunnelMemory
 
 from .._common import AUTO, TunnelChoice, parse_tunnel_choice
 from .tunnel import ALL_KINDS, TunnelError, open_tunnel, probe_tunnel
 
-__all__ = ["AUTO", "Dialer", "TunnelChoice", "dialer_for", "parse_tunnel_choice"]
+__all__ = [
+    "AUTO",
+    "Dialer",
+    "SharedTunnelMemory",
+    "TunnelChoice",
+    "dialer_for",
+    "parse_tunnel_choice",
+]
+
+
+class SharedTunnelMemory(TunnelMemory):
+    """A ``TunnelMemory`` that threads share: each probe (the listen session's, every
+    standby's, a connector's mediator and relay attempts) runs in its own thread and
+    reads and writes the one memory; a lock makes each of its calls whole."""
+
+    def __init__(self, *, capacity: int = 1024, demotion: float = 600.0) -> None:
+        super().__init__(capacity=capacity, demotion=demotion)
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return super().__len__()
+
+    def winner(self, location: TunnelLocation) -> TunnelKind | None:
+        with self._lock:
+            return super().winner(location)
+
+    def demoted(self, location: TunnelLocation, now: float) -> dict[TunnelKind, str]:
+        with self._lock:
+            return super().demoted(location, now)
+
+    def record_validated(self, location: TunnelLocation, kind: TunnelKind) -> None:
+        with self._lock:
+            super().record_validated(location, kind)
+
+    def record_failed(
+        self, location: TunnelLocation, kind: TunnelKind, reason: str, now: float
+    ) -> None:
+        with self._lock:
+            super().record_failed(location, kind, reason, now)
 
 
 @dataclass(kw_only=True)
@@ -40,7 +80,7 @@ class Dialer:
     proxy: ProxyConfig | None = None
     ssl_context: ssl.SSLContext | None = None
     kinds: Sequence[TunnelKind] = ALL_KINDS
-    memory: TunnelMemory = field(default_factory=TunnelMemory)
+    memory: TunnelMemory = field(default_factory=SharedTunnelMemory)
     #: The kind of the last tunnel opened (None: plain TCP, or none yet).
     last_kind: TunnelKind | None = None
 
@@ -104,5 +144,5 @@ def dialer_for(
         target=target,
         proxy=proxy,
         ssl_context=ssl_context,
-        memory=memory if memory is not None else TunnelMemory(),
+        memory=memory if memory is not None else SharedTunnelMemory(),
     )

@@ -39,8 +39,9 @@ from wavesync_proto.udt.connection_types import UdtConfig
 
 from .._common import AgentCounters, advertised_endpoint, parse_target
 from ..errors import UdtConnectError, VerificationError
+from ._dial import SharedTunnelMemory, TunnelChoice
 from .lan import LanResponder
-from .listen import JOIN_TIMEOUT, STOP_POLL, MediatorListener, refuse_tunnels
+from .listen import JOIN_TIMEOUT, STOP_POLL, MediatorListener
 from .relay_agent import RelayAgent, RelayTunnelInfo
 from .udt import UdtEndpoint
 from .verify import answer_client
@@ -113,20 +114,23 @@ class ServerAgent:
         rendezvous_timeout: float = 10.0,
         max_streams: int = 1024,
         udt_config: UdtConfig | None = None,
-        tunnel: str | None = None,
+        tunnel: TunnelChoice | None = None,
         mediator_http: str | None = None,
         proxy: ProxyConfig | None = None,
     ) -> None:
-        """The anyio agent's arguments and defaults (see ``anyio.agent.ServerAgent``);
-        ``tunnel``, ``mediator_http`` and ``proxy`` are refused with
-        ``LocalProtocolError``: HTTP tunnels need ``--adapter anyio``."""
-        refuse_tunnels(tunnel=tunnel, mediator_http=mediator_http, proxy=proxy)
+        """The anyio agent's arguments and defaults (see ``anyio.agent.ServerAgent``).
+        ``tunnel``: the listen session and the standby connections ride HTTP tunnels
+        of that kind, or the one the probe picks (``"auto"``), through ``proxy`` when
+        given; the mediator's at its HTTP face ``mediator_http`` (docs/tunnel.md).
+        UDP (the ack, the punching) is never tunnelled."""
         if verify_timeout <= 0 or hole_linger < 0 or max_punch_sockets < 1 or max_streams < 1:
             raise LocalProtocolError("timeouts and limits must be positive")
         punch_config = udt_config or UdtConfig()
         if punch_config.connect_timeout is None:
             punch_config = dataclasses.replace(punch_config, connect_timeout=rendezvous_timeout)
         self.system_id, self.server_id, self._key = system_id, server_id, key
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        self._tunnel_memory = SharedTunnelMemory()
         self.mediator = mediator
         self.relays = tuple(relays)
         self._relay_endpoints = tuple(parse_target(url) for url in self.relays)
@@ -192,6 +196,10 @@ class ServerAgent:
                     server_id=self.server_id,
                     system_key=self._key,
                     local_endpoints=self.advertised,
+                    tunnel=self._tunnel,
+                    http=self._mediator_http,
+                    proxy=self._proxy,
+                    tunnel_memory=self._tunnel_memory,
                 )
                 self.listener.start()
                 stack.callback(self.listener.close)
@@ -203,6 +211,9 @@ class ServerAgent:
                     server_id=self.server_id,
                     key=self._key,
                     target=self._standby_count,
+                    tunnel=self._tunnel,
+                    proxy=self._proxy,
+                    tunnel_memory=self._tunnel_memory,
                 )
                 self.relay_agents.append(agent)
                 agent.start(self._relay_tunnel)

@@ -15,6 +15,7 @@ import errno
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -22,10 +23,11 @@ from typing import Any
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import ConnectError
+from ._dial import Dialer, TunnelChoice, dialer_for
 from ._net import DatagramPort, SocketDatagramPort, resolve
-from .relay_client import refuse_tunnels
 
 __all__ = ["ConnectError", "request_connection"]
 
@@ -57,11 +59,11 @@ def request_connection(
     system_id: uuid.UUID | None = None,
     udp: DatagramPort | None = None,
     timeout: float = 10.0,
-    tunnel: object | None = None,
+    tunnel: TunnelChoice | None = None,
     http: str | None = None,
-    proxy: object | None = None,
-    ssl_context: object | None = None,
-    tunnel_memory: object | None = None,
+    proxy: ProxyConfig | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> ConnectSucceeded:
     """Ask the mediator for a server (by id, or any online server of a system).
 
@@ -71,11 +73,20 @@ def request_connection(
     anyone but the mediator are dropped while the request runs. Raises ``ConnectError``
     when the mediator says no or nothing answered within ``timeout`` seconds.
 
-    ``tunnel``, ``http``, ``proxy``, ``ssl_context`` and ``tunnel_memory`` exist for parity
-    with the anyio adapter and are refused (``LocalProtocolError``): use ``--adapter anyio``.
+    ``tunnel`` sends the TCP copy through an HTTP tunnel of that kind (or the
+    one the probe picks: ``"auto"``) to the mediator's HTTP face ``http``
+    (default: ``mediator``), through ``proxy`` when given; the UDP copy still
+    goes to ``mediator``. ``tunnel_memory`` keeps the probe's winner between
+    requests. The tunnel opens in a named thread of its own, so the UDP copy is
+    not held up by it.
     """
-    refuse_tunnels(
-        tunnel=tunnel, http=http, proxy=proxy, ssl_context=ssl_context, tunnel_memory=tunnel_memory
+    dialer = dialer_for(
+        mediator,
+        tunnel=tunnel,
+        target=http,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=tunnel_memory,
     )
     target = resolve(mediator)
     request = ConnectRequest(
@@ -85,7 +96,7 @@ def request_connection(
     port = udp if own_socket is None else SocketDatagramPort(own_socket)
     assert port is not None  # exactly one of the two is set
     try:
-        _Exchange(request, port, target).run()
+        _Exchange(request, port, target, dialer, timeout).run()
     finally:
         if own_socket is not None:
             own_socket.close()
@@ -95,8 +106,20 @@ def request_connection(
 class _Exchange:
     """One request's two copies, on one selector in the calling thread."""
 
-    def __init__(self, request: ConnectRequest, port: DatagramPort, target: Endpoint) -> None:
+    def __init__(
+        self,
+        request: ConnectRequest,
+        port: DatagramPort,
+        target: Endpoint,
+        dialer: Dialer,
+        timeout: float,
+    ) -> None:
         self.request = request
+        self.dialer = dialer
+        self.timeout = timeout
+        #: A tunnel's opener thread hands its socket (or its failure) over through these.
+        self.tunnel_ready: socket.socket | OSError | None = None
+        self.over = False
         self.port = port
         self.target = target
         self.sid = request.connect_session_id.hex()[:12]
@@ -124,7 +147,15 @@ class _Exchange:
                 )
                 reader.start()
             try:
-                self._open_tcp(selector)
+                if self.dialer.tunnel is None:
+                    self._open_tcp(selector)
+                else:
+                    threading.Thread(
+                        target=self._open_tunnel,
+                        args=(wake_in,),
+                        name=f"wavesync-connect-tunnel-{self.sid}",
+                        daemon=True,  # holds no data: a socket it opens late, it closes
+                    ).start()
                 while True:
                     with self.lock:
                         if request.done:
@@ -139,6 +170,12 @@ class _Exchange:
                         request.handle_timer(time.monotonic())
             finally:
                 stop.set()
+                with self.lock:
+                    self.over = True
+                    late = self.tunnel_ready
+                    self.tunnel_ready = None
+                if isinstance(late, socket.socket):
+                    late.close()
                 if reader is not None:
                     reader.join()
                 if self.tcp is not None:
@@ -189,6 +226,7 @@ class _Exchange:
         if key.data == "wake":
             with contextlib.suppress(BlockingIOError):
                 key.fileobj.recv(4096)  # type: ignore[union-attr]
+            self._take_tunnel(selector)
         elif key.data == "udp":
             assert isinstance(self.port, SocketDatagramPort)
             for _ in range(64):  # a flood must not starve the TCP copy
@@ -202,6 +240,36 @@ class _Exchange:
                 self._datagram(data, source)
         elif key.data == "tcp":
             self._tcp_ready(selector, events)
+
+    def _open_tunnel(self, wake: socket.socket) -> None:
+        """The opener thread: a tunnel to the mediator's HTTP face (a probe when "auto")."""
+        try:
+            opened: socket.socket | OSError = self.dialer.open(self.timeout)
+        except OSError as exc:
+            opened = exc
+        with self.lock:
+            if not self.over:
+                self.tunnel_ready = opened
+                opened = OSError("taken")
+        if isinstance(opened, socket.socket):
+            opened.close()  # the request ended while the tunnel opened
+        with contextlib.suppress(OSError):
+            wake.send(b"\0")
+
+    def _take_tunnel(self, selector: selectors.BaseSelector) -> None:
+        with self.lock:
+            opened, self.tunnel_ready = self.tunnel_ready, None
+        if opened is None:
+            return
+        if isinstance(opened, OSError):
+            self._tcp_lost(selector, opened)
+            return
+        log.debug("connect %s: TCP copy through %s", self.sid, self.dialer.describe())
+        self.tcp = opened
+        self.tcp_connected = True
+        opened.setblocking(False)
+        self.tcp_outgoing = self.request.tcp_data_to_send()
+        selector.register(opened, selectors.EVENT_WRITE, "tcp")
 
     def _tcp_ready(self, selector: selectors.BaseSelector, events: int) -> None:
         tcp = self.tcp

@@ -51,14 +51,16 @@ from wavesync_proto.race import (
     StartLanSearch,
 )
 from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedOut
+from wavesync_proto.tunnel import ProxyConfig
 from wavesync_proto.udt.connection_types import UdtConfig
 
 from .._common import describe_failure, parse_target
 from ..errors import PathRaceError, VerificationError
+from ._dial import SharedTunnelMemory, TunnelChoice
 from ._net import resolve, run_transaction
 from .connect import ConnectError, request_connection
 from .lan import search_lan
-from .relay_client import RelayConnectError, open_relay_stream, refuse_tunnels
+from .relay_client import RelayConnectError, open_relay_stream
 from .udt import UdtEndpoint
 from .verify import verify_server
 
@@ -138,12 +140,16 @@ class Connector:
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
         hole_linger: float = 20.0,
         udt_config: UdtConfig | None = None,
-        tunnel: object | None = None,
+        tunnel: TunnelChoice | None = None,
         mediator_http: str | None = None,
-        proxy: object | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
-        """``tunnel``, ``mediator_http`` and ``proxy`` exist for parity with the anyio
-        adapter and are refused (``LocalProtocolError`` naming ``--adapter anyio``).
+        """``tunnel``: the TCP copy of the connect request and the relay sessions ride
+        HTTP tunnels of that kind, or the one the probe picks (``"auto"``, remembered
+        for later connects in one ``TunnelMemory`` per connector), through ``proxy``
+        when given; the mediator's at its HTTP face ``mediator_http``. Direct TCP, LAN
+        and UDT are never tunnelled. A relayed ``Connection.sock`` is then the tunnel's
+        socket (one end of a pair its thread pumps).
 
         ``relay_grace`` (0.1 s): how long a verified relay stream waits for a direct
         path still under way before it wins (wavesync_proto.race).
@@ -151,12 +157,13 @@ class Connector:
         ``hole_linger`` (20 s) is shorter than the agent's (30 s) on purpose: the client
         lets an idle hole go first, so a reuse never waits out a connect timeout
         against a socket the agent already closed."""
-        refuse_tunnels(tunnel=tunnel, mediator_http=mediator_http, proxy=proxy)
         if (server_id is None) == (system_id is None):
             raise LocalProtocolError("name exactly one of server_id and system_id")
         if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:
             raise LocalProtocolError("timeouts must be positive")
         self.server_id, self.system_id = server_id, system_id
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        self._tunnel_memory = SharedTunnelMemory()
         self.mediator = mediator
         self.relays = tuple(relays)
         self.paths = paths
@@ -499,6 +506,10 @@ class _RaceRun:
                 system_id=connector.system_id,
                 udp=hole.endpoint.datagram_port(),
                 timeout=connector._deadline,
+                tunnel=connector._tunnel,
+                http=connector._mediator_http,
+                proxy=connector._proxy,
+                tunnel_memory=connector._tunnel_memory,
             )
         except (ConnectError, OSError) as exc:
             reason = str(exc)
@@ -573,6 +584,9 @@ class _RaceRun:
                 server_id=self.server_id,
                 system_id=None if self.server_id else self.connector.system_id,
                 timeout=timeout,
+                tunnel=self.connector._tunnel,
+                proxy=self.connector._proxy,
+                tunnel_memory=self.connector._tunnel_memory,
             )
             return relayed.sock, None, None
         if hole is None:  # the race offers UDP only after a connect response

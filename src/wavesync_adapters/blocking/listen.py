@@ -37,9 +37,10 @@ from wavesync_proto.stun.transaction import TransactionTimedOut
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import RegistrationError
+from ._dial import TunnelChoice, dialer_for
 from ._net import DatagramPort, resolve, run_transaction
 
-__all__ = ["ListenerEvent", "MediatorListener", "RegistrationError", "refuse_tunnels"]
+__all__ = ["ListenerEvent", "MediatorListener", "RegistrationError"]
 
 log = logging.getLogger("wavesync.listen")
 
@@ -54,15 +55,6 @@ STOP_POLL = 0.2
 JOIN_TIMEOUT = 5.0
 
 ListenerEvent = ConnectionRequestReceived | ClientUdpEndpointLearned
-
-
-def refuse_tunnels(**options: object) -> None:
-    """HTTP tunnels and proxies are the anyio adapter's alone this session: refuse them."""
-    given = sorted(name for name, value in options.items() if value is not None)
-    if given:
-        raise LocalProtocolError(
-            f"the blocking adapter has no HTTP tunnels ({', '.join(given)}): use --adapter anyio"
-        )
 
 
 class MediatorListener:
@@ -84,17 +76,25 @@ class MediatorListener:
         forwarded_endpoints: Sequence[Endpoint] = (),
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
-        tunnel: str | None = None,
+        tunnel: TunnelChoice | None = None,
         http: str | None = None,
         proxy: ProxyConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         tunnel_memory: TunnelMemory | None = None,
     ) -> None:
-        """The anyio listener's arguments; ``tunnel``, ``http``, ``proxy`` and
-        ``ssl_context`` (the HTTP tunnel's) are refused with ``LocalProtocolError``:
-        the mediator is reached over plain TCP. ``tunnel_memory`` is accepted and
-        unused. ``connect_timeout`` bounds a TCP connect and each send."""
-        refuse_tunnels(tunnel=tunnel, http=http, proxy=proxy, ssl_context=ssl_context)
+        """The anyio listener's arguments. ``tunnel``: reach the mediator through an
+        HTTP tunnel of that kind, or the one the probe picks (``"auto"``), at its HTTP
+        face ``http`` (``host:port`` or a URL; default: ``mediator``), through
+        ``proxy`` when given; None: plain TCP. ``connect_timeout`` bounds a TCP
+        connect or a tunnel's opening (a probe: three times that), and each send."""
+        self.dialer = dialer_for(
+            mediator,
+            tunnel=tunnel,
+            target=http,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
+        )
         if connect_timeout <= 0:
             raise LocalProtocolError("connect_timeout must be positive")
         self.mediator = mediator
@@ -246,9 +246,9 @@ class MediatorListener:
                     session.handle_timer(time.monotonic())
                 continue
             try:
-                sock = socket.create_connection(self.mediator, timeout=self._connect_timeout)
+                sock = self.dialer.open(self._connect_timeout)
             except OSError as exc:
-                log.info("mediator %s unreachable: %s", format_endpoint(self.mediator), exc)
+                log.info("mediator %s unreachable: %s", self.dialer.describe(), exc)
                 with self._lock:
                     session.connection_lost(time.monotonic())
             else:

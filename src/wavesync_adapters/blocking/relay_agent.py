@@ -41,7 +41,8 @@ from wavesync_proto.relay.standby_pool import StandbyPool
 from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from .._common import RelayTunnelInfo
-from .listen import JOIN_TIMEOUT, STOP_POLL, refuse_tunnels
+from ._dial import TunnelChoice, dialer_for
+from .listen import JOIN_TIMEOUT, STOP_POLL
 
 __all__ = ["RelayAgent", "RelayTunnelInfo", "TunnelHandler"]
 
@@ -67,18 +68,25 @@ class RelayAgent:
         relay_host: str | None = None,
         target: int = 7,
         handshake_timeout: float = 10.0,
-        tunnel: str | None = None,
+        tunnel: TunnelChoice | None = None,
         proxy: ProxyConfig | None = None,
         tunnel_target: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         tunnel_memory: TunnelMemory | None = None,
     ) -> None:
-        """The anyio agent's arguments; ``tunnel``, ``proxy``, ``tunnel_target`` and
-        ``ssl_context`` are refused with ``LocalProtocolError`` (plain TCP only);
-        ``tunnel_memory`` is accepted and unused. ``handshake_timeout`` also bounds a
-        TCP connect and each send."""
-        refuse_tunnels(
-            tunnel=tunnel, proxy=proxy, tunnel_target=tunnel_target, ssl_context=ssl_context
+        """The anyio agent's arguments. ``tunnel``: each standby connection rides an
+        HTTP tunnel of that kind, or the one the probe picks (``"auto"``), to the
+        relay's own port (or ``tunnel_target``), through ``proxy`` when given; None:
+        plain TCP. ``handshake_timeout`` also bounds a TCP connect or a tunnel's
+        opening, and each send. A tunnelled standby is handed over as the tunnel's
+        socket (one end of a pair its thread pumps)."""
+        self.dialer = dialer_for(
+            relay,
+            tunnel=tunnel,
+            target=tunnel_target,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
         )
         self.relay = relay
         self._relay_host = relay_host or format_endpoint(relay)
@@ -182,9 +190,9 @@ class RelayAgent:
     def _standby(self, attempt_id: int) -> None:
         pool = self.pool
         try:
-            sock = socket.create_connection(self.relay, timeout=self._handshake_timeout)
+            sock = self.dialer.open(self._handshake_timeout)
         except OSError as exc:
-            log.info("relay %s unreachable: %s", format_endpoint(self.relay), exc)
+            log.info("relay %s unreachable: %s", self.dialer.describe(), exc)
             self._report(lambda now: pool.attempt_failed(attempt_id, now))
             return
         handed_over = False

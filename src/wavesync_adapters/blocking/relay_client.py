@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.relay.client import (
     RelayConnect,
     RelayConnectEvent,
@@ -24,10 +24,12 @@ from wavesync_proto.relay.client import (
     RelayPaired,
     RelayRedirected,
 )
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import RelayConnectError
+from ._dial import TunnelChoice, dialer_for
 
-__all__ = ["RelayConnectError", "RelayTunnel", "open_relay_stream", "refuse_tunnels"]
+__all__ = ["RelayConnectError", "RelayTunnel", "open_relay_stream"]
 
 _RECEIVE_BYTES = 65536
 #: Where an HTTP head ends (RFC 9112 §2.1): every byte before this is the relay's answer.
@@ -43,16 +45,6 @@ class RelayTunnel:
     server_id: uuid.UUID
 
 
-def refuse_tunnels(**options: object) -> None:
-    """HTTP tunnels and proxies stay with the anyio adapter this release: say so plainly."""
-    named = sorted(name for name, value in options.items() if value is not None)
-    if named:
-        raise LocalProtocolError(
-            f"the blocking adapter has no HTTP tunnels or proxies ({', '.join(named)}): "
-            "use --adapter anyio"
-        )
-
-
 def open_relay_stream(
     relay: Endpoint,
     *,
@@ -60,11 +52,11 @@ def open_relay_stream(
     system_id: uuid.UUID | None = None,
     relay_host: str | None = None,
     timeout: float = 10.0,
-    tunnel: object | None = None,
-    proxy: object | None = None,
+    tunnel: TunnelChoice | None = None,
+    proxy: ProxyConfig | None = None,
     tunnel_target: str | None = None,
-    ssl_context: object | None = None,
-    tunnel_memory: object | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> RelayTunnel:
     """Ask the relay at ``relay`` for ``server_id`` (or any server of ``system_id``).
 
@@ -72,15 +64,21 @@ def open_relay_stream(
     ``RelayConnectError`` when the relay refuses, redirects, or does not answer
     within ``timeout`` seconds, and ``OSError`` when it cannot be reached. The
     returned socket is blocking, without a timeout, and carries the server's bytes
-    from the first one on. ``tunnel``, ``proxy``, ``tunnel_target``, ``ssl_context``
-    and ``tunnel_memory`` exist for parity with the anyio adapter and are refused.
+    from the first one on.
+
+    ``tunnel`` carries the session in an HTTP tunnel of that kind, or the one the
+    probe picks (``"auto"``, remembered in ``tunnel_memory``), to the relay's own
+    port (or ``tunnel_target``), through ``proxy`` when given; None: plain TCP.
+    The socket is then one end of a pair the tunnel's thread pumps (a real socket all
+    the same: the answer's head is read from it byte-exact like a TCP one's).
     """
-    refuse_tunnels(
+    dialer = dialer_for(
+        relay,
         tunnel=tunnel,
+        target=tunnel_target,
         proxy=proxy,
-        tunnel_target=tunnel_target,
         ssl_context=ssl_context,
-        tunnel_memory=tunnel_memory,
+        memory=tunnel_memory,
     )
     host_header = relay_host or format_endpoint(relay)
     connect = RelayConnect(
@@ -90,9 +88,10 @@ def open_relay_stream(
         system_id=system_id,
         timeout=timeout,
     )
-    sock = socket.create_connection(relay, timeout=timeout)
+    sock = dialer.open(timeout)  # an opening tunnel has its own budget
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = _handshake(sock, connect)
         if isinstance(result, RelayPaired) and result.first_bytes:
             # Cannot happen: only the head is ever taken from the socket.
