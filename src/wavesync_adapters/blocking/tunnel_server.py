@@ -82,6 +82,8 @@ class _Leg:
         self.read_eof = False
         self.half_closed = False
         self.closed = False
+        #: The loop's callback for this socket (one object, so re-watching is cheap).
+        self.ready: Callable[[int], None] = lambda mask: None
 
     @classmethod
     def accept(cls, sock: socket.socket, context: ssl.SSLContext | None) -> _Leg:
@@ -319,8 +321,8 @@ class TunnelServer:
         pending = _Pending(self, leg, remote, deadline)
         self._pending[key] = pending
         self._deadlines.add(deadline, key)
-        callback = functools.partial(self._pending_ready, key)
-        self._loop.watch(sock, EVENT_READ, callback)
+        leg.ready = functools.partial(self._pending_ready, key)
+        self._loop.watch(sock, EVENT_READ, leg.ready)
         if first:
             self._request_bytes(key, pending, first)
 
@@ -366,7 +368,7 @@ class TunnelServer:
                 self._drop(pending)
                 return
         events = EVENT_READ | (EVENT_WRITE if leg.out else 0)
-        self._loop.watch(leg.sock, events, functools.partial(self._pending_ready, key))
+        self._loop.watch(leg.sock, events, leg.ready)
 
     def _request_bytes(self, key: int, pending: _Pending, data: bytes) -> None:
         if pending.reader is None and not starts_http(data):
@@ -437,6 +439,7 @@ class TunnelServer:
         key = next(self._ids)
         pending = _Pending(self, leg, remote, self._loop.clock() + CLOSE_LINGER)
         self._pending[key] = pending
+        leg.ready = functools.partial(self._pending_ready, key)
         self._refuse(key, pending, response)
 
     # --- tunnels ------------------------------------------------------------------------------
@@ -525,7 +528,8 @@ class _Tunnel:
         self.machine = machine
         self.kind = kind
         self.tunnel_id = tunnel_id
-        self.legs: dict[int, _Leg] = {0: leg}
+        self.legs: dict[int, _Leg] = {}
+        self._own(0, leg)
         self._shut: set[int] = set()
         self.failure: TunnelFailed | None = None
         self._echo: EchoReader | None = EchoReader()
@@ -538,12 +542,16 @@ class _Tunnel:
         self.linger_until: float | None = None
         self.finished = False
 
+    def _own(self, number: int, leg: _Leg) -> None:
+        leg.ready = functools.partial(self._ready, number)
+        self.legs[number] = leg
+
     def attach(self, outer: socket.socket) -> None:
         self._outer = outer
         self.pump()
 
     def add_leg(self, number: int, leg: _Leg) -> None:
-        self.legs[number] = leg
+        self._own(number, leg)
 
     # --- moving bytes ------------------------------------------------------------------------
 
@@ -704,14 +712,14 @@ class _Tunnel:
         loop = self._loop
         room = len(self._to_pair) < HIGH_WATER
         pending_out = 0
-        for number, leg in self.legs.items():
+        for leg in self.legs.values():
             if leg.closed:
                 continue
             pending_out += len(leg.out)
             events = EVENT_WRITE if leg.out else 0
             if room and not leg.read_eof:
                 events |= EVENT_READ
-            loop.watch(leg.sock, events, functools.partial(self._ready, number))
+            loop.watch(leg.sock, events, leg.ready)
         outer = self._outer
         if outer is not None:
             events = EVENT_WRITE if self._to_pair else 0
