@@ -14,21 +14,29 @@ import os
 import socket
 import ssl
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.client import HTTPConnection
+from pathlib import Path
 
 import anyio
 import pytest
 import trustme
 
 from tests.adapters.tunnels import echo_server
+from tests.daemons import RELAY_READY, new_system, wavesync_daemon
 from tests.squid import DEFAULT, PERMISSIVE, Squid, squid_binary, squid_proxy
+from wavesync_adapters._common import AUTO
+from wavesync_adapters.blocking.agent import AcceptedStream, ServerAgent
+from wavesync_adapters.blocking.connector import Connector
 from wavesync_adapters.blocking.tunnel import (
     ALL_KINDS,
     TunnelError,
     open_tunnel,
     probe_tunnel,
 )
+from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelLocation, TunnelMemory
 
 WAIT = 30.0
@@ -311,3 +319,90 @@ def test_getpost_through_default_squid_ends_cleanly_both_ways(squids: dict[str, 
         with open_tunnel(f"{host}:{port}", GETPOST, proxy=proxy) as sock:
             payload = os.urandom(3 << 20)
             assert round_trip(sock, payload) == payload
+
+
+# --- a whole blocking server agent and client behind Debian-default squid ----------------------
+
+MEDIATOR_READY = (
+    r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+),"
+    r" http (?P<http_host>[\d.]+):(?P<http_port>\d+)"
+)
+PAGE = b"<h1>through squid, a tunnel and the relay</h1>\n" * 1000
+
+
+def serve_echo_or_page(accepted: AcceptedStream) -> None:
+    """A GET gets ``PAGE`` (http.client's test); anything else is echoed to its end."""
+    sock = accepted.sock
+    sock.settimeout(WAIT)
+    first = sock.recv(4, socket.MSG_PEEK)
+    if first == b"GET ":
+        with sock.makefile("rb") as request:
+            while request.readline() not in (b"\r\n", b""):
+                pass
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(PAGE)}\r\n\r\n".encode()
+        sock.sendall(head + PAGE)
+        return
+    while data := sock.recv(1 << 16):
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+@needs_squid
+def test_blocking_agent_and_connector_behind_default_squid_meet_through_the_relay(
+    tmp_path: Path,
+) -> None:
+    """Told only ``tunnel="auto"`` and the proxy, the blocking agent's listen session and
+    standby pool and the blocking client's connect request and relay session each find
+    the one method Debian's default squid passes (getpost) and reach the REAL mediator's
+    HTTP face and relay (anyio daemons); the relayed socket carries bytes exactly and
+    serves ``http.client``."""
+    path, system_id, key = new_system(tmp_path, "behind-squid")
+    with (
+        squid_proxy(tmp_path, DEFAULT) as squid,
+        wavesync_daemon(
+            "relay", "--listen", "127.0.0.1:0", "--systems", str(path), "--standby-count", "3",
+            ready=RELAY_READY,
+        ) as (_, relay),
+    ):  # fmt: skip
+        relay_url = f"http://127.0.0.1:{relay['port']}"
+        with wavesync_daemon(
+            "mediator", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
+            "--systems", str(path), "--relay-url", relay_url, ready=MEDIATOR_READY,
+        ) as (_, mediator):  # fmt: skip
+            mediator_endpoint = ("127.0.0.1", int(mediator["port"]))
+            http_face = f"127.0.0.1:{mediator['http_port']}"
+            proxy = ProxyConfig.from_url(squid.url)
+            server_id = uuid.uuid4()
+            agent = ServerAgent(
+                system_id=system_id, server_id=server_id, key=key, mediator=mediator_endpoint,
+                relays=(relay_url,), tcp_listen=("127.0.0.1", 0), udp_host="127.0.0.1",
+                lan=False, standby_count=2, tunnel=AUTO, mediator_http=http_face, proxy=proxy,
+            )  # fmt: skip
+            payload = b"\x00" + os.urandom(512 * 1024)
+            with agent.running(serve_echo_or_page):
+                agent.wait_ready(WAIT)
+                with Connector(
+                    server_id=server_id, mediator=mediator_endpoint,
+                    paths=frozenset({PathKind.RELAY}), lan=False, tunnel=AUTO,
+                    mediator_http=http_face, proxy=proxy,
+                ) as client:  # fmt: skip
+                    connection = client.connect()
+                    with connection.sock:
+                        echoed = round_trip(connection.sock, payload)
+                    page = client.connect()
+                    with page.sock:
+                        http = HTTPConnection("wavesync.invalid", timeout=WAIT)
+                        http.sock = page.sock
+                        http.request("GET", "/")
+                        answer = http.getresponse()
+                        body = answer.read()
+                    assert agent.listener is not None
+                    listen_kind = agent.listener.dialer.last_kind
+                    standby_kind = agent.relay_agents[0].dialer.last_kind
+    assert connection.path is PathKind.RELAY
+    assert connection.target == f"relay {relay_url}"  # learned from the mediator
+    assert echoed == payload
+    assert (answer.status, body) == (200, PAGE)
+    # Behind Debian's default rules only getpost passes: every probe chose it.
+    assert listen_kind == GETPOST
+    assert standby_kind == GETPOST
