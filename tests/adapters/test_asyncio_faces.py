@@ -11,13 +11,14 @@ what the core's ``TunnelRequestReader`` says to answer. Every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.service import MediatorService
 from wavesync_proto.tunnel import (
+    GetPostClient,
+    GetPostRegistry,
     ProxyConfig,
     RequestRejected,
     TunnelKind,
@@ -495,3 +498,72 @@ async def test_a_server_and_a_client_behind_default_squid_meet_through_the_async
     # Behind Debian's default rules only getpost passes: the probes all chose it.
     assert listener.dialer.last_kind == GETPOST
     assert agent.dialer.last_kind == GETPOST
+
+
+# --- timeouts, uvloop, and the relay stopping with tunnels open ------------------------------
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_getpost_get_without_its_post_and_a_silent_connection_are_closed_in_time() -> None:
+    registry = GetPostRegistry(first_post_timeout=0.2)
+    server = TunnelServer(echo_handler, registry=registry, handshake_timeout=0.2)
+    assert server.registry is registry  # an empty registry is falsy: not replaced
+    # Well before the defaults (10 s each): a close that waits for them fails the test.
+    soon = 5.0
+    with in_thread(server.serve) as thread:
+        assert server.bound is not None
+        machine = GetPostClient(host="127.0.0.1", port=server.bound[1], tunnel_id=os.urandom(16))
+
+        def exchange() -> tuple[bytes, bytes]:
+            with socket.create_connection(server.bound, timeout=soon) as get:  # type: ignore[arg-type]
+                get.sendall(machine.data_to_send(0))
+                answered = read_until_closed(get)  # the 200's head, then the close
+            with socket.create_connection(server.bound, timeout=soon) as silent:  # type: ignore[arg-type]
+                said = read_until_closed(silent)
+            return answered, said
+
+        answered, said = await anyio.to_thread.run_sync(exchange)
+        live = thread.call(lambda: len(server.registry))
+    assert answered.startswith(b"HTTP/1.1 200"), answered[:100]
+    assert said == b""
+    assert live == 0  # released once its GET connection was closed
+
+
+def uvloop_or_skip() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        pytest.skip("uvloop is not installed: the faces run on the default loop only")
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return new_loop
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_relays_face_runs_on_uvloop_and_stopping_closes_open_tunnels() -> None:
+    payload = os.urandom(1_000_000)
+    server_id = uuid.uuid4()
+    with asyncio_relay(new_loop=uvloop_or_skip()) as relay:
+        async with running_agent(
+            relay.address, relay.system_id, relay.key, kind("websocket"), server_id
+        ) as agent:
+            with anyio.fail_after(WAIT):
+                await agent.wait_for_idle(2)
+                relayed = await open_relay_stream(
+                    relay.address, server_id=server_id, tunnel=kind("getpost")
+                )
+                async with relayed.stream:
+                    echoed = await round_trip(relayed.stream, payload, block=16384)
+            open_tunnels = relay.thread.call(lambda: len(relay.daemon.tunnels._tunnels))
+            relay.thread.stop()  # with two standby tunnels still open
+            left = len(relay.daemon.tunnels._tunnels)
+    assert echoed == payload
+    assert open_tunnels >= 2
+    assert left == 0

@@ -112,7 +112,8 @@ class TunnelServer:
         self._on_socket = on_socket
         self._ssl_context = ssl_context
         self.limits = limits or TunnelLimits()
-        self.registry = registry or GetPostRegistry(limits=self.limits)
+        # ``is None``, not ``or``: an empty registry has no tunnels, so it is falsy.
+        self.registry = GetPostRegistry(limits=self.limits) if registry is None else registry
         self._handshake_timeout = handshake_timeout
         self._getpost: dict[bytes, _Tunnel] = {}
         self._tunnels: set[_Tunnel] = set()
