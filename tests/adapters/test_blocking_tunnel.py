@@ -33,6 +33,7 @@ from wavesync_adapters.blocking.connector import Connector
 from wavesync_adapters.blocking.tunnel import (
     ALL_KINDS,
     TunnelError,
+    environment_proxy,
     open_tunnel,
     probe_tunnel,
 )
@@ -406,3 +407,40 @@ def test_blocking_agent_and_connector_behind_default_squid_meet_through_the_rela
     # Behind Debian's default rules only getpost passes: every probe chose it.
     assert listen_kind == GETPOST
     assert standby_kind == GETPOST
+
+
+def pump_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("wavesync-tunnel-")]
+
+
+@pytest.mark.parametrize("kind", NO_PROXY, ids=str)
+def test_closing_the_socket_ends_the_pump_and_the_server_sees_the_end(kind: TunnelKind) -> None:
+    """The application's ``close()`` (no half-close first) is the tunnel's end: the
+    pump thread finishes and the anyio server's echo handler returns."""
+    with anyio_echo() as (host, port):
+        sock = open_tunnel(f"{host}:{port}", kind)
+        [pump] = pump_threads()
+        sock.sendall(b"\x00ping")
+        sock.settimeout(WAIT)
+        assert sock.recv(16) == b"\x00ping"
+        sock.close()
+        pump.join(WAIT)
+        assert not pump.is_alive()
+
+
+def test_a_probe_where_nothing_works_names_every_kind() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(TunnelError, match="no method works") as caught:
+        probe_tunnel(f"127.0.0.1:{port}", NO_PROXY, proxy=None, memory=TunnelMemory())
+    assert caught.value.kind is None
+    assert not pump_threads()
+
+
+def test_environment_proxy_reads_the_usual_variables() -> None:
+    environ = {"http_proxy": "http://proxy.example:3128", "no_proxy": "localhost"}
+    assert environment_proxy("example.com:80", tls=False, environ=environ) == ProxyConfig(
+        host="proxy.example", port=3128
+    )
+    assert environment_proxy("localhost:80", tls=False, environ=environ) is None

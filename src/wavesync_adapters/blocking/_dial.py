@@ -18,10 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
-from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelLocation, TunnelMemory
+from wavesync_proto.tunnel import (
+    ALL_KINDS,
+    ProxyConfig,
+    TunnelKind,
+    TunnelLocation,
+    TunnelMemory,
+)
 
 from .._common import AUTO, TunnelChoice, parse_tunnel_choice
-from .tunnel import ALL_KINDS, TunnelError, open_tunnel, probe_tunnel
+from .tunnel import TunnelError, open_tunnel, probe_tunnel
 
 __all__ = [
     "AUTO",

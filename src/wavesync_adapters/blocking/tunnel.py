@@ -14,18 +14,18 @@ environment by ``environment_proxy``.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from wavesync_proto.errors import RemoteProtocolError
 from wavesync_proto.tunnel import (
+    ALL_KINDS,
     CancelAttempt,
     ConnectClient,
     GetPostClient,
@@ -48,10 +48,9 @@ from wavesync_proto.tunnel import (
     WebSocketClient,
 )
 from wavesync_proto.tunnel.echo import EchoCheck
-from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 from wavesync_proto.tunnel.wire import authority
 
-from .._common import parse_target
+from .._common import environment_proxy, parse_target
 from ..errors import TunnelError
 from .tunnel_stream import TunnelPump
 
@@ -65,28 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("wavesync.tunnel")
-
-#: Every kind, cheapest first (per MB and in round trips): the probe's default order.
-ALL_KINDS: tuple[TunnelKind, ...] = tuple(
-    TunnelKind(method=method, tls=tls)
-    for tls in (False, True)
-    for method in (
-        TunnelMethod.CONNECT,
-        TunnelMethod.UPGRADE,
-        TunnelMethod.WEBSOCKET,
-        TunnelMethod.GETPOST,
-    )
-)
-
-
-def environment_proxy(
-    target: str, *, tls: bool, environ: Mapping[str, str] | None = None
-) -> ProxyConfig | None:
-    """The proxy ``https_proxy``/``http_proxy``/``all_proxy``/``no_proxy`` name for ``target``."""
-    host, port = parse_target(target, tls=tls)
-    return proxy_from_environment(
-        host, port, tls=tls, environ=os.environ if environ is None else environ
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
