@@ -30,9 +30,8 @@ from wavesync_adapters.asyncio._net import open_udp_port
 from wavesync_adapters.asyncio.connect import ConnectError, request_connection
 from wavesync_adapters.asyncio.relay_client import RelayConnectError, open_relay_stream
 from wavesync_proto.addresses import Endpoint
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.relay.wire import HEADER_SERVER, HEADER_SESSION
-from wavesync_proto.tunnel import ProxyConfig
+from wavesync_proto.tunnel import TunnelKind, TunnelMethod
 
 pytestmark = pytest.mark.anyio
 
@@ -160,14 +159,16 @@ async def test_no_mediator_at_all_fails_within_the_timeout() -> None:
     assert failure.value.code is None
 
 
-async def test_http_tunnels_are_anyio_only() -> None:
-    proxy = ProxyConfig(host=LOOPBACK, port=3128)
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        await request_connection((LOOPBACK, 1), server_id=uuid.uuid4(), tunnel="auto")
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        await request_connection((LOOPBACK, 1), server_id=uuid.uuid4(), proxy=proxy)
-    with pytest.raises(LocalProtocolError, match="--adapter anyio"):
-        await open_relay_stream((LOOPBACK, 1), server_id=uuid.uuid4(), tunnel="auto")
+async def test_a_tunnel_that_cannot_open_fails_the_tcp_copy_and_the_relay_connect() -> None:
+    # HTTP tunnels are the asyncio adapter's too (tests/adapters/test_asyncio_tunnel.py):
+    # a tunnel face nobody serves ends the TCP copy, and the relay connect, as OSError.
+    nobody = (LOOPBACK, free_udp_port())
+    getpost = TunnelKind(method=TunnelMethod.GETPOST)
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(ConnectError):
+            await request_connection(nobody, server_id=uuid.uuid4(), timeout=0.5, tunnel=getpost)
+        with pytest.raises(ConnectionError, match="getpost"):
+            await open_relay_stream((LOOPBACK, 1), server_id=uuid.uuid4(), tunnel=getpost)
 
 
 # --- open_relay_stream against the real relay -------------------------------------------

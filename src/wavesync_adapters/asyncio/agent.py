@@ -31,8 +31,8 @@ runs ``handler(AcceptedStream(reader, writer, path, peer, connect_session_id))``
 its own task; the writer is closed when the handler returns, whichever path
 (``PathKind.TCP`` for direct and LAN clients, ``UDP`` for a punched UDT stream,
 ``RELAY``). ``agent.counters`` is an ``AgentCounters``, field for field the anyio
-agent's. The HTTP tunnels (``tunnel=``, ``mediator_http=``, ``proxy=``) are the anyio
-adapter's: giving one raises ``LocalProtocolError``.
+agent's. With ``tunnel=`` the listen session and the standby connections ride HTTP
+tunnels (``mediator_http=``, ``proxy=``), as on anyio.
 
 Thin by design: registration, punching, standby policy, hole lifetime
 (``wavesync_proto.holes``), discovery answers and verification are the core's
@@ -57,9 +57,10 @@ from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.holes import PunchedSocket, PunchSockets
 from wavesync_proto.mediator.listen import ClientUdpEndpointLearned, ConnectionRequestReceived
 from wavesync_proto.race import PathKind
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
-from .._common import AgentCounters, advertised_endpoint, parse_target
+from .._common import AgentCounters, TunnelChoice, advertised_endpoint, parse_target
 from .lan import LanResponder
 from .listen import MediatorListener
 from .relay_agent import RelayAgent, RelayTunnelInfo
@@ -138,16 +139,16 @@ class ServerAgent:
         rendezvous_timeout: float = 10.0,
         max_streams: int = 1024,
         udt_config: UdtConfig | None = None,
-        tunnel: object | None = None,
+        tunnel: TunnelChoice | None = None,
         mediator_http: str | None = None,
-        proxy: object | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
-        """The anyio agent's arguments and defaults (see its ``__init__``); ``tunnel``,
-        ``mediator_http`` and ``proxy`` must stay None on asyncio."""
-        if tunnel is not None or mediator_http is not None or proxy is not None:
-            raise LocalProtocolError(
-                "HTTP tunnels and proxies are not in the asyncio adapter: use --adapter anyio"
-            )
+        """The anyio agent's arguments and defaults (see its ``__init__``).
+
+        ``tunnel``: the listen session and the standby connections ride HTTP tunnels
+        of that kind, or the one the probe picks (``"auto"``), through ``proxy`` when
+        given; the mediator's at its HTTP face ``mediator_http`` (docs/tunnel.md).
+        UDP (the ack, the punching) is never tunnelled."""
         if verify_timeout <= 0 or hole_linger < 0 or max_punch_sockets < 1 or max_streams < 1:
             raise LocalProtocolError("timeouts and limits must be positive")
         punch_config = udt_config or UdtConfig()
@@ -169,6 +170,9 @@ class ServerAgent:
         self._rendezvous_timeout = rendezvous_timeout
         self._max_streams = max_streams
         self._udt_config = punch_config
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        # One memory for both services: each location's winning method is kept apart.
+        self._tunnel_memory = TunnelMemory()
         self._punches: dict[bytes, _Punch] = {}
         self._punch_tasks: dict[bytes, asyncio.Task[None]] = {}
         self._punch_sockets = PunchSockets[bytes](limit=max_punch_sockets)
@@ -250,6 +254,10 @@ class ServerAgent:
                 server_id=self.server_id,
                 system_key=self._key,
                 local_endpoints=self.advertised,
+                tunnel=self._tunnel,
+                http=self._mediator_http,
+                proxy=self._proxy,
+                tunnel_memory=self._tunnel_memory,
             )
             joined: asyncio.Future[None] = loop.create_future()
             group.create_task(self.listener.run(started=joined))
@@ -262,6 +270,9 @@ class ServerAgent:
                 server_id=self.server_id,
                 key=self._key,
                 target=self._standby_count,
+                tunnel=self._tunnel,
+                proxy=self._proxy,
+                tunnel_memory=self._tunnel_memory,
             )
             self.relay_agents.append(agent)
             joined = loop.create_future()

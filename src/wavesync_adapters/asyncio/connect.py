@@ -3,22 +3,24 @@
 The twin of ``wavesync_adapters.anyio.connect`` (uvloop too; no anyio import). Thin by
 design: the same request goes out over UDP (from the socket the client will punch
 from) and over a TCP connection at once; which answer counts, when to resend and when
-to give up are ``ConnectRequest``'s decisions. The HTTP tunnels of the anyio adapter
-are not offered here: asking for one raises ``LocalProtocolError``.
+to give up are ``ConnectRequest``'s decisions. The TCP copy may ride an HTTP tunnel
+(``tunnel=``), opened by the ``Dialer`` as on anyio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from typing import Any
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
-from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import ConnectError
+from ._dial import Dialer, TunnelChoice, dialer_for
 from ._net import DatagramPort, open_udp_port, resolve
 
 __all__ = ["ConnectError", "DatagramPort", "request_connection"]
@@ -28,15 +30,6 @@ log = logging.getLogger("wavesync.connect")
 _RECEIVE_BYTES = 65536
 
 
-def refuse_tunnels(**options: object) -> None:
-    """``LocalProtocolError`` when any of the anyio-only tunnel ``options`` is set."""
-    given = sorted(name for name, value in options.items() if value is not None)
-    if given:
-        raise LocalProtocolError(
-            f"{', '.join(given)}: HTTP tunnels and proxies are anyio-only; use --adapter anyio"
-        )
-
-
 async def request_connection(
     mediator: Endpoint,
     *,
@@ -44,9 +37,11 @@ async def request_connection(
     system_id: uuid.UUID | None = None,
     udp: DatagramPort | None = None,
     timeout: float = 10.0,
-    tunnel: object | None = None,
+    tunnel: TunnelChoice | None = None,
     http: str | None = None,
-    proxy: object | None = None,
+    proxy: ProxyConfig | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> ConnectSucceeded:
     """Ask the mediator for a server (by id, or any online server of a system).
 
@@ -55,20 +50,32 @@ async def request_connection(
     and closed (the answer is then good for TCP paths and the relay only). Datagrams
     on ``udp`` from anyone but the mediator are dropped while the request runs.
     Raises ``ConnectError`` when the mediator says no or nothing answered within
-    ``timeout`` seconds, ``OSError`` when ``udp`` breaks. ``tunnel``, ``http`` and
-    ``proxy`` are the anyio adapter's: here they raise ``LocalProtocolError``.
+    ``timeout`` seconds, ``OSError`` when ``udp`` breaks.
+
+    ``tunnel`` sends the TCP copy through an HTTP tunnel of that kind (or the
+    one the probe picks: ``"auto"``) to the mediator's HTTP face ``http``
+    (default: ``mediator``), through ``proxy`` when given; the UDP copy still
+    goes to ``mediator``. ``tunnel_memory`` keeps the probe's winner between
+    requests.
     """
-    refuse_tunnels(tunnel=tunnel, http=http, proxy=proxy)
+    dialer = dialer_for(
+        mediator,
+        tunnel=tunnel,
+        target=http,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=tunnel_memory,
+    )
     loop = asyncio.get_running_loop()
     target = await resolve(mediator)
     request = ConnectRequest(
         server_id=server_id, system_id=system_id, now=loop.time(), timeout=timeout
     )
     if udp is not None:
-        return await _run(request, udp, target, mediator, timeout)
+        return await _run(request, udp, target, dialer, timeout)
     own_port = await open_udp_port(target)
     try:
-        return await _run(request, own_port, target, mediator, timeout)
+        return await _run(request, own_port, target, dialer, timeout)
     finally:
         own_port.close()
 
@@ -77,7 +84,7 @@ async def _run(
     request: ConnectRequest,
     port: DatagramPort,
     target: Endpoint,
-    mediator: Endpoint,
+    dialer: Dialer,
     timeout: float,
 ) -> ConnectSucceeded:
     """Send both copies, feed the request every answer and its timer until it is done."""
@@ -98,8 +105,7 @@ async def _run(
     async def tcp_copy() -> None:
         writer = None
         try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(*mediator)
+            reader, writer = await dialer.open(timeout)
             writer.write(request.tcp_data_to_send())
             while not request.done:
                 data = await reader.read(_RECEIVE_BYTES)
@@ -128,7 +134,7 @@ async def _run(
             request.handle_timer(loop.time())
     finally:
         await cancel_and_wait(receiving, copying)
-    return _outcome(request, mediator)
+    return _outcome(request, dialer.endpoint)
 
 
 def _outcome(request: ConnectRequest, mediator: Endpoint) -> ConnectSucceeded:

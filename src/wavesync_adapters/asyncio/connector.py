@@ -51,15 +51,15 @@ from wavesync_proto.race import (
     StartLanSearch,
 )
 from wavesync_proto.stun.transaction import ClientTransaction, TransactionTimedOut
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from wavesync_proto.udt.connection_types import UdtConfig
 
-from .._common import describe_failure, parse_target
+from .._common import TunnelChoice, describe_failure, parse_target
 from ..errors import PathRaceError
 from ._net import resolve, run_transaction
 from .connect import (
     ConnectError,
     cancel_and_wait,
-    refuse_tunnels,
     request_connection,
     sleep_until_or,
 )
@@ -127,7 +127,7 @@ class Connector:
     Use as ``async with Connector(...) as connector: connection = await
     connector.connect()``; leaving the block closes the punched sockets it keeps (the
     connections it returned are the caller's to close: ``connection.writer.close()``).
-    The keyword arguments are the anyio Connector's, without its HTTP tunnels.
+    The keyword arguments are the anyio Connector's, HTTP tunnels included.
     """
 
     def __init__(
@@ -149,12 +149,14 @@ class Connector:
         udp_host: str = "0.0.0.0",  # noqa: S104 - a client socket answers only its peers
         hole_linger: float = 20.0,
         udt_config: UdtConfig | None = None,
-        tunnel: object | None = None,
+        tunnel: TunnelChoice | None = None,
         mediator_http: str | None = None,
-        proxy: object | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
-        """``tunnel``, ``mediator_http`` and ``proxy`` exist for parity with the anyio
-        Connector and are refused (``LocalProtocolError``): HTTP tunnels are anyio-only.
+        """``tunnel``: the TCP copy of the connect request and the relay sessions ride
+        HTTP tunnels of that kind, or the one the probe picks (``"auto"``, remembered
+        for later connects), through ``proxy`` when given; the mediator's at its HTTP
+        face ``mediator_http``. Direct TCP, LAN and UDT are never tunnelled.
 
         ``relay_grace`` (0.1 s): how long a verified relay stream waits for a direct
         path still under way before it wins (wavesync_proto.race).
@@ -162,7 +164,6 @@ class Connector:
         ``hole_linger`` (20 s) is shorter than the agent's (30 s) on purpose: the client
         lets an idle hole go first, so a reuse never waits out a connect timeout
         against a socket the agent already closed."""
-        refuse_tunnels(tunnel=tunnel, mediator_http=mediator_http, proxy=proxy)
         if (server_id is None) == (system_id is None):
             raise LocalProtocolError("name exactly one of server_id and system_id")
         if deadline <= 0 or verify_timeout <= 0 or lan_timeout <= 0 or hole_linger < 0:
@@ -182,6 +183,8 @@ class Connector:
         self._udp_host = udp_host
         self._hole_linger = hole_linger
         self._udt_config = udt_config
+        self._tunnel, self._mediator_http, self._proxy = tunnel, mediator_http, proxy
+        self._tunnel_memory = TunnelMemory()
         self._entered = False
         #: The connector's own tasks: punched sockets' holders and connection_result reports.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -464,6 +467,10 @@ class _RaceRun:
                 system_id=connector.system_id,
                 udp=self.hole.endpoint.datagram_port(),
                 timeout=connector._deadline,
+                tunnel=connector._tunnel,
+                http=connector._mediator_http,
+                proxy=connector._proxy,
+                tunnel_memory=connector._tunnel_memory,
             )
         except (ConnectError, OSError) as exc:
             self.race.mediator_failed(str(exc), self.loop.time())
@@ -525,6 +532,9 @@ class _RaceRun:
                 server_id=self.server_id,
                 system_id=None if self.server_id else self.connector.system_id,
                 timeout=timeout,
+                tunnel=self.connector._tunnel,
+                proxy=self.connector._proxy,
+                tunnel_memory=self.connector._tunnel_memory,
             )
             return relayed.reader, relayed.writer, None
         if attempt.reuse:

@@ -3,8 +3,9 @@
 The twin of ``wavesync_adapters.anyio.listen``: this module opens the TCP connection
 when the session asks, moves bytes and the loop's clock, and hands the session's
 events to the application. Back-off, keep-alives, authentication and what counts as a
-dead session are ``ListenSession``'s decisions. Plain TCP only: the HTTP tunnels to
-the mediator are the anyio adapter's (``--adapter anyio``). Imports nothing of anyio.
+dead session are ``ListenSession``'s decisions. The session may ride an HTTP tunnel to
+the mediator's HTTP face (``tunnel=``), opened by the ``Dialer``. Imports nothing of
+anyio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -29,8 +31,10 @@ from wavesync_proto.mediator.listen import (
     SessionLost,
 )
 from wavesync_proto.stun.transaction import TransactionTimedOut
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import RegistrationError
+from ._dial import TunnelChoice, dialer_for
 from ._net import DatagramPort, resolve, run_transaction
 
 __all__ = ["ListenerEvent", "MediatorListener", "RegistrationError"]
@@ -72,13 +76,29 @@ class MediatorListener:
         forwarded_endpoints: Sequence[Endpoint] = (),
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
+        tunnel: TunnelChoice | None = None,
+        http: str | None = None,
+        proxy: ProxyConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tunnel_memory: TunnelMemory | None = None,
     ) -> None:
-        """``connect_timeout`` bounds each TCP connect to the mediator.
-        ``acknowledge`` always goes over UDP."""
+        """``tunnel``: reach the mediator through an HTTP tunnel of that kind, or the
+        one the probe picks (``"auto"``), at its HTTP face ``http`` (``host:port`` or
+        a URL; default: ``mediator``), through ``proxy`` when given; None: plain TCP.
+        ``connect_timeout`` bounds a TCP connect or a tunnel's opening (a probe:
+        three times that). ``acknowledge`` always goes over UDP."""
         if connect_timeout <= 0:
             raise LocalProtocolError("connect_timeout must be positive")
         self.mediator = mediator
         self.server_id = server_id
+        self.dialer = dialer_for(
+            mediator,
+            tunnel=tunnel,
+            target=http,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
+        )
         self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
         self.session = ListenSession(
@@ -176,10 +196,9 @@ class MediatorListener:
                 session.handle_timer(loop.time())
                 continue
             try:
-                async with asyncio.timeout(self._connect_timeout):
-                    reader, writer = await asyncio.open_connection(*self.mediator)
+                reader, writer = await self.dialer.open(self._connect_timeout)
             except (OSError, TimeoutError) as exc:
-                log.info("mediator %s unreachable: %s", format_endpoint(self.mediator), exc)
+                log.info("mediator %s unreachable: %s", self.dialer.describe(), exc)
                 session.connection_lost(loop.time())
             else:
                 await self._drive_connection(reader, writer)

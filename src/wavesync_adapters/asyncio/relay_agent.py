@@ -9,8 +9,8 @@ reports what happened, and gives every tunnel to the application's handler as an
 Nothing is over-read: the standby exchange (the HTTP 101 answer, then PING/OPEN control
 lines) is line-based, so it is fed to the machine one ``readline()`` at a time, and the
 client's first bytes, sent right after OPEN, are still in the ``StreamReader`` when the
-handler gets it. Plain TCP only: standby connections over HTTP tunnels are the anyio
-adapter's (``--adapter anyio``). This module imports nothing of anyio.
+handler gets it. A standby connection may ride an HTTP tunnel (``tunnel=``), opened by
+the ``Dialer`` as on anyio. This module imports nothing of anyio.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,8 +35,10 @@ from wavesync_proto.relay.standby import (
     TunnelOpened,
 )
 from wavesync_proto.relay.standby_pool import StandbyPool
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from .._common import RelayTunnelInfo
+from ._dial import TunnelChoice, dialer_for
 
 __all__ = ["RelayAgent", "RelayTunnelInfo", "TunnelHandler"]
 
@@ -66,11 +69,30 @@ class RelayAgent:
         relay_host: str | None = None,
         target: int = 7,
         handshake_timeout: float = 10.0,
+        tunnel: TunnelChoice | None = None,
+        proxy: ProxyConfig | None = None,
+        tunnel_target: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tunnel_memory: TunnelMemory | None = None,
     ) -> None:
         """``relay_host`` is the Host header standby requests are signed for (default
         ``host:port`` of ``relay``: it must be what the relay is told it is called).
-        ``handshake_timeout`` bounds the TCP connect and the relay's answer."""
+        ``handshake_timeout`` bounds the TCP connect (or the tunnel's opening) and the
+        relay's answer.
+
+        ``tunnel``: each standby connection rides an HTTP tunnel of that kind, or
+        the one the probe picks (``"auto"``; the winner is remembered, so later
+        connections go straight to it), to the relay's own port (or
+        ``tunnel_target``), through ``proxy`` when given; None: plain TCP."""
         self.relay = relay
+        self.dialer = dialer_for(
+            relay,
+            tunnel=tunnel,
+            target=tunnel_target,
+            proxy=proxy,
+            ssl_context=ssl_context,
+            memory=tunnel_memory,
+        )
         self._relay_host = relay_host or format_endpoint(relay)
         self._system_id, self._server_id, self._key = system_id, server_id, key
         self._handshake_timeout = handshake_timeout
@@ -125,10 +147,9 @@ class RelayAgent:
         pool = self.pool
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._handshake_timeout):
-                reader, writer = await asyncio.open_connection(*self.relay)
+            reader, writer = await self.dialer.open(self._handshake_timeout)
         except (OSError, TimeoutError) as exc:
-            log.info("relay %s unreachable: %s", format_endpoint(self.relay), exc)
+            log.info("relay %s unreachable: %s", self.dialer.describe(), exc)
             pool.attempt_failed(attempt_id, loop.time())
             self._wake()
             return

@@ -14,6 +14,7 @@ bytes that came with the 101.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from dataclasses import dataclass
 from typing import cast
@@ -26,9 +27,10 @@ from wavesync_proto.relay.client import (
     RelayPaired,
     RelayRedirected,
 )
+from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import RelayConnectError
-from .connect import refuse_tunnels
+from ._dial import TunnelChoice, dialer_for
 
 __all__ = ["DEFAULT_LIMIT", "RelayConnectError", "RelayTunnel", "open_relay_stream"]
 
@@ -54,9 +56,11 @@ async def open_relay_stream(
     relay_host: str | None = None,
     timeout: float = 10.0,
     limit: int = DEFAULT_LIMIT,
-    tunnel: object | None = None,
-    proxy: object | None = None,
+    tunnel: TunnelChoice | None = None,
+    proxy: ProxyConfig | None = None,
     tunnel_target: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tunnel_memory: TunnelMemory | None = None,
 ) -> RelayTunnel:
     """Ask the relay at ``relay`` for ``server_id`` (or any server of ``system_id``).
 
@@ -64,10 +68,11 @@ async def open_relay_stream(
     the reader's, as in ``asyncio.open_connection``. Raises ``RelayConnectError`` when
     the relay refuses, redirects, or does not answer within ``timeout`` seconds,
     ``OSError`` (``TimeoutError`` after ``timeout``) when it cannot be reached.
-    ``tunnel``, ``proxy`` and ``tunnel_target`` are the anyio adapter's: here they
-    raise ``LocalProtocolError``.
+
+    ``tunnel`` carries the session in an HTTP tunnel of that kind, or the one the
+    probe picks (``"auto"``, remembered in ``tunnel_memory``), to the relay's own
+    port (or ``tunnel_target``), through ``proxy`` when given; None: plain TCP.
     """
-    refuse_tunnels(tunnel=tunnel, proxy=proxy, tunnel_target=tunnel_target)
     loop = asyncio.get_running_loop()
     host_header = relay_host or format_endpoint(relay)
     connect = RelayConnect(
@@ -77,10 +82,16 @@ async def open_relay_stream(
         system_id=system_id,
         timeout=timeout,
     )
-    async with asyncio.timeout(timeout):
-        transport, handshake = await loop.create_connection(
-            lambda: _RelayHandshake(connect, limit), *relay
-        )
+    dialer = dialer_for(
+        relay,
+        tunnel=tunnel,
+        target=tunnel_target,
+        proxy=proxy,
+        ssl_context=ssl_context,
+        memory=tunnel_memory,
+    )
+    # An opening tunnel has its own budget, as on anyio.
+    transport, handshake = await dialer.connect(lambda: _RelayHandshake(connect, limit), timeout)
     try:
         result = await handshake.finished(connect)
     except BaseException:
