@@ -4,9 +4,10 @@ This module owns one connection's life: it starts in its connecting phase
 (``connecting.py``, which drives the handshake of ``handshake.py``), hands the
 established connection to its data-transfer phase (``transfer.py``: sender,
 receiver, congestion control, ACK/NAK/EXP timers), routes the peer's datagrams,
-and owns the states, the events the application reads, the idle timeout and
-closing. It does not know sockets, clocks or the other connections of
-its UDP socket (the multiplexer's), and draws no randomness of its own. Every
+and owns the states, the idle timeout, linger and closing (the Shutdown packets
+are ``closing.py``'s; the events the application reads queue in ``event_queue.py``).
+It does not know sockets, clocks or the other connections of its UDP socket (the
+multiplexer's), and draws no randomness of its own. Every
 state change is in ``_TRANSITIONS``; docs/protocol.md §4.8 describes the
 behaviour and where it departs from 4.11.
 """
@@ -14,7 +15,6 @@ behaviour and where it departs from 4.11.
 from __future__ import annotations
 
 import struct
-from collections import deque
 from collections.abc import Callable, Sequence
 
 from ..addresses import Endpoint
@@ -27,11 +27,11 @@ from .connection_types import (
     ConnectionClosed,
     ConnectionEstablished,
     ConnectionState,
-    DataReceived,
     UdtConfig,
     UdtConnectionCounters,
     UdtEvent,
 )
+from .event_queue import UdtEventQueue
 from .handshake import HandshakeEstablished, HandshakeFailed, HandshakeRole, UdtHandshake
 from .listener import AcceptedHandshake
 from .packet_types import (
@@ -128,13 +128,15 @@ class UdtConnection:
         self._transfer: UdtTransfer | None = None
         self._peer_socket_id: int | None = None
         self._peer_address: Endpoint | None = None
-        # Events, each with the packets of receive buffer it holds until taken.
-        self._events: deque[tuple[UdtEvent, int]] = deque()
+        self._message_mode = config.socket_type is SocketType.DGRAM
+        self._events = UdtEventQueue(
+            message_mode=self._message_mode,
+            receive_buffer_packets=config.receive_buffer_packets,
+        )
         # Datagrams with their own destination (the handshake's; a Shutdown after closing).
         self._extra: list[tuple[bytes, Endpoint]] = []
         # The -2 a rendezvous connection sends as it connects.
         self._answer: tuple[bytes, Endpoint] | None = None
-        self._message_mode = config.socket_type is SocketType.DGRAM
         self._linger_deadline = float("inf")
         self._shutdown = ShutdownNotice(socket_id=socket_id)
         self._now = now  # the latest time given: where a message's time-to-live starts
@@ -316,20 +318,8 @@ class UdtConnection:
 
     def next_event(self) -> UdtEvent | None:
         """The next event, or None. Data comes coalesced: one event per batch of packets."""
-        if not self._events:
-            self._flush_ready()
-            if not self._events:
-                return None
-        event, packets = self._events.popleft()
-        if packets:
-            assert self._transfer is not None
-            receiver = self._transfer.receiver
-            receiver.undelivered_packets -= packets
-            # The application freed buffer after an ACK announced little of it: say so.
-            half = self._config.receive_buffer_packets // 2
-            if receiver.last_available < half <= receiver.available:
-                receiver.window_update = True
-        return event
+        transfer = self._transfer
+        return self._events.pop(None if transfer is None else transfer.receiver)
 
     def close(self, now: float) -> None:
         """Graceful close: no more ``send()``; once everything is acknowledged, Shutdown.
@@ -492,12 +482,9 @@ class UdtConnection:
             now=now,
         )
         self._events.append(
-            (
-                ConnectionEstablished(
-                    peer_address=established.peer_address,
-                    peer_socket_id=established.peer_socket_id,
-                ),
-                0,
+            ConnectionEstablished(
+                peer_address=established.peer_address,
+                peer_socket_id=established.peer_socket_id,
             )
         )
         for chunk, deadline in handover.early:
@@ -583,31 +570,12 @@ class UdtConnection:
             self._send_shutdown()
             self._finish("all acknowledged", CloseReason.LOCAL_CLOSE, "closed")
 
-    def _flush_ready(self) -> None:
-        transfer = self._transfer
-        if transfer is None or not transfer.receiver.ready_packets:
-            return
-        receiver = transfer.receiver
-        chunks, packets = receiver.take_ready()
-        receiver.undelivered_packets += packets
-        if self._message_mode:
-            last = len(chunks) - 1
-            for index, message in enumerate(chunks):
-                self._events.append(
-                    (
-                        DataReceived(data=message, message_complete=True),
-                        packets if index == last else 0,
-                    )
-                )
-        else:
-            self._events.append((DataReceived(data=b"".join(chunks)), packets))
-
     def _finish(self, transition: str, reason: CloseReason, detail: str) -> None:
         self._state = _TRANSITIONS[self._state, transition]
         transfer = self._transfer
         if transfer is not None:
             if reason is not CloseReason.ABORTED:
-                self._flush_ready()
+                self._events.take_ready(transfer.receiver)
             transfer.sync_counters()
             transfer.sender.clear()
             transfer.receiver.clear()
@@ -615,4 +583,4 @@ class UdtConnection:
                 transfer.out.clear()
         self._connecting = None
         self._handshake = None
-        self._events.append((ConnectionClosed(reason=reason, detail=detail), 0))
+        self._events.append(ConnectionClosed(reason=reason, detail=detail))
