@@ -11,6 +11,7 @@ requests are answered byte for byte as anyio's ``TunnelServer`` answers them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -38,8 +40,10 @@ from wavesync_adapters.anyio.listen import MediatorListener
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import open_tunnel
+from wavesync_adapters.blocking._loop import SelectorLoop
 from wavesync_adapters.blocking.mediator import MediatorDaemon
 from wavesync_adapters.blocking.relay import RelayDaemon
+from wavesync_adapters.blocking.tunnel_server import TunnelServer
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.service import MediatorService
@@ -52,7 +56,7 @@ from wavesync_proto.stun.message import (
     decode_message,
     encode_message,
 )
-from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMethod
+from wavesync_proto.tunnel import GetPostRegistry, ProxyConfig, TunnelKind, TunnelMethod
 
 WAIT = 20.0  # seconds any one step may take before the test fails
 LOOPBACK = "127.0.0.1"
@@ -62,6 +66,7 @@ MEDIATOR_READY = (
     r" http (?P<http_host>[\d.]+):(?P<http_port>\d+)"
 )
 TUNNEL_ID = "0123456789abcdef0123456789abcdef"
+GETPOST_GET = b"GET /wavesync/tunnel/v1/getpost/%s HTTP/1.1\r\nHost: x\r\n\r\n" % TUNNEL_ID.encode()
 
 pytestmark = pytest.mark.anyio
 
@@ -114,6 +119,124 @@ def binding_request() -> bytes:
     return encode_message(
         Message(message_class=MessageClass.REQUEST, method=BINDING, transaction_id=bytes(12))
     )
+
+
+# --- the tunnel server alone, echoing ----------------------------------------------------------
+
+
+def echo_blocking(sock: socket.socket) -> None:
+    """Send back every byte; pass the peer's end on as ours (a thread per stream: a test)."""
+    with sock:
+        sock.setblocking(True)
+        sock.settimeout(WAIT)
+        while data := sock.recv(65536):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(2.0)
+        with contextlib.suppress(OSError):  # a raw tunnel over TLS: the pair end just closes
+            sock.recv(1)
+
+
+@contextmanager
+def echo_face(**options: Any) -> Iterator[TunnelServer]:
+    """A blocking ``TunnelServer`` alone in its own selector loop thread, every tunnel echoed."""
+    loop = SelectorLoop()
+    echoes: list[threading.Thread] = []
+
+    def handler(sock: socket.socket, remote: Endpoint) -> None:
+        echoes.append(threading.Thread(target=echo_blocking, args=(sock,), name="echo"))
+        echoes[-1].start()
+
+    server = TunnelServer(loop, handler, **options)
+    server.listen(LOOPBACK, 0)
+
+    def run() -> None:
+        try:
+            loop.run(server.next_deadline, server.on_deadline)
+        finally:
+            server.close()
+            loop.close()
+
+    thread = threading.Thread(target=run, name="tunnel-face")
+    thread.start()
+    try:
+        yield server
+    finally:
+        loop.stop()
+        thread.join(WAIT)
+        for echo_thread in echoes:
+            echo_thread.join(WAIT)
+    assert not thread.is_alive()
+    assert not any(echo_thread.is_alive() for echo_thread in echoes)
+    assert server.active == 0
+
+
+@pytest.mark.parametrize("tunnel", ["upgrade", "websocket", "getpost"])
+async def test_each_method_carries_two_megabytes_both_ways_byte_exact(tunnel: str) -> None:
+    payload = os.urandom(2_000_000 + 17)
+    with echo_face() as face:
+        assert face.bound is not None
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(f"http://{format_endpoint(face.bound)}", kind(tunnel))
+            async with stream:
+                assert await round_trip(stream, payload, block=50_000) == payload
+        assert face.served == {tunnel: 1}
+
+
+@pytest.mark.parametrize("tunnel", ["ssl+upgrade", "ssl+websocket", "ssl+getpost"])
+async def test_each_ssl_kind_carries_a_stream_through_the_non_blocking_tls(
+    ca: trustme.CA, tunnel: str
+) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    payload = os.urandom(1_000_000)
+    # A raw method over TLS has no half-close: read back exactly what was sent.
+    half_close = kind(tunnel).method is TunnelMethod.GETPOST or "websocket" in tunnel
+    with echo_face(ssl_context=server_context) as face:
+        assert face.bound is not None
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(
+                format_endpoint(face.bound), kind(tunnel), ssl_context=client_context
+            )
+            async with stream:
+                echoed = await round_trip(stream, payload, block=50_000, half_close=half_close)
+    assert echoed == payload
+
+
+async def test_a_silent_connection_and_a_get_without_its_post_are_closed_in_time() -> None:
+    registry = GetPostRegistry(first_post_timeout=0.2)
+    with echo_face(handshake_timeout=0.2, registry=registry) as face:
+        assert face.bound is not None
+        get = GETPOST_GET
+        with (
+            socket.create_connection(face.bound, timeout=WAIT) as silent,
+            socket.create_connection(face.bound, timeout=WAIT) as lonely,
+        ):
+            lonely.sendall(get)
+            assert lonely.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert silent.recv(1024) == b""  # no request within the handshake timeout
+            while lonely.recv(65536):  # the GET's answer ends: its tunnel failed
+                pass
+        assert len(registry) == 0
+        # The id stays retired: a replayed GET cannot reopen it.
+        assert raw_answer(face.bound, get).startswith(b"HTTP/1.1 409 ")
+
+
+async def test_a_failed_tls_handshake_closes_the_connection(ca: trustme.CA) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    with echo_face(ssl_context=server_context) as face:
+        assert face.bound is not None
+        # A plaintext request where a TLS hello belongs: at most an alert, then the close.
+        with socket.create_connection(face.bound, timeout=WAIT) as sock:
+            sock.sendall(BAD_REQUESTS["not ours"])
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(65536):
+                    pass
+        assert face.active == 0  # the connection left the face before it closed
+        assert face.served == {}
 
 
 # --- the mediator's HTTP face ----------------------------------------------------------------
@@ -326,7 +449,7 @@ async def test_bad_requests_get_the_answer_anyios_face_gives(mediator: Mediator,
 async def test_a_second_get_for_a_live_getpost_id_is_refused_and_the_first_goes_on(
     mediator: Mediator,
 ) -> None:
-    get = b"GET /wavesync/tunnel/v1/getpost/" + TUNNEL_ID.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    get = GETPOST_GET
     host, port = mediator.http.split(":")
     with socket.create_connection((host, int(port)), timeout=WAIT) as first:
         first.sendall(get)

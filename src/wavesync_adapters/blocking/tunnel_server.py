@@ -224,7 +224,8 @@ class TunnelServer:
         self._handler = handler
         self._ssl_context = ssl_context
         self.limits = limits or TunnelLimits()
-        self.registry = registry or GetPostRegistry(limits=self.limits)
+        # Not ``registry or ...``: an empty registry has length 0, so it is falsy.
+        self.registry = GetPostRegistry(limits=self.limits) if registry is None else registry
         self._handshake_timeout = handshake_timeout
         self._getpost: dict[bytes, _Tunnel] = {}
         self._pending: dict[int, _Pending] = {}
