@@ -31,13 +31,13 @@ import trustme
 from tests.adapters.test_asyncio_daemons import DaemonThread, asyncio_relay, in_thread
 from tests.adapters.tunnels import round_trip
 from tests.daemons import new_system, wavesync_daemon
-from tests.squid import DEFAULT, Squid, squid_binary, squid_proxy
+from tests.squid import DEFAULT, PERMISSIVE, Squid, squid_binary, squid_proxy
 from wavesync_adapters.anyio._dial import AUTO, TunnelChoice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
-from wavesync_adapters.anyio.tunnel import open_tunnel
+from wavesync_adapters.anyio.tunnel import ALL_KINDS, open_tunnel
 from wavesync_adapters.asyncio.mediator import MediatorDaemon
 from wavesync_adapters.asyncio.tunnel_server import AcceptedTunnel, TunnelServer
 from wavesync_proto.addresses import Endpoint, format_endpoint
@@ -567,3 +567,36 @@ async def test_the_relays_face_runs_on_uvloop_and_stopping_closes_open_tunnels()
     assert echoed == payload
     assert open_tunnels >= 2
     assert left == 0
+
+
+@pytest.fixture(scope="module")
+def permissive_squid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Squid]:
+    if squid_binary() is None:
+        pytest.skip("squid is not installed")
+    with squid_proxy(tmp_path_factory.mktemp("asyncio-faces-permissive"), PERMISSIVE) as running:
+        yield running
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("tunnel", ALL_KINDS, ids=str)
+async def test_each_kind_through_a_permissive_squid_reaches_an_asyncio_handler(
+    permissive_squid: Squid, ca: trustme.CA, tunnel: TunnelKind
+) -> None:
+    # connect and the ssl+ kinds arrive through squid's CONNECT: raw from the first byte.
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    proxy = ProxyConfig(host=permissive_squid.host, port=permissive_squid.port)
+    # A raw stream must not start like an HTTP request (A-Z): it would be read as one.
+    payload = b"\x00" + os.urandom(300_000)
+    with echo_server(server_context if tunnel.tls else None) as echo:
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(echo.url, tunnel, proxy=proxy, ssl_context=client_context)
+            async with stream:
+                # Squid's CONNECT does not pass a half-close: read back by length.
+                echoed = await round_trip(stream, payload, half_close=False)
+        served = echo.thread.call(lambda: dict(echo.server.served))
+    assert echoed == payload
+    # Through CONNECT (connect, ssl+connect) the server sees a raw stream: kind connect.
+    assert served == {str(tunnel): 1}
