@@ -46,6 +46,9 @@ CLOSE_LINGER = 2.0
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 1 << 18
 
+#: Gracefully closed legs ``aclose`` still waits for: getpost closes one per POST.
+_CLOSING_LEGS_KEPT = 8
+
 _RAW = (TunnelMethod.UPGRADE, TunnelMethod.CONNECT)
 
 
@@ -76,6 +79,10 @@ class Leg:
     def close(self) -> None:
         """Close after what is buffered has gone (a getpost POST's body, the last chunk)."""
         self.writer.close()
+
+    def abort(self) -> None:
+        """Close now, buffered bytes or not (a TLS leg sends no close_notify)."""
+        self.writer.transport.abort()
 
 
 LegOpener = Callable[[], Awaitable[Leg]]
@@ -117,6 +124,8 @@ class TunnelStream:
         self._closed = False
         self._leg_zero_eof = False
         self._eof_sent = False
+        #: Legs closed gracefully (a TLS shutdown takes a round trip) that ``aclose`` waits for.
+        self._closing_legs: list[Leg] = []
 
     @property
     def established(self) -> bool:
@@ -186,6 +195,10 @@ class TunnelStream:
         # A finished getpost POST, or the whole tunnel ended: nothing more to read here.
         self._legs.pop(leg, None)
         stream.close()
+        self._closing_legs.append(stream)
+        if len(self._closing_legs) > _CLOSING_LEGS_KEPT:
+            # Closed POST legs after so many later ones: long done (abort is a no-op then).
+            self._closing_legs.pop(0).abort()
 
     def _leg_lost(self, leg: int, exc: BaseException) -> None:
         if self._failure is None and self.machine.state is not TunnelState.CLOSED:
@@ -275,27 +288,38 @@ class TunnelStream:
         await self.flush()
 
     async def aclose(self) -> None:
-        """End the tunnel in band when it is open (bounded by CLOSE_LINGER), then close
-        every leg."""
+        """End the tunnel in band when it is open, close every leg and wait until each has
+        closed; all within CLOSE_LINGER, after which the legs left are aborted."""
         if self._closed:
             return
         try:
-            if self._failure is None and self.machine.state is TunnelState.OPEN:
-                with contextlib.suppress(TimeoutError, OSError):
-                    async with asyncio.timeout(CLOSE_LINGER):
+            async with asyncio.timeout(CLOSE_LINGER):
+                if self._failure is None and self.machine.state is TunnelState.OPEN:
+                    with contextlib.suppress(OSError):
                         self._eof_sent = True
                         self.machine.close()
                         await self.flush()
                         await self._wait_for_post_answers(final=True)
+                self._closed = True
+                for leg in self._legs.values():
+                    leg.close()
+                self._closing_legs.extend(self._legs.values())
+                self._legs.clear()
+                for leg in self._closing_legs:
+                    with contextlib.suppress(OSError):
+                        await leg.writer.wait_closed()
+        except TimeoutError:
+            pass
         finally:
             self.abort()
 
     def abort(self) -> None:
-        """Close every leg now."""
+        """Close every leg now (the ones still closing too)."""
         self._closed = True
-        for leg in list(self._legs.values()):
-            leg.close()
+        for leg in [*self._legs.values(), *self._closing_legs]:
+            leg.abort()
         self._legs.clear()
+        self._closing_legs.clear()
 
 
 class TunnelTransport(asyncio.Transport):
@@ -347,7 +371,8 @@ class TunnelTransport(asyncio.Transport):
                     break
                 self._protocol.data_received(data)  # type: ignore[attr-defined]
         except OSError as exc:
-            self._lose(exc)
+            if not self._closing:  # while closing, the legs' end is ours
+                self._lose(exc)
             return
         keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
