@@ -20,11 +20,11 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -69,6 +69,8 @@ TUNNEL_ID = "0123456789abcdef0123456789abcdef"
 GETPOST_GET = b"GET /wavesync/tunnel/v1/getpost/%s HTTP/1.1\r\nHost: x\r\n\r\n" % TUNNEL_ID.encode()
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 needs_squid = pytest.mark.skipif(squid_binary() is None, reason="squid is not installed")
 
@@ -137,8 +139,20 @@ def echo_blocking(sock: socket.socket) -> None:
             sock.recv(1)
 
 
+@dataclass(frozen=True)
+class Face:
+    server: TunnelServer
+    loop: SelectorLoop
+
+    def ask(self, question: Callable[[], T]) -> T:
+        """``question()``'s answer, asked in the loop's thread after its current turn."""
+        answers: queue.Queue[T] = queue.Queue()
+        self.loop.call_soon_threadsafe(lambda: answers.put(question()))
+        return answers.get(timeout=WAIT)
+
+
 @contextmanager
-def echo_face(**options: Any) -> Iterator[TunnelServer]:
+def echo_face(**options: Any) -> Iterator[Face]:
     """A blocking ``TunnelServer`` alone in its own selector loop thread, every tunnel echoed."""
     loop = SelectorLoop()
     echoes: list[threading.Thread] = []
@@ -160,7 +174,7 @@ def echo_face(**options: Any) -> Iterator[TunnelServer]:
     thread = threading.Thread(target=run, name="tunnel-face")
     thread.start()
     try:
-        yield server
+        yield Face(server, loop)
     finally:
         loop.stop()
         thread.join(WAIT)
@@ -175,12 +189,12 @@ def echo_face(**options: Any) -> Iterator[TunnelServer]:
 async def test_each_method_carries_two_megabytes_both_ways_byte_exact(tunnel: str) -> None:
     payload = os.urandom(2_000_000 + 17)
     with echo_face() as face:
-        assert face.bound is not None
+        assert face.server.bound is not None
         with anyio.fail_after(WAIT):
-            stream = await open_tunnel(f"http://{format_endpoint(face.bound)}", kind(tunnel))
+            stream = await open_tunnel(f"http://{format_endpoint(face.server.bound)}", kind(tunnel))
             async with stream:
                 assert await round_trip(stream, payload, block=50_000) == payload
-        assert face.served == {tunnel: 1}
+        assert face.server.served == {tunnel: 1}
 
 
 @pytest.mark.parametrize("tunnel", ["ssl+upgrade", "ssl+websocket", "ssl+getpost"])
@@ -195,10 +209,10 @@ async def test_each_ssl_kind_carries_a_stream_through_the_non_blocking_tls(
     # A raw method over TLS has no half-close: read back exactly what was sent.
     half_close = kind(tunnel).method is TunnelMethod.GETPOST or "websocket" in tunnel
     with echo_face(ssl_context=server_context) as face:
-        assert face.bound is not None
+        assert face.server.bound is not None
         with anyio.fail_after(WAIT):
             stream = await open_tunnel(
-                format_endpoint(face.bound), kind(tunnel), ssl_context=client_context
+                format_endpoint(face.server.bound), kind(tunnel), ssl_context=client_context
             )
             async with stream:
                 echoed = await round_trip(stream, payload, block=50_000, half_close=half_close)
@@ -208,35 +222,35 @@ async def test_each_ssl_kind_carries_a_stream_through_the_non_blocking_tls(
 async def test_a_silent_connection_and_a_get_without_its_post_are_closed_in_time() -> None:
     registry = GetPostRegistry(first_post_timeout=0.2)
     with echo_face(handshake_timeout=0.2, registry=registry) as face:
-        assert face.bound is not None
+        assert face.server.bound is not None
         get = GETPOST_GET
         with (
-            socket.create_connection(face.bound, timeout=WAIT) as silent,
-            socket.create_connection(face.bound, timeout=WAIT) as lonely,
+            socket.create_connection(face.server.bound, timeout=WAIT) as silent,
+            socket.create_connection(face.server.bound, timeout=WAIT) as lonely,
         ):
             lonely.sendall(get)
             assert lonely.recv(65536).startswith(b"HTTP/1.1 200 ")
             assert silent.recv(1024) == b""  # no request within the handshake timeout
             while lonely.recv(65536):  # the GET's answer ends: its tunnel failed
                 pass
-        assert len(registry) == 0
+        assert face.ask(lambda: len(registry)) == 0
         # The id stays retired: a replayed GET cannot reopen it.
-        assert raw_answer(face.bound, get).startswith(b"HTTP/1.1 409 ")
+        assert raw_answer(face.server.bound, get).startswith(b"HTTP/1.1 409 ")
 
 
 async def test_a_failed_tls_handshake_closes_the_connection(ca: trustme.CA) -> None:
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     with echo_face(ssl_context=server_context) as face:
-        assert face.bound is not None
+        assert face.server.bound is not None
         # A plaintext request where a TLS hello belongs: at most an alert, then the close.
-        with socket.create_connection(face.bound, timeout=WAIT) as sock:
+        with socket.create_connection(face.server.bound, timeout=WAIT) as sock:
             sock.sendall(BAD_REQUESTS["not ours"])
             with contextlib.suppress(ConnectionResetError):
                 while sock.recv(65536):
                     pass
-        assert face.active == 0  # the connection left the face before it closed
-        assert face.served == {}
+        assert face.server.active == 0  # the connection left the face before it closed
+        assert face.server.served == {}
 
 
 # --- the mediator's HTTP face ----------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -285,9 +286,8 @@ class TunnelServer:
                 log.debug("no tunnel request: %r", TimeoutError())
                 self._drop(pending)
             tunnel = self._tunnels.get(key)
-            linger_until = None if tunnel is None else tunnel.linger_until
-            if tunnel is not None and linger_until is not None and linger_until <= now:
-                tunnel.close_now()
+            if tunnel is not None:
+                tunnel.on_deadline(now)
         timer = self.registry.get_timer()
         if timer is not None and timer <= now:
             for machine in self.registry.handle_timer(now):
@@ -509,6 +509,9 @@ class TunnelServer:
         tunnel.linger_until = self._loop.clock() + CLOSE_LINGER
         self._deadlines.add(tunnel.linger_until, tunnel.key)
 
+    def _check_later(self, tunnel: _Tunnel) -> None:
+        self._deadlines.add(self._loop.clock() + CLOSE_LINGER, tunnel.key)
+
 
 class _Tunnel:
     """One tunnel's machine, its legs, and the socket pair end it is copied to and from."""
@@ -688,11 +691,38 @@ class _Tunnel:
                 self.machine.send(data)
             return
         self._pair_eof = True
-        if self.kind.tls and self.kind.method in _RAW:
-            # No half-close over TLS: the daemon's end ends the whole tunnel.
+        if (self.kind.tls and self.kind.method in _RAW) or self._daemon_closed():
+            # The daemon is done with the whole stream (or TLS cannot pass a half-close).
             self._pair_gone()
-        elif self.machine.state is TunnelState.OPEN:
+            return
+        if self.machine.state is TunnelState.OPEN:
             self.machine.close()
+        self.server._check_later(self)
+
+    def _daemon_closed(self) -> bool:
+        """Whether the daemon closed its end outright rather than ending its direction.
+
+        The pair's end says so by a hang-up (both directions shut), which the loop's
+        selector reports only to a socket it watches; so a half-closed pair is asked
+        now and then (``on_deadline``), and one whose daemon went is let go, as anyio's
+        face lets go once its handler returns.
+        """
+        outer = self._outer
+        if outer is None or not hasattr(select, "poll"):
+            return outer is None
+        poller = select.poll()
+        poller.register(outer, select.POLLOUT)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+    def on_deadline(self, now: float) -> None:
+        if self.linger_until is not None and self.linger_until <= now:
+            self.close_now()
+        elif self._outer is not None and self._pair_eof and not self._pair_shut:
+            if self._daemon_closed():
+                self._pair_gone()
+                self.pump()
+            else:
+                self.server._check_later(self)
 
     def _ready(self, number: int, mask: int) -> None:
         leg = self.legs.get(number)
