@@ -400,6 +400,14 @@ def test_blocking_agent_and_connector_behind_default_squid_meet_through_the_rela
                     assert agent.listener is not None
                     listen_kind = agent.listener.dialer.last_kind
                     standby_kind = agent.relay_agents[0].dialer.last_kind
+                    pumps = pump_threads()
+            # The daemons still run: every tunnel's socket was closed with the agent and
+            # the connector, each pump saw the hang-up and ends (getpost waits at most
+            # CLOSE_LINGER for the answer to its last POST).
+            for pump in pumps:
+                pump.join(WAIT)
+                assert not pump.is_alive(), pump.name
+    assert len(pumps) >= 3  # the listen session's and two standbys' at least
     assert connection.path is PathKind.RELAY
     assert connection.target == f"relay {relay_url}"  # learned from the mediator
     assert echoed == payload
