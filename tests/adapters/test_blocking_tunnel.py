@@ -452,3 +452,23 @@ def test_environment_proxy_reads_the_usual_variables() -> None:
         host="proxy.example", port=3128
     )
     assert environment_proxy("localhost:80", tls=False, environ=environ) is None
+
+
+@pytest.mark.parametrize("kind", [UPGRADE, GETPOST], ids=str)
+def test_a_writer_whose_echo_nobody_reads_is_held_back(kind: TunnelKind) -> None:
+    """Back-pressure end to end: the application writes and never reads, so the echo
+    fills the pump's 1 MiB for the application, the legs, the server, and then the
+    pump stops reading the application: ``send`` blocks (here: times out) after a
+    bounded number of bytes instead of the pump buffering without end."""
+    block = b"\x00" * 65536
+    sent = 0
+    held = False
+    with anyio_echo() as (host, port), open_tunnel(f"{host}:{port}", kind) as sock:
+        sock.settimeout(1.0)
+        while sent < 512 << 20 and not held:
+            try:
+                sent += sock.send(block)
+            except TimeoutError:
+                held = True
+    assert held
+    assert 0 < sent < 64 << 20
