@@ -4,7 +4,8 @@ This module owns how one thread waits: a ``selectors`` selector that calls a
 callback per ready socket, sleeps no longer than the owner's next deadline (a
 sans-I/O service's ``get_timer()``), and can be woken or stopped from any other
 thread through a socket pair. It knows nothing about any protocol; thousands
-of connections cost one thread, not thousands.
+of connections cost one thread, not thousands. ``LoopConnection`` is a socket's
+buffers for such callbacks, TLS included (``ssl.SSLObject`` on memory buffers).
 """
 
 from __future__ import annotations
@@ -14,17 +15,27 @@ import contextlib
 import heapq
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["EVENT_READ", "EVENT_WRITE", "Deadlines", "SelectorLoop", "earliest"]
+__all__ = [
+    "EVENT_READ",
+    "EVENT_WRITE",
+    "Deadlines",
+    "LoopConnection",
+    "SelectorLoop",
+    "earliest",
+]
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 
 ReadyCallback = Callable[[int], None]
 """Called with the ready mask (``EVENT_READ | EVENT_WRITE`` bits) of a watched socket."""
+
+_RECEIVE_BYTES = 65536
 
 
 class SelectorLoop:
@@ -157,3 +168,122 @@ def earliest(*deadlines: float | None) -> float | None:
     """The soonest of the deadlines given (None: none)."""
     pending = [deadline for deadline in deadlines if deadline is not None]
     return min(pending) if pending else None
+
+
+class LoopConnection:
+    """A non-blocking stream socket for a loop's callbacks: what it read (decrypted, with
+    TLS), what it has yet to write (encrypted), TLS through memory buffers so that a
+    handshake never blocks the loop."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
+        self.sock = sock
+        self.tls = tls
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.handshaking = tls is not None
+        #: Bytes for the socket (encrypted already, with TLS) it has not taken yet.
+        self.out = bytearray()
+        self.read_eof = False
+        self.half_closed = False
+        self.closed = False
+        #: The loop's callback for this socket (one object, so re-watching is cheap).
+        self.ready: Callable[[int], None] = lambda mask: None
+
+    @classmethod
+    def accept(cls, sock: socket.socket, context: ssl.SSLContext | None) -> LoopConnection:
+        leg = cls(sock)
+        if context is not None:
+            leg.tls = context.wrap_bio(leg._incoming, leg._outgoing, server_side=True)
+            leg.handshaking = True
+        return leg
+
+    def read(self) -> bytes | None:
+        """Plaintext that arrived (``b""``: the end, or a broken connection), or None when
+        nothing has yet. Raises ``ssl.SSLError`` for a failed handshake."""
+        try:
+            data = self.sock.recv(_RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if self.tls is None:
+            if not data:
+                self.read_eof = True
+            return data
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+        if self.handshaking:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._pull()
+                if not data:
+                    raise ssl.SSLError("the connection closed during the TLS handshake") from None
+                return None
+            self.handshaking = False
+        return self._decrypt()
+
+    def _decrypt(self) -> bytes | None:
+        assert self.tls is not None
+        chunks = []
+        ended = False
+        while True:
+            try:
+                chunk = self.tls.read(_RECEIVE_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLError):
+                ended = True
+                break
+            if not chunk:
+                ended = True
+                break
+            chunks.append(chunk)
+        self._pull()  # key updates, session tickets
+        if chunks:
+            # The end (if any) is seen again by the next read, which finds EOF too.
+            return b"".join(chunks)
+        if ended:
+            self.read_eof = True
+            return b""
+        return None
+
+    def _pull(self) -> None:
+        if self.tls is not None and self._outgoing.pending:
+            self.out += self._outgoing.read()
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` (plaintext) for the socket; ``flush`` writes it."""
+        if not data:
+            return
+        if self.tls is None:
+            self.out += data
+        else:
+            self.tls.write(data)
+            self._pull()
+
+    def flush(self) -> bool:
+        """Write what the socket takes now; True once nothing is left. Raises ``OSError``."""
+        out = self.out
+        while out:
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del out[:sent]
+        return True
+
+    def half_close(self) -> None:
+        # TLS has no half-close: the leg stays open until the tunnel ends.
+        self.half_closed = True
+        if self.tls is None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self, loop: SelectorLoop) -> None:
+        if not self.closed:
+            self.closed = True
+            loop.unwatch(self.sock)
+            self.sock.close()

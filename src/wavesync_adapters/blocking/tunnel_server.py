@@ -47,7 +47,7 @@ from wavesync_proto.tunnel import (
 )
 from wavesync_proto.tunnel.echo import EchoAnswer, EchoReader, starts_http
 
-from ._loop import EVENT_READ, EVENT_WRITE, Deadlines, SelectorLoop, earliest
+from ._loop import EVENT_READ, EVENT_WRITE, Deadlines, LoopConnection, SelectorLoop, earliest
 
 __all__ = ["TunnelHandler", "TunnelServer"]
 
@@ -69,127 +69,12 @@ _LISTEN_BACKLOG = 4096
 _RAW = (TunnelMethod.UPGRADE, TunnelMethod.CONNECT)
 
 
-class _Leg:
-    """One TCP connection of a tunnel (TLS through memory buffers when the face has it)."""
-
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
-        self.sock = sock
-        self.tls = tls
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.handshaking = tls is not None
-        #: Bytes for the socket (encrypted already, with TLS) it has not taken yet.
-        self.out = bytearray()
-        self.read_eof = False
-        self.half_closed = False
-        self.closed = False
-        #: The loop's callback for this socket (one object, so re-watching is cheap).
-        self.ready: Callable[[int], None] = lambda mask: None
-
-    @classmethod
-    def accept(cls, sock: socket.socket, context: ssl.SSLContext | None) -> _Leg:
-        leg = cls(sock)
-        if context is not None:
-            leg.tls = context.wrap_bio(leg._incoming, leg._outgoing, server_side=True)
-            leg.handshaking = True
-        return leg
-
-    def read(self) -> bytes | None:
-        """Plaintext that arrived (``b""``: the end, or a broken connection), or None when
-        nothing has yet. Raises ``ssl.SSLError`` for a failed handshake."""
-        try:
-            data = self.sock.recv(RECEIVE_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            data = b""
-        if self.tls is None:
-            if not data:
-                self.read_eof = True
-            return data
-        if data:
-            self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
-        if self.handshaking:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                self._pull()
-                if not data:
-                    raise ssl.SSLError("the connection closed during the TLS handshake") from None
-                return None
-            self.handshaking = False
-        return self._decrypt()
-
-    def _decrypt(self) -> bytes | None:
-        assert self.tls is not None
-        chunks = []
-        ended = False
-        while True:
-            try:
-                chunk = self.tls.read(RECEIVE_BYTES)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLError):
-                ended = True
-                break
-            if not chunk:
-                ended = True
-                break
-            chunks.append(chunk)
-        self._pull()  # key updates, session tickets
-        if chunks:
-            # The end (if any) is seen again by the next read, which finds EOF too.
-            return b"".join(chunks)
-        if ended:
-            self.read_eof = True
-            return b""
-        return None
-
-    def _pull(self) -> None:
-        if self.tls is not None and self._outgoing.pending:
-            self.out += self._outgoing.read()
-
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` (plaintext) for the socket; ``flush`` writes it."""
-        if not data:
-            return
-        if self.tls is None:
-            self.out += data
-        else:
-            self.tls.write(data)
-            self._pull()
-
-    def flush(self) -> bool:
-        """Write what the socket takes now; True once nothing is left. Raises ``OSError``."""
-        out = self.out
-        while out:
-            try:
-                sent = self.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                return False
-            del out[:sent]
-        return True
-
-    def half_close(self) -> None:
-        # TLS has no half-close: the leg stays open until the tunnel ends.
-        self.half_closed = True
-        if self.tls is None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self, loop: SelectorLoop) -> None:
-        if not self.closed:
-            self.closed = True
-            loop.unwatch(self.sock)
-            self.sock.close()
-
-
 class _Pending:
     """An accepted connection reading its first request (TLS handshake first, with TLS)."""
 
-    def __init__(self, server: TunnelServer, leg: _Leg, remote: Endpoint, deadline: float) -> None:
+    def __init__(
+        self, server: TunnelServer, leg: LoopConnection, remote: Endpoint, deadline: float
+    ) -> None:
         self.server = server
         self.leg = leg
         self.remote = remote
@@ -317,7 +202,7 @@ class TunnelServer:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = next(self._ids)
-        leg = _Leg.accept(sock, self._ssl_context if not first else None)
+        leg = LoopConnection.accept(sock, self._ssl_context if not first else None)
         deadline = self._loop.clock() + self._handshake_timeout
         pending = _Pending(self, leg, remote, deadline)
         self._pending[key] = pending
@@ -436,7 +321,7 @@ class TunnelServer:
         else:
             self._start(WebSocketServer(request, limits=self.limits), leg, remote)
 
-    def _refuse_leg(self, leg: _Leg, remote: Endpoint, response: bytes) -> None:
+    def _refuse_leg(self, leg: LoopConnection, remote: Endpoint, response: bytes) -> None:
         key = next(self._ids)
         pending = _Pending(self, leg, remote, self._loop.clock() + CLOSE_LINGER)
         self._pending[key] = pending
@@ -449,7 +334,11 @@ class TunnelServer:
         return TunnelKind(method=method, tls=self._ssl_context is not None)
 
     def _start(
-        self, machine: TunnelEndpoint, leg: _Leg, remote: Endpoint, tunnel_id: bytes | None = None
+        self,
+        machine: TunnelEndpoint,
+        leg: LoopConnection,
+        remote: Endpoint,
+        tunnel_id: bytes | None = None,
     ) -> None:
         key = next(self._ids)
         tunnel = _Tunnel(
@@ -481,14 +370,14 @@ class TunnelServer:
             inner.close()
             tunnel.close_now()
 
-    def _open_getpost(self, request: TunnelRequest, leg: _Leg, remote: Endpoint) -> None:
+    def _open_getpost(self, request: TunnelRequest, leg: LoopConnection, remote: Endpoint) -> None:
         opened = self.registry.open(request, self._loop.clock())
         if isinstance(opened, RequestRejected):
             self._refuse_leg(leg, remote, opened.response)
             return
         self._start(opened, leg, remote, opened.tunnel_id)
 
-    def _join(self, request: TunnelRequest, leg: _Leg) -> None:
+    def _join(self, request: TunnelRequest, leg: LoopConnection) -> None:
         remote = ("0.0.0.0", 0)  # noqa: S104 - an address to report, not to bind
         joined = self.registry.join(request)
         if isinstance(joined, RequestRejected):
@@ -523,7 +412,7 @@ class _Tunnel:
         key: int,
         machine: TunnelEndpoint,
         kind: TunnelKind,
-        leg: _Leg,
+        leg: LoopConnection,
         tunnel_id: bytes | None,
     ) -> None:
         self.server = server
@@ -532,7 +421,7 @@ class _Tunnel:
         self.machine = machine
         self.kind = kind
         self.tunnel_id = tunnel_id
-        self.legs: dict[int, _Leg] = {}
+        self.legs: dict[int, LoopConnection] = {}
         self._own(0, leg)
         self._shut: set[int] = set()
         self.failure: TunnelFailed | None = None
@@ -546,7 +435,7 @@ class _Tunnel:
         self.linger_until: float | None = None
         self.finished = False
 
-    def _own(self, number: int, leg: _Leg) -> None:
+    def _own(self, number: int, leg: LoopConnection) -> None:
         leg.ready = functools.partial(self._ready, number)
         self.legs[number] = leg
 
@@ -554,7 +443,7 @@ class _Tunnel:
         self._outer = outer
         self.pump()
 
-    def add_leg(self, number: int, leg: _Leg) -> None:
+    def add_leg(self, number: int, leg: LoopConnection) -> None:
         self._own(number, leg)
 
     # --- moving bytes ------------------------------------------------------------------------
@@ -666,7 +555,7 @@ class _Tunnel:
             if self.linger_until is None:
                 self.server._linger(self)
 
-    def _read_leg(self, number: int, leg: _Leg) -> None:
+    def _read_leg(self, number: int, leg: LoopConnection) -> None:
         try:
             data = leg.read()
         except ssl.SSLError as exc:
