@@ -37,6 +37,7 @@ from tests.squid import DEFAULT, PERMISSIVE, squid_binary, squid_proxy
 from wavesync_adapters._common import AUTO, TunnelChoice
 from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
+from wavesync_adapters.anyio.relay import RelayDaemon as AnyioRelayDaemon
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import open_tunnel
@@ -650,6 +651,30 @@ async def test_shutdown_ends_a_tunnelled_session_in_flight() -> None:
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await relayed.stream.receive()
                 await relayed.stream.aclose()
+
+
+TUNNEL_PATH_REQUESTS = [
+    "upgrade without Upgrade",
+    "websocket without its key",
+    "post naming no tunnel",
+    "get with a bad id",
+]
+
+
+@pytest.mark.parametrize("name", TUNNEL_PATH_REQUESTS)
+async def test_bad_tunnel_requests_on_the_relays_port_get_anyio_relays_answer(
+    relay: Relay, name: str
+) -> None:
+    request = BAD_REQUESTS[name]
+    reference = AnyioRelayDaemon(RelayService({relay.system_id: relay.key}))
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as group:
+            bound = await group.start(reference.serve, LOOPBACK, 0)
+            expected = await anyio.to_thread.run_sync(raw_answer, bound, request)
+            group.cancel_scope.cancel()
+        answer = await anyio.to_thread.run_sync(raw_answer, relay.address, request)
+    assert answer == expected
+    assert re.match(rb"HTTP/1\.1 4\d\d ", answer), answer[:100]
 
 
 # --- through a real squid --------------------------------------------------------------------
