@@ -44,7 +44,7 @@ from wavesync_adapters.anyio.tunnel import open_tunnel
 from wavesync_adapters.blocking._loop import SelectorLoop
 from wavesync_adapters.blocking.mediator import MediatorDaemon
 from wavesync_adapters.blocking.relay import RelayDaemon
-from wavesync_adapters.blocking.tunnel_server import TunnelServer
+from wavesync_adapters.blocking.tunnel_server import HIGH_WATER, TunnelServer
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.service import MediatorService
@@ -218,6 +218,38 @@ async def test_each_ssl_kind_carries_a_stream_through_the_non_blocking_tls(
             async with stream:
                 echoed = await round_trip(stream, payload, block=50_000, half_close=half_close)
     assert echoed == payload
+
+
+async def test_a_daemon_that_does_not_read_holds_the_tunnel_back_not_the_faces_memory() -> None:
+    # The handler keeps its pair ends and never reads them: the face stops reading the
+    # tunnel once HIGH_WATER is held, so the sender stalls instead of the face growing.
+    kept: list[socket.socket] = []
+    loop = SelectorLoop()
+    server = TunnelServer(loop, lambda sock, remote: kept.append(sock))
+    bound = server.listen(LOOPBACK, 0)
+    thread = threading.Thread(target=loop.run, args=(server.next_deadline, server.on_deadline))
+    thread.start()
+    try:
+        face = Face(server, loop)
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(format_endpoint(bound), kind("websocket"))
+            block = bytes(65536)
+            sent = 0
+            with anyio.move_on_after(1.0):
+                while sent < 64_000_000:
+                    await stream.send(block)
+                    sent += len(block)
+            assert sent < 64_000_000
+            assert face.ask(lambda: server.buffered) <= HIGH_WATER + 4 * 65536
+    finally:
+        loop.stop()
+        thread.join(WAIT)
+        server.close()
+        loop.close()
+        for sock in kept:
+            sock.close()
+    with anyio.fail_after(WAIT):
+        await stream.aclose()  # the face is gone: no linger for the peer's answer
 
 
 async def test_a_silent_connection_and_a_get_without_its_post_are_closed_in_time() -> None:

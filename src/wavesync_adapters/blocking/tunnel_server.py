@@ -148,6 +148,12 @@ class TunnelServer:
         """Connections still reading their request, plus tunnels not yet closed."""
         return len(self._pending) + len(self._tunnels)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes the tunnels hold, both directions (bounded by ``HIGH_WATER`` each way,
+        plus a read or a machine's framing)."""
+        return sum(tunnel.buffered for tunnel in self._tunnels.values())
+
     def close(self) -> None:
         """Close the listener, every connection and every tunnel (the daemon is stopping)."""
         if self._listener is not None:
@@ -438,6 +444,10 @@ class _Tunnel:
     def _own(self, number: int, leg: LoopConnection) -> None:
         leg.ready = functools.partial(self._ready, number)
         self.legs[number] = leg
+
+    @property
+    def buffered(self) -> int:
+        return len(self._to_pair) + sum(len(leg.out) for leg in self.legs.values())
 
     def attach(self, outer: socket.socket) -> None:
         self._outer = outer
