@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import importlib.util
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
 import pytest
 import trustme
 
@@ -32,6 +35,7 @@ from tests.adapters.tunnels import echo_server
 from tests.daemons import RELAY_READY, new_system, wavesync_daemon
 from tests.squid import DEFAULT, PERMISSIVE, Squid, squid_binary, squid_proxy
 from wavesync_adapters.anyio.tunnel_server import TunnelServer
+from wavesync_adapters.anyio.tunnel_stream import TunnelStream
 from wavesync_adapters.asyncio._dial import AUTO, dialer_for
 from wavesync_adapters.asyncio.agent import AcceptedStream, ServerAgent
 from wavesync_adapters.asyncio.connector import Connector
@@ -207,6 +211,84 @@ async def test_the_dialer_names_the_kind_it_opened_and_reraises_as_connection_er
             await dead.open(WAIT)
 
 
+FORBIDDEN = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("kind", [UPGRADE, WEBSOCKET, GETPOST], ids=str)
+async def test_a_refusal_names_the_method_and_the_status(kind: TunnelKind) -> None:
+    # An HTTP server that refuses everything, as a proxy's 403 page does.
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(FORBIDDEN)
+        writer.close()
+
+    refuser = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = refuser.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(TunnelError) as caught:
+                await open_tunnel(f"127.0.0.1:{port}", kind)
+    finally:
+        refuser.close()
+        await refuser.wait_closed()
+    assert (caught.value.kind, caught.value.status) == (kind, 403)
+    assert str(caught.value).startswith(f"{kind} tunnel: ")
+
+
+async def test_ssl_kinds_verify_the_certificate_by_default(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    kind = TunnelKind(method=GETPOST.method, tls=True)
+    async with echo_server(ssl_context=tls_contexts[0]) as server, asyncio.timeout(WAIT):
+        # The system's CAs do not know our test CA.
+        with pytest.raises(TunnelError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            await open_tunnel(bound_target(server), kind)
+    assert caught.value.kind == kind
+
+
+async def test_the_probe_stream_starts_clean_after_the_echo_and_names_its_kind() -> None:
+    async with echo_server() as server, asyncio.timeout(WAIT):
+        reader, writer, kind = await probe_tunnel(
+            bound_target(server), PLAIN_KINDS, proxy=None, memory=TunnelMemory()
+        )
+        assert writer.get_extra_info("tunnel_kind") == kind == UPGRADE
+        assert await round_trip((reader, writer), b"\x00after the echo") == b"\x00after the echo"
+        await close((reader, writer))
+
+
+@pytest.mark.parametrize("after_yields", range(0, 60, 3))
+async def test_a_probe_cancelled_at_any_moment_leaves_no_connection_open(
+    after_yields: int,
+) -> None:
+    # A caller that gives up must not leave the attempts' sockets, not even the chosen
+    # one's, to the garbage collector (uvloop fails the test on a transport left open).
+    async def probe_then_close(target: str) -> None:
+        pair = await probe_tunnel(target, PLAIN_KINDS, proxy=None, memory=TunnelMemory())
+        await close((pair[0], pair[1]))  # finished before the cancel: closed as a caller would
+
+    async with echo_server() as server, asyncio.timeout(WAIT):
+        probing = asyncio.create_task(probe_then_close(bound_target(server)))
+        for _ in range(after_yields):
+            await asyncio.sleep(0)
+        probing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probing
+    gc.collect()
+
+
+async def test_a_probe_where_nothing_works_says_why_for_each_method() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(TunnelError) as caught:
+            await probe_tunnel(f"127.0.0.1:{port}", PLAIN_KINDS, proxy=None, memory=TunnelMemory())
+    message = str(caught.value)
+    assert message.startswith("tunnel: no method works: upgrade: ")
+    assert "websocket: " in message
+    assert "getpost: " in message
+
+
 def test_environment_proxy_follows_the_proxy_variables() -> None:
     environ = {"http_proxy": "http://proxy.example:3128", "no_proxy": "skip.example"}
     assert environment_proxy("target.example:80", tls=False, environ=environ) == ProxyConfig(
@@ -304,6 +386,41 @@ async def test_getpost_through_default_squid_ends_cleanly_both_ways(
         # getpost's ends are in band: the half-close survives squid.
         assert await round_trip(pair, payload, block=100_000) == payload
         await close(pair)
+
+
+@needs_squid
+async def test_getpost_upload_to_a_slow_reader_through_squid_is_not_cut(
+    squids: dict[str, Squid],
+) -> None:
+    """As the anyio twin's test: an origin reading slower than we send fills squid's
+    request buffer; POSTs of the default ``post_length`` cannot fill it (squid bug 5405).
+    Here it also proves the transport's write side waits (drain) instead of buffering."""
+    payload = os.urandom(8 << 20)
+    received = bytearray()
+
+    async def slow_reader(stream: TunnelStream) -> None:
+        while len(received) < len(payload):
+            await anyio.sleep(0.01)  # pacing (~6 MB/s), not a wait for an event
+            received.extend(await stream.receive(65536))
+        await stream.send(b"k")
+
+    server = TunnelServer(slow_reader)
+    async with anyio.create_task_group() as group:
+        bound = await group.start(server.serve, "127.0.0.1", 0)
+        async with asyncio.timeout(WAIT):
+            reader, writer = await open_tunnel(
+                f"127.0.0.1:{bound[1]}", GETPOST, proxy=proxy_of(squids["default"])
+            )
+            most_buffered = 0
+            for start in range(0, len(payload), 65536):
+                writer.write(payload[start : start + 65536])
+                most_buffered = max(most_buffered, writer.transport.get_write_buffer_size())
+                await writer.drain()
+            assert await reader.readexactly(1) == b"k"
+            await close((reader, writer))
+        group.cancel_scope.cancel()
+    assert received == payload
+    assert most_buffered <= (1 << 20) + 65536  # the transport's high-water mark and one write
 
 
 # --- the whole product behind Debian-default squid ---------------------------------------

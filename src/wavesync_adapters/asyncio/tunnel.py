@@ -377,22 +377,33 @@ class _ProbeRun:
                         await self._wake.wait()
                 except TimeoutError:
                     self._apply(self._probe.handle_timer(self._loop.time()))
-        finally:
-            # Every attempt ends here (cancelled, or already done); cancelled from
-            # outside, nobody takes even the chosen stream.
-            tasks = list(self._tasks.values())
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
-            result = self._outcome
-            keep = result.attempt_id if isinstance(result, ProbeChosen) else None
-            for attempt_id, stream in self._streams.items():
-                if attempt_id != keep:
-                    stream.abort()
+        except BaseException:
+            # Cancelled from outside (or failed): nobody takes even the chosen stream.
+            await self._end_attempts(keep=None)
+            raise
+        result = self._outcome
+        keep = result.attempt_id if isinstance(result, ProbeChosen) else None
+        await self._end_attempts(keep=keep)
         if isinstance(result, ProbeChosen) and result.attempt_id in self._streams:
             return self._streams[result.attempt_id], result.kind
         raise TunnelError(None, f"no method works: {result}")
+
+    async def _end_attempts(self, *, keep: int | None) -> None:
+        """Cancel every attempt, wait until each has ended, abort every stream but
+        ``keep``'s; a cancel during the wait still aborts them all, then goes on."""
+        tasks = [task for task in self._tasks.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        except BaseException:
+            keep = None
+            raise
+        finally:
+            for attempt_id, stream in self._streams.items():
+                if attempt_id != keep:
+                    stream.abort()
 
     async def _attempt(self, attempt_id: int, kind: TunnelKind) -> None:
         try:
