@@ -17,11 +17,13 @@ import hashlib
 import os
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -600,3 +602,32 @@ async def test_each_kind_through_a_permissive_squid_reaches_an_asyncio_handler(
     assert echoed == payload
     # Through CONNECT (connect, ssl+connect) the server sees a raw stream: kind connect.
     assert served == {str(tunnel): 1}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("tunnel", ["websocket", "getpost"])
+async def test_a_tunnel_whose_relay_connection_was_closed_ends_though_its_peer_stays(
+    tunnel: str,
+) -> None:
+    with asyncio_relay() as relay:
+        ended = threading.Event()
+        tunnels = relay.daemon.tunnels
+        end = tunnels._ended
+
+        def noting(which: Any) -> None:
+            end(which)
+            ended.set()
+
+        relay.thread.call(lambda: setattr(tunnels, "_ended", noting))
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(f"http://127.0.0.1:{relay.address[1]}", kind(tunnel))
+            async with stream:
+                await stream.send(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+                answer = b""
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        answer += await stream.receive()
+                # The relay answered and closed; we keep our direction open: the tunnel
+                # must still end (its legs closed) rather than wait for us forever.
+                assert await anyio.to_thread.run_sync(ended.wait, WAIT)
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:100]

@@ -38,9 +38,8 @@ from wavesync_proto.mediator.service import (
     SendDatagram,
     SendTcp,
 )
-from wavesync_proto.tunnel import TunnelKind
 
-from .tunnel_server import TunnelServer
+from .tunnel_server import TunnelServer, TunnelSocket
 
 __all__ = ["MediatorDaemon"]
 
@@ -124,10 +123,12 @@ class ServiceTimer:
 class _TcpPeer(asyncio.Protocol):
     """One TCP peer: its bytes go to the service, the service's answers to its transport."""
 
-    def __init__(self, daemon: MediatorDaemon, remote: Endpoint | None = None) -> None:
-        """``remote``: the peer's address when the transport's is not it (a tunnel's
-        socket pair: then the address of the connection that carries the tunnel)."""
+    def __init__(self, daemon: MediatorDaemon, tunnel: TunnelSocket | None = None) -> None:
+        """``tunnel``: the peer is a tunnel's socket pair end; its remote address is that
+        of the connection that carries the tunnel."""
         self._daemon = daemon
+        self._tunnel = tunnel
+        remote = None if tunnel is None else tunnel.remote
         self.handle = next(daemon._peer_ids)
         self.transport: asyncio.Transport | None = None
         self._given_remote = remote
@@ -165,6 +166,8 @@ class _TcpPeer(asyncio.Protocol):
         if not self.closed_by_service and daemon._serving:
             daemon._apply(daemon.service.tcp_closed(self.handle, daemon._clock()))
         log.debug("tcp peer %d closed", self.handle)
+        if self._tunnel is not None:
+            self._tunnel.closed()
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -297,19 +300,22 @@ class MediatorDaemon:
             f"no port free for both UDP and TCP on {host} after {_UDP_BIND_ATTEMPTS} tries"
         )
 
-    def _tunnel_opened(self, sock: socket.socket, kind: TunnelKind, remote: Endpoint) -> None:
+    def _tunnel_opened(self, tunnel: TunnelSocket) -> None:
         """A tunnel from the HTTP face: its socket pair end becomes a TCP peer."""
         assert self._loop is not None
-        task = self._loop.create_task(self._serve_tunnel(sock, remote))
+        task = self._loop.create_task(self._serve_tunnel(tunnel))
         self._tunnel_peers.add(task)
         task.add_done_callback(self._tunnel_peers.discard)
 
-    async def _serve_tunnel(self, sock: socket.socket, remote: Endpoint) -> None:
+    async def _serve_tunnel(self, tunnel: TunnelSocket) -> None:
         assert self._loop is not None
         try:
-            await self._loop.connect_accepted_socket(lambda: _TcpPeer(self, remote), sock=sock)
+            await self._loop.connect_accepted_socket(
+                lambda: _TcpPeer(self, tunnel), sock=tunnel.sock
+            )
         except BaseException:
-            sock.close()
+            tunnel.sock.close()
+            tunnel.closed()
             raise
 
     # --- carrying out the service's decisions ---------------------------------------------

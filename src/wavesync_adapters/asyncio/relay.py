@@ -44,11 +44,10 @@ from wavesync_proto.relay import (
     SendBytes,
     StartSplice,
 )
-from wavesync_proto.tunnel import TunnelKind
 
 from .._splice_core import PipePool, PumpWait, SplicePump, SpliceResult
 from .mediator import ServiceTimer
-from .tunnel_server import TunnelServer
+from .tunnel_server import TunnelServer, TunnelSocket
 
 __all__ = ["RelayDaemon"]
 
@@ -74,6 +73,8 @@ class _Connection:
     gone: bool = False
     #: Reading and discarding until EOF before the close (see ``_drain``).
     draining: asyncio.TimerHandle | None = field(default=None, repr=False)
+    #: A tunnel's socket pair end: tells the tunnel server once the socket is closed.
+    on_close: Callable[[], None] | None = field(default=None, repr=False)
 
 
 class RelayDaemon:
@@ -204,7 +205,7 @@ class RelayDaemon:
         for connection in (client, server):
             connection.released = True
             self._stop_reading(connection)
-        session = _SplicedSession(self, action, client.sock, server.sock)
+        session = _SplicedSession(self, action, client, server)
         self._sessions.add(session)
         # Write the client's 101 (and any early bytes) now, in this callback: the
         # client's pairing time is what the relay exists to keep short.
@@ -239,17 +240,19 @@ class RelayDaemon:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._connection_made(sock, (str(address[0]), int(address[1])))
 
-    def _connection_made(self, sock: socket.socket, remote: Endpoint) -> None:
+    def _connection_made(
+        self, sock: socket.socket, remote: Endpoint, *, on_close: Callable[[], None] | None = None
+    ) -> None:
         assert self._loop is not None
         handle = next(self._ids)
-        connection = _Connection(handle=handle, sock=sock, remote=remote)
+        connection = _Connection(handle=handle, sock=sock, remote=remote, on_close=on_close)
         self._connections[handle] = connection
         self._loop.add_reader(sock.fileno(), self._readable, handle, connection)
         self._apply(self.service.connection_made(handle, remote, self._clock()))
 
-    def _tunnel_opened(self, sock: socket.socket, kind: TunnelKind, remote: Endpoint) -> None:
+    def _tunnel_opened(self, tunnel: TunnelSocket) -> None:
         """One tunnel's stream, as the socket pair's end: a relay connection like any other."""
-        self._connection_made(sock, remote)
+        self._connection_made(tunnel.sock, tunnel.remote, on_close=tunnel.closed)
 
     def _readable(self, handle: int, connection: _Connection) -> None:
         if connection.draining is not None:
@@ -309,6 +312,8 @@ class RelayDaemon:
         connection.gone = True
         self._stop_reading(connection)
         connection.sock.close()
+        if connection.on_close is not None:
+            connection.on_close()
 
     def _report(self) -> None:
         if self._loop is None:
@@ -341,14 +346,21 @@ class _SplicedSession:
         self,
         daemon: RelayDaemon,
         action: StartSplice,
-        client: socket.socket,
-        server: socket.socket,
+        client_connection: _Connection,
+        server_connection: _Connection,
     ) -> None:
         assert daemon._loop is not None
         self._daemon = daemon
         self._loop = daemon._loop
         self.session_id = action.session_id
+        client, server = client_connection.sock, server_connection.sock
         self._sockets = (client, server)
+        # A tunnel's socket pair end among them: its tunnel server hears of the close.
+        self._on_close = [
+            connection.on_close
+            for connection in (client_connection, server_connection)
+            if connection.on_close is not None
+        ]
         self._to_server = SplicePump(client, server, first=action.to_server, pipes=daemon.pipes)
         self._to_client = SplicePump(server, client, first=action.to_client, pipes=daemon.pipes)
         # What each pump waits for now: a registered reader or writer, or nothing.
@@ -406,6 +418,8 @@ class _SplicedSession:
             pump.close()
         for sock in self._sockets:
             sock.close()
+        for closed in self._on_close:
+            closed()
         result = SpliceResult(
             client_to_server=self._to_server.carried,
             server_to_client=self._to_client.carried,

@@ -20,11 +20,11 @@ buffer on one side pauses reading on the other). What the application gets:
   ``asyncio.StreamReader``/``StreamWriter`` pair (plus the tunnel's kind and the
   remote address of the connection that carries it); the writer is closed when
   the handler returns.
-- ``TunnelServer(on_socket=take)``: ``take(sock, kind, remote)`` is called with the
-  socket pair's end itself (non-blocking) and owns it from then on. The relay and
-  the mediator use this: the socket enters them as a connection like any other,
+- ``TunnelServer(on_socket=take)``: ``take(tunnel)`` is given a ``TunnelSocket``: the
+  socket pair's end itself (non-blocking), owned by ``take`` from then on. The relay
+  and the mediator use this: the socket enters them as a connection like any other,
   and the relay splices it. ``sock.shutdown(SHUT_WR)`` ends our direction in band;
-  closing it ends the tunnel.
+  closing it (then calling ``tunnel.closed()``) ends the tunnel.
 
 A probe's echo at the start of a stream is answered before the application reads
 anything (docs/tunnel.md §7.1), so it sees only what follows it.
@@ -61,7 +61,7 @@ from wavesync_proto.tunnel import (
 )
 from wavesync_proto.tunnel.echo import EchoAnswer, EchoReader, starts_http
 
-__all__ = ["AcceptedTunnel", "SocketTaker", "TunnelHandler", "TunnelServer"]
+__all__ = ["AcceptedTunnel", "SocketTaker", "TunnelHandler", "TunnelServer", "TunnelSocket"]
 
 log = logging.getLogger("wavesync.tunnel.server")
 
@@ -82,9 +82,22 @@ class AcceptedTunnel:
     remote: Endpoint
 
 
+@dataclass(frozen=True, kw_only=True)
+class TunnelSocket:
+    """One tunnel's stream as a socket pair's end: what ``on_socket`` is given to own."""
+
+    sock: socket.socket
+    kind: TunnelKind
+    #: The connection that carries the tunnel (its leg 0): the peer's, or its proxy's.
+    remote: Endpoint
+    #: Call once ``sock`` is closed: the tunnel gets a moment for the bytes still in the
+    #: pair, then ends (after a half-close alone, our end cannot see the close).
+    closed: Callable[[], None]
+
+
 TunnelHandler = Callable[[AcceptedTunnel], Awaitable[None]]
-#: Takes one end of a socket pair that carries a tunnel's stream (see the module docstring).
-SocketTaker = Callable[[socket.socket, TunnelKind, Endpoint], None]
+#: Takes a ``TunnelSocket`` (see the module docstring).
+SocketTaker = Callable[[TunnelSocket], None]
 
 
 class TunnelServer:
@@ -251,7 +264,11 @@ class TunnelServer:
         self._spawn(self._attach_local(loop, tunnel, outer))
         try:
             if self._on_socket is not None:
-                self._on_socket(inner, tunnel.kind, tunnel.remote)
+                self._on_socket(
+                    TunnelSocket(
+                        sock=inner, kind=tunnel.kind, remote=tunnel.remote, closed=tunnel.closed
+                    )
+                )
             else:
                 self._spawn(self._run_handler(tunnel, inner))
         except Exception:
@@ -670,9 +687,20 @@ class _Tunnel:
             return
         self._flush()
 
+    def closed(self) -> None:
+        """The application closed its end (``TunnelSocket.closed``): what it wrote last is
+        still in the pair; give it ``_CLOSE_LINGER`` to get through, then end."""
+        loop = self.server._loop
+        if not self._ended and loop is not None:
+            loop.call_later(_CLOSE_LINGER, self.local_lost)
+
     def local_lost(self) -> None:
         """The application closed its end: end our direction, then let the legs go."""
+        if self._local_gone:
+            return
         self._local_gone = True
+        if self._local is not None:
+            self._local.close()  # after ``closed()``, our end may still be open
         if self._failure is None and self.machine.state is TunnelState.OPEN:
             self.machine.close()
             self.machine_moved()
