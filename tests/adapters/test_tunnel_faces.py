@@ -31,9 +31,11 @@ from wavesync_adapters.anyio.connect import request_connection
 from wavesync_adapters.anyio.listen import MediatorListener
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
+from wavesync_adapters.anyio.tunnel_server import TunnelServer
+from wavesync_adapters.anyio.tunnel_stream import TunnelStream
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
-from wavesync_proto.tunnel import TunnelKind, TunnelMethod
+from wavesync_proto.tunnel import GetPostRegistry, TunnelKind, TunnelLimits, TunnelMethod
 
 MEDIATOR_READY = (
     r"mediator listening on udp\+tcp (?P<host>[\d.]+):(?P<port>\d+),"
@@ -300,3 +302,16 @@ def test_tunnel_probe_takes_the_proxy_from_the_environment_unless_no_proxy_or_di
     bad = probe_command(mediator.http, "--tunnel", "pigeon", env={})
     assert bad.returncode == 2
     assert "bad tunnel" in bad.stderr
+
+
+async def test_a_getpost_registry_handed_in_is_the_one_used() -> None:
+    # An empty registry has length 0: a `registry or GetPostRegistry()` default replaced
+    # it, silently dropping the caller's limits (first_post_timeout and the rest).
+    given = GetPostRegistry(limits=TunnelLimits())
+    assert len(given) == 0
+
+    async def ignore(stream: TunnelStream) -> None:
+        await stream.aclose()
+
+    server = TunnelServer(ignore, registry=given)
+    assert server.registry is given

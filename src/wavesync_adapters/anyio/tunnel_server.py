@@ -70,8 +70,9 @@ class TunnelServer:
         ``handshake_timeout``: how long a connection may take to send its request."""
         self._handler = handler
         self._ssl_context = ssl_context
-        self.limits = limits or TunnelLimits()
-        self.registry = registry or GetPostRegistry(limits=self.limits)
+        self.limits = limits if limits is not None else TunnelLimits()
+        # Not `registry or ...`: an empty registry has length 0 and would be replaced.
+        self.registry = registry if registry is not None else GetPostRegistry(limits=self.limits)
         self._handshake_timeout = handshake_timeout
         self._getpost: dict[bytes, TunnelStream] = {}
         self._timer = ServiceTimer(
