@@ -612,13 +612,13 @@ async def test_a_tunnel_whose_relay_connection_was_closed_ends_though_its_peer_s
     with asyncio_relay() as relay:
         ended = threading.Event()
         tunnels = relay.daemon.tunnels
-        end = tunnels._ended
+        end = tunnels.tunnel_ended
 
         def noting(which: Any) -> None:
             end(which)
             ended.set()
 
-        relay.thread.call(lambda: setattr(tunnels, "_ended", noting))
+        relay.thread.call(lambda: setattr(tunnels, "tunnel_ended", noting))
         with anyio.fail_after(WAIT):
             stream = await open_tunnel(f"http://127.0.0.1:{relay.address[1]}", kind(tunnel))
             async with stream:

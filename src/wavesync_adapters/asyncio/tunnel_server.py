@@ -46,27 +46,23 @@ from wavesync_proto.tunnel import (
     GetPostRegistry,
     RawEndpoint,
     RequestRejected,
-    StreamData,
-    StreamEnded,
     TunnelEndpoint,
-    TunnelFailed,
     TunnelKind,
     TunnelLimits,
     TunnelMethod,
     TunnelRequest,
     TunnelRequestReader,
-    TunnelState,
     UpgradeServer,
     WebSocketServer,
 )
-from wavesync_proto.tunnel.echo import EchoAnswer, EchoReader, starts_http
+from wavesync_proto.tunnel.echo import starts_http
+
+from ._tunnel_bridge import CLOSE_LINGER, LocalSide, TunnelBridge
 
 __all__ = ["AcceptedTunnel", "SocketTaker", "TunnelHandler", "TunnelServer", "TunnelSocket"]
 
 log = logging.getLogger("wavesync.tunnel.server")
 
-# How long a closing leg may take to write out what it holds before it is reset.
-_CLOSE_LINGER = 2.0
 _LISTEN_BACKLOG = 4096
 _UNKNOWN: Endpoint = ("0.0.0.0", 0)  # noqa: S104 - an address to report, not to bind
 
@@ -128,8 +124,8 @@ class TunnelServer:
         # ``is None``, not ``or``: an empty registry has no tunnels, so it is falsy.
         self.registry = GetPostRegistry(limits=self.limits) if registry is None else registry
         self._handshake_timeout = handshake_timeout
-        self._getpost: dict[bytes, _Tunnel] = {}
-        self._tunnels: set[_Tunnel] = set()
+        self._getpost: dict[bytes, TunnelBridge] = {}
+        self._tunnels: set[TunnelBridge] = set()
         self._handshaking: set[_Leg] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,7 +226,9 @@ class TunnelServer:
                 leg.refuse(joined.response)
                 return
             machine, number = joined
-            self._getpost[machine.tunnel_id].join(number, leg)
+            tunnel = self._getpost[machine.tunnel_id]
+            leg.tunnel, leg.number = tunnel, number
+            tunnel.join(number, leg)
             return
         machine_now: TunnelEndpoint
         if request.method is TunnelMethod.GETPOST:
@@ -248,13 +246,14 @@ class TunnelServer:
 
     def _open(self, leg: _Leg, machine: TunnelEndpoint) -> None:
         kind = TunnelKind(method=machine.method, tls=self._ssl_context is not None)
-        tunnel = _Tunnel(self, machine, kind, leg)
+        tunnel = TunnelBridge(self, machine, kind, leg)
+        leg.tunnel = tunnel
         self._tunnels.add(tunnel)
         if machine.method is TunnelMethod.GETPOST:
             self._getpost[cast(Any, machine).tunnel_id] = tunnel
         tunnel.start()
 
-    def _hand_over(self, tunnel: _Tunnel) -> None:
+    def tunnel_up(self, tunnel: TunnelBridge) -> None:
         """The tunnel is up: its stream goes to the application through a socket pair."""
         loop = self._require_loop()
         self.served[str(tunnel.kind)] = self.served.get(str(tunnel.kind), 0) + 1
@@ -276,16 +275,16 @@ class TunnelServer:
             inner.close()
 
     async def _attach_local(
-        self, loop: asyncio.AbstractEventLoop, tunnel: _Tunnel, outer: socket.socket
+        self, loop: asyncio.AbstractEventLoop, tunnel: TunnelBridge, outer: socket.socket
     ) -> None:
         try:
-            await loop.connect_accepted_socket(lambda: _LocalSide(tunnel), sock=outer)
+            await loop.connect_accepted_socket(lambda: LocalSide(tunnel), sock=outer)
         except BaseException:
             outer.close()
             tunnel.abort()
             raise
 
-    async def _run_handler(self, tunnel: _Tunnel, inner: socket.socket) -> None:
+    async def _run_handler(self, tunnel: TunnelBridge, inner: socket.socket) -> None:
         assert self._handler is not None
         try:
             reader, writer = await asyncio.open_connection(sock=inner)
@@ -301,9 +300,9 @@ class TunnelServer:
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), _CLOSE_LINGER)
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_LINGER)
 
-    def _ended(self, tunnel: _Tunnel) -> None:
+    def tunnel_ended(self, tunnel: TunnelBridge) -> None:
         self._tunnels.discard(tunnel)
         tunnel_id = getattr(tunnel.machine, "tunnel_id", None)
         if tunnel_id is not None and self._getpost.get(tunnel_id) is tunnel:
@@ -333,6 +332,9 @@ class TunnelServer:
 
     # --- helpers --------------------------------------------------------------------
 
+    def running_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise RuntimeError("the tunnel server is not running (listen() or attach() first)")
@@ -355,7 +357,7 @@ class _Leg(asyncio.Protocol):
         self._reader: TunnelRequestReader | None = None
         self._deadline: asyncio.TimerHandle | None = None
         #: Once the request is read: the tunnel this connection is a leg of.
-        self.tunnel: _Tunnel | None = None
+        self.tunnel: TunnelBridge | None = None
         self.number = 0
         self._got_eof = False
 
@@ -470,7 +472,7 @@ class _Leg(asyncio.Protocol):
             return
         transport.close()
         with contextlib.suppress(RuntimeError):  # the server is stopping: it aborts us
-            self._server._require_loop().call_later(_CLOSE_LINGER, transport.abort)
+            self._server._require_loop().call_later(CLOSE_LINGER, transport.abort)
 
     def abort(self) -> None:
         self._end_handshake()
@@ -485,256 +487,3 @@ class _Leg(asyncio.Protocol):
             transport.resume_reading()
         elif not wanted and transport.is_reading():
             transport.pause_reading()
-
-
-class _LocalSide(asyncio.Protocol):
-    """Our end of the socket pair: the application's bytes go to the tunnel's machine."""
-
-    def __init__(self, tunnel: _Tunnel) -> None:
-        self._tunnel = tunnel
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._tunnel.local_ready(cast(asyncio.Transport, transport))
-
-    def data_received(self, data: bytes) -> None:
-        self._tunnel.local_data(data)
-
-    def eof_received(self) -> bool:
-        self._tunnel.local_data(b"")
-        return True  # the tunnel's other direction may go on
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._tunnel.local_lost()
-
-    def pause_writing(self) -> None:
-        self._tunnel.local_writable(writable=False)
-
-    def resume_writing(self) -> None:
-        self._tunnel.local_writable(writable=True)
-
-
-class _Tunnel:
-    """A tunnel machine, its legs and our end of the socket pair: bytes moved between them.
-
-    The machine decides everything (what goes on which leg, when a leg ends, when the
-    stream has ended or failed); this class writes what it says and keeps the
-    buffers bounded: a full socket pair stops the legs' reading, a full leg stops
-    the socket pair's.
-    """
-
-    def __init__(
-        self, server: TunnelServer, machine: TunnelEndpoint, kind: TunnelKind, leg: _Leg
-    ) -> None:
-        self.server = server
-        self.machine = machine
-        self.kind = kind
-        self.remote = leg.remote
-        self.legs: dict[int, _Leg] = {0: leg}
-        self._shut: set[int] = set()
-        self._full_legs: set[int] = set()
-        self._local: asyncio.Transport | None = None
-        self._local_full = False
-        self._local_gone = False
-        self._pending: list[bytes] = []
-        self._pending_eof = False
-        self._echo: EchoReader | None = EchoReader()
-        self._failure: TunnelFailed | None = None
-        self._handed = False
-        self._ended = False
-        leg.tunnel = self
-
-    def start(self) -> None:
-        self._reading_changed()
-        self.machine_moved()
-        if self._failure is not None:
-            log.debug("%s tunnel failed: %s", self.kind, self._failure.reason)
-            self._close_legs()
-            return
-        if self._ended:
-            return
-        self._handed = True
-        self.server._hand_over(self)
-
-    def join(self, number: int, leg: _Leg) -> None:
-        """A getpost POST joined as leg ``number`` (``join`` fed its glued bytes)."""
-        leg.tunnel, leg.number = self, number
-        self.legs[number] = leg
-        self._reading_changed()
-        self.machine_moved()
-
-    # --- what the machine says -------------------------------------------------------
-
-    def machine_moved(self) -> None:
-        """Take the machine's events, then write what it has for every leg."""
-        machine = self.machine
-        while (event := machine.next_event()) is not None:
-            if isinstance(event, StreamData):
-                self._to_local(event.data)
-            elif isinstance(event, StreamEnded):
-                self._to_local(b"")
-            elif isinstance(event, TunnelFailed) and self._failure is None:
-                self._failure = event
-                if self._handed:  # the application's stream ends with a reset
-                    self._pending.clear()
-                    if self._local is not None:
-                        self._local.abort()
-        self._flush()
-
-    def _flush(self) -> None:
-        machine = self.machine
-        for number, leg in list(self.legs.items()):
-            if number in self._shut:
-                continue
-            leg.write(machine.data_to_send(number))
-            if machine.eof_to_send(number):
-                self._shut.add(number)
-                if number == 0 and machine.state is TunnelState.OPEN:
-                    leg.half_close()  # TLS has none: then nothing is sent
-                else:
-                    self._drop(number)
-        self._maybe_ended()
-
-    def _to_local(self, data: bytes) -> None:
-        """Stream bytes for the application (``b""``: the peer's end), after the echo."""
-        if self._echo is not None:
-            decision = self._echo.feed(data)
-            if decision is None:
-                return
-            self._echo = None
-            if isinstance(decision, EchoAnswer):
-                self.machine.send(decision.answer)
-                forward = decision.rest
-            else:
-                forward = decision.data
-            if forward:
-                self._to_local(forward)
-            if data:
-                return
-        if self._local is None:
-            if data:
-                self._pending.append(data)
-            else:
-                self._pending_eof = True
-            return
-        if self._local.is_closing():
-            return
-        if data:
-            self._local.write(data)
-        elif self._local.can_write_eof():
-            self._local.write_eof()
-
-    # --- the legs -----------------------------------------------------------------------
-
-    def leg_data(self, leg: _Leg, data: bytes) -> None:
-        if self.legs.get(leg.number) is not leg:
-            return  # a leg we let go of
-        self.machine.receive_data(data, leg.number)
-        self.machine_moved()
-
-    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
-        if self.legs.get(leg.number) is leg:
-            self._shut.add(leg.number)
-            self._drop(leg.number)
-            if exc is not None and self._failure is None and self.machine.state is TunnelState.OPEN:
-                self._failure = TunnelFailed(reason=f"leg {leg.number} broke: {exc!r}")
-                if self._local is not None:
-                    self._local.abort()
-        self._maybe_ended()
-
-    def leg_writable(self, leg: _Leg, *, writable: bool) -> None:
-        if writable:
-            self._full_legs.discard(leg.number)
-        else:
-            self._full_legs.add(leg.number)
-        self._reading_changed()
-
-    def _drop(self, number: int) -> None:
-        leg = self.legs.pop(number, None)
-        self._full_legs.discard(number)
-        if leg is not None:
-            leg.close_after()
-
-    def _close_legs(self) -> None:
-        for number in list(self.legs):
-            self._drop(number)
-        self._maybe_ended()
-
-    # --- our end of the socket pair ---------------------------------------------------
-
-    def local_ready(self, transport: asyncio.Transport) -> None:
-        if self._failure is not None or self._local_gone:
-            transport.abort()
-            return
-        self._local = transport
-        pending, self._pending = self._pending, []
-        for data in pending:
-            transport.write(data)
-        if self._pending_eof and transport.can_write_eof():
-            transport.write_eof()
-        if self._ended:  # the peer said all it had before we were ready
-            transport.close()
-            return
-        self._reading_changed()
-
-    def local_data(self, data: bytes) -> None:
-        """The application's bytes for the peer (``b""``: its end of our direction)."""
-        try:
-            if data:
-                self.machine.send(data)
-            else:
-                self.machine.close()
-        except Exception:  # LocalProtocolError: the tunnel failed or our side ended
-            return
-        self._flush()
-
-    def closed(self) -> None:
-        """The application closed its end (``TunnelSocket.closed``): what it wrote last is
-        still in the pair; give it ``_CLOSE_LINGER`` to get through, then end."""
-        loop = self.server._loop
-        if not self._ended and loop is not None:
-            loop.call_later(_CLOSE_LINGER, self.local_lost)
-
-    def local_lost(self) -> None:
-        """The application closed its end: end our direction, then let the legs go."""
-        if self._local_gone:
-            return
-        self._local_gone = True
-        if self._local is not None:
-            self._local.close()  # after ``closed()``, our end may still be open
-        if self._failure is None and self.machine.state is TunnelState.OPEN:
-            self.machine.close()
-            self.machine_moved()
-        self._close_legs()
-
-    def local_writable(self, *, writable: bool) -> None:
-        self._local_full = not writable
-        self._reading_changed()
-
-    def _reading_changed(self) -> None:
-        legs_read = self._local is not None and not self._local_full
-        for leg in self.legs.values():
-            leg.reading(legs_read)
-        local = self._local
-        if local is not None and not local.is_closing():
-            if self._full_legs and local.is_reading():
-                local.pause_reading()
-            elif not self._full_legs and not local.is_reading():
-                local.resume_reading()
-
-    def _maybe_ended(self) -> None:
-        if self._ended or self.legs:
-            return
-        self._ended = True
-        if self._local is not None and not self._local_gone:
-            self._local.close()  # what the peer sent last is written first
-        self.server._ended(self)
-
-    def abort(self) -> None:
-        """The server is stopping: reset everything at once."""
-        self._local_gone = True
-        for leg in list(self.legs.values()):
-            leg.abort()
-        self.legs.clear()
-        if self._local is not None:
-            self._local.abort()
-        self._maybe_ended()
