@@ -41,7 +41,7 @@ from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import ALL_KINDS, open_tunnel
 from wavesync_adapters.asyncio.mediator import MediatorDaemon
-from wavesync_adapters.asyncio.tunnel_server import AcceptedTunnel, TunnelServer
+from wavesync_adapters.asyncio.tunnel_server import AcceptedTunnel, TunnelServer, TunnelSocket
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.mediator.service import MediatorService
@@ -631,3 +631,59 @@ async def test_a_tunnel_whose_relay_connection_was_closed_ends_though_its_peer_s
                 # must still end (its legs closed) rather than wait for us forever.
                 assert await anyio.to_thread.run_sync(ended.wait, WAIT)
     assert answer.startswith(b"HTTP/1.1 404"), answer[:100]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("tunnel", PLAIN, ids=str)
+async def test_on_socket_owns_the_pair_end_and_a_tunnel_ended_both_ways_closes_its_legs(
+    tunnel: TunnelKind,
+) -> None:
+    # The application ends its direction first and keeps its socket: the tunnel must
+    # still close its legs once the peer ends too (leg 0 was only half-closed).
+    ended = threading.Event()
+    held: list[asyncio.StreamWriter] = []
+    received: list[bytes] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def greet_then_read(given: TunnelSocket) -> None:
+        reader, writer = await asyncio.open_connection(sock=given.sock)
+        held.append(writer)
+        writer.write(b"\x00hello")
+        writer.write_eof()
+        received.append(await reader.read())
+
+    def take(given: TunnelSocket) -> None:
+        assert given.kind == tunnel
+        assert given.remote[0] == "127.0.0.1"
+        tasks.add(asyncio.get_running_loop().create_task(greet_then_read(given)))
+
+    server = TunnelServer(on_socket=take)
+    end = server.tunnel_ended
+
+    def noting(which: Any) -> None:
+        end(which)
+        ended.set()
+
+    setattr(server, "tunnel_ended", noting)  # noqa: B010 - an instance hook, for the test
+    payload = os.urandom(500_000)
+    with in_thread(server.serve) as thread:
+        assert server.bound is not None
+        with anyio.fail_after(WAIT):
+            stream = await open_tunnel(f"http://127.0.0.1:{server.bound[1]}", tunnel)
+            async with stream:
+                greeting = b""
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        greeting += await stream.receive()
+                for start in range(0, len(payload), 32768):
+                    await stream.send(payload[start : start + 32768])
+                await stream.send_eof()
+                assert await anyio.to_thread.run_sync(ended.wait, WAIT)
+
+        def close_held() -> None:
+            for writer in held:
+                writer.close()
+
+        thread.call(close_held)
+    assert greeting == b"\x00hello"
+    assert received == [payload]

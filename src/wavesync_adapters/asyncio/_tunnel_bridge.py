@@ -68,6 +68,7 @@ class LocalSide(asyncio.Protocol):
 
     def __init__(self, tunnel: TunnelBridge) -> None:
         self._tunnel = tunnel
+        self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._tunnel.local_ready(cast(asyncio.Transport, transport))
@@ -76,7 +77,9 @@ class LocalSide(asyncio.Protocol):
         self._tunnel.local_data(data)
 
     def eof_received(self) -> bool:
-        self._tunnel.local_data(b"")
+        if not self._eof:  # a paused and resumed transport reads its EOF again
+            self._eof = True
+            self._tunnel.local_data(b"")
         return True  # the tunnel's other direction may go on
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -167,6 +170,9 @@ class TunnelBridge:
                     leg.half_close()  # TLS has none: then nothing is sent
                 else:
                     self._drop(number)
+        if machine.state in (TunnelState.CLOSED, TunnelState.FAILED):
+            for number in self._shut & set(self.legs):  # leg 0, half-closed while open
+                self._drop(number)
         self._maybe_ended()
 
     def _to_local(self, data: bytes) -> None:

@@ -385,6 +385,8 @@ class _Leg(asyncio.Protocol):
             self._read_request(data)
 
     def eof_received(self) -> bool:
+        if self._got_eof:  # a paused and resumed transport reads its EOF again
+            return True
         self._got_eof = True
         if self.tunnel is not None:
             self.tunnel.leg_data(self, b"")
