@@ -227,6 +227,11 @@ def mediator() -> Iterator[Mediator]:
         yield running
 
 
+def local(udp: anyio.abc.UDPSocket) -> Endpoint:
+    address = udp.extra(anyio.abc.SocketAttribute.local_address)
+    return (str(address[0]), int(address[1]))
+
+
 def unused_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -687,3 +692,49 @@ async def test_on_socket_owns_the_pair_end_and_a_tunnel_ended_both_ways_closes_i
         thread.call(close_held)
     assert greeting == b"\x00hello"
     assert received == [payload]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("method", [TunnelMethod.WEBSOCKET, TunnelMethod.GETPOST])
+async def test_the_mediators_tls_face_registers_an_ssl_listen_session(
+    ca: trustme.CA, method: TunnelMethod
+) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    system_id, key = uuid.uuid4(), os.urandom(16).hex()
+    service = MediatorService(systems={system_id: key}, nonce_secret=os.urandom(32))
+    daemon = MediatorDaemon(service, http=("127.0.0.1", 0), http_ssl_context=server_context)
+    with in_thread(daemon.serve):
+        assert daemon.bound is not None
+        assert daemon.http_bound is not None
+        listener = MediatorListener(
+            daemon.bound,
+            system_id=system_id,
+            server_id=uuid.uuid4(),
+            system_key=key,
+            tunnel=TunnelKind(method=method, tls=True),
+            http=f"https://{format_endpoint(daemon.http_bound)}",
+            ssl_context=client_context,
+        )
+        with anyio.fail_after(WAIT):
+            async with (
+                anyio.create_task_group() as group,
+                await anyio.create_udp_socket(local_host="127.0.0.1") as server_udp,
+            ):
+                udp_endpoint = local(server_udp)
+                await group.start(listener.run)
+                await listener.wait_registered()
+
+                async def server_side() -> None:
+                    request = await listener.next_request()
+                    assert isinstance(request, ConnectionRequestReceived)
+                    await listener.acknowledge(request.connect_session_id, server_udp)
+
+                group.start_soon(server_side)
+                answer = await request_connection(daemon.bound, server_id=listener.server_id)
+                group.cancel_scope.cancel()
+    assert str(listener.dialer.last_kind) == f"ssl+{method.value}"
+    assert answer.response.udp_endpoints == (udp_endpoint,)
+    assert answer.response.server_id == listener.server_id
