@@ -289,6 +289,50 @@ async def test_a_probe_where_nothing_works_says_why_for_each_method() -> None:
     assert "getpost: " in message
 
 
+async def test_a_tunnel_cut_midway_is_a_connection_error_and_still_closes() -> None:
+    # A forwarder between the client and the tunnel server drops both connections: the
+    # websocket tunnel ends with no close frame, which the machine calls a failure.
+    cut = asyncio.Event()
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    async with echo_server() as server, asyncio.timeout(WAIT):
+        assert server.bound is not None
+        upstream_at = server.bound
+
+        async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection(*upstream_at)
+            pumps.update({asyncio.create_task(pipe(reader, up_writer)),
+                          asyncio.create_task(pipe(up_reader, writer))})  # fmt: skip
+            await cut.wait()
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
+        port = forwarder.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await open_tunnel(f"127.0.0.1:{port}", WEBSOCKET)
+            writer.write(b"\x00ping")
+            assert await reader.readexactly(5) == b"\x00ping"
+            cut.set()
+            with pytest.raises(ConnectionResetError, match="websocket tunnel: "):
+                await reader.read()
+            writer.close()
+            # As over a reset TCP connection: wait_closed() says how the connection ended.
+            with pytest.raises(ConnectionResetError):
+                await writer.wait_closed()
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            forwarder.close()
+            await forwarder.wait_closed()
+
+
 def test_environment_proxy_follows_the_proxy_variables() -> None:
     environ = {"http_proxy": "http://proxy.example:3128", "no_proxy": "skip.example"}
     assert environment_proxy("target.example:80", tls=False, environ=environ) == ProxyConfig(

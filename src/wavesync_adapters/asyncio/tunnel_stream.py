@@ -370,7 +370,7 @@ class TunnelTransport(asyncio.Transport):
                 if not data:
                     break
                 self._protocol.data_received(data)  # type: ignore[attr-defined]
-        except OSError as exc:
+        except Exception as exc:  # a broken tunnel, or the protocol's own bug: both fatal
             if not self._closing:  # while closing, the legs' end is ours
                 self._lose(exc)
             return
@@ -395,7 +395,7 @@ class TunnelTransport(asyncio.Transport):
                     self._has_outgoing.clear()
                     await self._has_outgoing.wait()
             await self._stream.aclose()
-        except OSError as exc:
+        except Exception as exc:  # the protocol hears of any failure, none dies unseen
             self._lose(exc)
             return
         self._lose(None)
