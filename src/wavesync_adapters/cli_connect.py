@@ -233,12 +233,6 @@ def _tunnel(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], int
     """The tunnel keyword arguments for the agent or the connector, or an exit status."""
     if args.tunnel is None:
         return {}, None
-    if args.adapter not in ("anyio", "trio"):
-        print(
-            f"wavesync {command}: HTTP tunnels (--tunnel) need --adapter anyio or trio",
-            file=sys.stderr,
-        )
-        return {}, 2
     target = args.mediator_http or (format_endpoint(args.mediator) if args.mediator else None)
     target = target or (args.relay[0] if args.relay else None)
     if target is None:

@@ -34,6 +34,7 @@ from tests.daemons import (
     wavesync_daemon,
 )
 from tests.pages import LOOPBACK, PAGE, http_get, page_body, serve_page
+from tests.squid import DEFAULT, squid_binary, squid_proxy
 from wavesync_adapters.programs import ADAPTERS
 from wavesync_proto.discovery import DEFAULT_GROUP
 
@@ -312,3 +313,62 @@ def test_the_command_loads_only_the_runtime_it_is_asked_for(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+MEDIATOR_HTTP_READY = (
+    r"mediator listening on udp\+tcp [\d.]+:(?P<port>\d+), http [\d.]+:(?P<http_port>\d+)"
+)
+
+
+@pytest.mark.skipif(squid_binary() is None, reason="squid is not installed")
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_a_server_and_a_client_behind_squid_meet_through_http_tunnels(
+    tmp_path: Path, web_service: tuple[str, int], adapter: str
+) -> None:
+    # Every program on one runtime: the mediator's HTTP face and the relay's tunnel face
+    # serve the tunnels the server's and the client's probes chose through a Debian-default
+    # squid (it lets only some methods through); the page comes back byte-exact.
+    systems, system_id, key = new_system(tmp_path, "tunnels")
+    with ExitStack() as stack:
+        squid = stack.enter_context(squid_proxy(tmp_path, DEFAULT))
+        _, relay = stack.enter_context(
+            wavesync_daemon(
+                "relay", "--adapter", adapter, "--listen", f"{LOOPBACK}:0",
+                "--systems", str(systems), ready=RELAY_READY,
+            )
+        )  # fmt: skip
+        relay_url = f"http://{LOOPBACK}:{relay['port']}"
+        _, mediator = stack.enter_context(
+            wavesync_daemon(
+                "mediator", "--adapter", adapter, "--listen", f"{LOOPBACK}:0",
+                "--http", f"{LOOPBACK}:0", "--systems", str(systems),
+                "--relay-url", relay_url, ready=MEDIATOR_HTTP_READY,
+            )
+        )  # fmt: skip
+        tunnelled = (
+            "--mediator", f"{LOOPBACK}:{mediator['port']}",
+            "--mediator-http", f"{LOOPBACK}:{mediator['http_port']}",
+            "--relay", relay_url, "--tunnel", "auto",
+            "--proxy", f"http://{squid.host}:{squid.port}", "--no-lan", "--log-level", "info",
+        )  # fmt: skip
+        server_id = uuid.uuid4()
+        server, _ = stack.enter_context(
+            wavesync_daemon(
+                "server", "--adapter", adapter, "--system-id", str(system_id), f"--key={key}",
+                "--server-id", str(server_id), *tunnelled,
+                "--forward", f"{web_service[0]}:{web_service[1]}",
+                "--tcp-listen", f"{LOOPBACK}:0", ready=SERVER_READY,
+            )
+        )  # fmt: skip
+        client, ready = stack.enter_context(
+            wavesync_daemon(
+                "client", "--adapter", adapter, "--server-id", str(server_id), *tunnelled,
+                "--listen", f"{LOOPBACK}:0", "--path", "relay", ready=CLIENT_READY,
+            )
+        )  # fmt: skip
+        assert page_body(http_get(int(ready["port"]))) == PAGE
+        for process in (client, server):
+            process.terminate()
+            _, err = process.communicate(timeout=10)
+            # Both sides reached the mediator and the relay through tunnels the probe chose.
+            assert re.search(r"tunnel to \S+ via \S+: \S+", err), err[-2000:]

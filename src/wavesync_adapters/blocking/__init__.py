@@ -6,8 +6,8 @@ socket pair its endpoint's I/O thread pumps), so ``ssl``, ``http.client`` and
 ``relay.RelayDaemon`` (``serve_forever``/``shutdown``), ``agent.ServerAgent``
 (``with agent.running(handler)``) and ``connector.Connector`` (``with
 Connector(...) as c: c.connect()``), with ``forward`` for port forwarding; UDT
-on its own in ``udt``; STUN Binding in ``stun``. HTTP tunnels are the anyio
-adapter's only. docs/embedding.md shows each in use.
+on its own in ``udt``; HTTP tunnels in ``tunnel`` (the daemons' faces in
+``tunnel_server``); STUN Binding in ``stun``. docs/embedding.md shows each in use.
 """
 
 from __future__ import annotations
