@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from wavesync_proto.errors import RemoteProtocolError
 from wavesync_proto.tunnel import (
+    ALL_KINDS,
     CancelAttempt,
     ConnectClient,
     GetPostClient,
@@ -46,10 +46,9 @@ from wavesync_proto.tunnel import (
     WebSocketClient,
 )
 from wavesync_proto.tunnel.echo import EchoCheck
-from wavesync_proto.tunnel.proxy_env import proxy_from_environment
 from wavesync_proto.tunnel.wire import authority
 
-from .._common import parse_target
+from .._common import environment_proxy, parse_target
 from ..errors import TunnelError
 from .tunnel_stream import Leg, TunnelStream, TunnelTransport
 
@@ -68,29 +67,8 @@ log = logging.getLogger("wavesync.tunnel")
 #: asyncio's own default for a StreamReader (``asyncio.streams._DEFAULT_LIMIT``).
 DEFAULT_LIMIT = 64 * 1024
 
-#: Every kind, cheapest first (per MB and in round trips): the probe's default order.
-ALL_KINDS: tuple[TunnelKind, ...] = tuple(
-    TunnelKind(method=method, tls=tls)
-    for tls in (False, True)
-    for method in (
-        TunnelMethod.CONNECT,
-        TunnelMethod.UPGRADE,
-        TunnelMethod.WEBSOCKET,
-        TunnelMethod.GETPOST,
-    )
-)
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
-
-
-def environment_proxy(
-    target: str, *, tls: bool, environ: Mapping[str, str] | None = None
-) -> ProxyConfig | None:
-    """The proxy ``https_proxy``/``http_proxy``/``all_proxy``/``no_proxy`` name for ``target``."""
-    host, port = parse_target(target, tls=tls)
-    return proxy_from_environment(
-        host, port, tls=tls, environ=os.environ if environ is None else environ
-    )
 
 
 def attach(stream: TunnelStream, protocol_factory: Callable[[], _P]) -> tuple[TunnelTransport, _P]:
