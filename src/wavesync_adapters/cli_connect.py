@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import math
 import sys
@@ -22,6 +23,7 @@ from wavesync_proto.discovery import DEFAULT_GROUP
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.race import ALL_PATHS, RELAY_GRACE, PathKind
 
+from ._demo import DemoRow
 from .cli_args import adapter_option, address, stun_address
 from .cli_tunnel import add_tunnel_options, tunnel_settings
 from .errors import RegistrationError
@@ -175,7 +177,7 @@ def add_connect_commands(
 
     demo = commands.add_parser(
         "demo",
-        parents=[common],
+        parents=[common, runtime],
         help="run everything on loopback and connect over every path",
         description=(
             "Start a mediator, a relay, a server agent in front of a small HTTP service and"
@@ -306,16 +308,36 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    import anyio  # noqa: PLC0415 - the demo runs on anyio; other programs need not load it
-
-    from .anyio.demo import run_demo  # noqa: PLC0415
-
-    rows = anyio.run(functools.partial(run_demo, page_bytes=args.page_bytes))
+    if args.adapter == "trio" and importlib.util.find_spec("trio") is None:
+        # An optional extra: say how to get it rather than anyio's LookupError traceback.
+        print("wavesync demo: --adapter trio needs pip install 'wavesync[trio]'", file=sys.stderr)
+        return 2
+    rows = _run_demo(args.adapter, args.page_bytes)
     failed = [row.path for row in rows if not row.connected]
     if failed:
         print(f"wavesync demo: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_demo(adapter: str, page_bytes: int) -> list[DemoRow]:
+    """The demo on ``adapter``'s runtime, importing only that runtime (PLC0415 below)."""
+    if adapter == "asyncio":
+        import asyncio  # noqa: PLC0415
+
+        from .asyncio.demo import run_demo as run_asyncio_demo  # noqa: PLC0415
+
+        return asyncio.run(run_asyncio_demo(page_bytes=page_bytes))
+    if adapter == "blocking":
+        from .blocking.demo import run_demo as run_blocking_demo  # noqa: PLC0415
+
+        return run_blocking_demo(page_bytes=page_bytes)
+    import anyio  # noqa: PLC0415
+
+    from .anyio.demo import run_demo  # noqa: PLC0415
+
+    backend = "trio" if adapter == "trio" else "asyncio"
+    return anyio.run(functools.partial(run_demo, page_bytes=page_bytes), backend=backend)
 
 
 def announce(line: str) -> None:

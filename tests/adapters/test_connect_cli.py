@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.daemons import run_wavesync
 
 
-def test_demo_prints_its_table_and_exits_zero() -> None:
-    result = run_wavesync("demo", timeout=60)
+@pytest.mark.parametrize("adapter", ["anyio", "asyncio", "trio", "blocking"])
+def test_demo_prints_its_table_and_exits_zero(adapter: str) -> None:
+    result = run_wavesync("demo", "--adapter", adapter, timeout=60)
     assert result.returncode == 0, result.stderr
     rows = {
         match["path"].strip(): match["connected"]
@@ -22,3 +25,10 @@ def test_demo_prints_its_table_and_exits_zero() -> None:
         )
     }
     assert rows == dict.fromkeys(("lan", "tcp", "udp", "udp (reused)", "relay", "auto"), "yes")
+
+
+def test_demo_without_adapter_runs_on_anyio() -> None:
+    """README's run command: no ``--adapter``, the anyio demo, the same table."""
+    result = run_wavesync("demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^auto\s+yes\b", result.stdout, re.MULTILINE), result.stdout
