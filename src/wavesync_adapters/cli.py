@@ -32,6 +32,7 @@ from wavesync_proto.udt.congestion import CongestionControl, UdtNativeCongestion
 from wavesync_proto.udt.congestion_rate import DeliveryRateCongestion
 from wavesync_proto.udt.connection_types import UdtConfig
 
+from ._udt_cat import UdtCatError, UdtCatMode
 from .blocking.stun import StunError, binding_request, serve_binding
 from .cli_args import STUN_PORT, adapter_option, address, stun_address
 from .cli_connect import (
@@ -269,9 +270,10 @@ def _add_udt_commands(
         ),
     )
     directions = udt.add_subparsers(dest="udt_command", metavar="send|recv", required=True)
+    runtime = adapter_option()
     recv = directions.add_parser(
         "recv",
-        parents=[common],
+        parents=[common, runtime],
         help="accept one connection (or rendezvous) and write its bytes to stdout",
         description=(
             "Take one UDT connection and write the stream to stdout until the peer closes."
@@ -281,7 +283,7 @@ def _add_udt_commands(
     )
     send = directions.add_parser(
         "send",
-        parents=[common],
+        parents=[common, runtime],
         help="connect (or rendezvous) and send stdin until its end",
         description=(
             "Send stdin over one UDT connection, then close and wait until the peer has"
@@ -400,12 +402,6 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_udt(args: argparse.Namespace) -> int:
-    # Imported here: `wavesync udt` runs on anyio, and a daemon run with --adapter asyncio
-    # or blocking should not load it.
-    import anyio  # noqa: PLC0415
-
-    from .anyio.udt_cat import UdtCatError, UdtCatMode, receive_stream, send_stream  # noqa: PLC0415
-
     command = f"udt {args.udt_command}"
     if args.rendezvous:
         if args.local is None or args.peer is None:
@@ -424,20 +420,51 @@ def _run_udt(args: argparse.Namespace) -> int:
         # stdout carries the stream: the address (port 0 picks one) goes to stderr.
         print(line, file=sys.stderr, flush=True)
 
-    if args.udt_command == "recv":
-        program = functools.partial(receive_stream, mode, sys.stdout.fileno(), announce=announce)
-    else:
-        congestion = _CONGESTION.get(args.congestion) if args.congestion else None
-        config = UdtConfig(congestion=congestion) if congestion else None
-        program = functools.partial(
-            send_stream, mode, sys.stdin.fileno(), announce=announce, config=config
-        )
+    receiving = args.udt_command == "recv"
+    config = None
+    if not receiving and args.congestion:
+        config = UdtConfig(congestion=_CONGESTION[args.congestion])
+    fd = sys.stdout.fileno() if receiving else sys.stdin.fileno()
     try:
-        anyio.run(program)
+        _run_udt_on(args.adapter, receiving, mode, fd, announce=announce, config=config)
     except (UdtCatError, OSError) as exc:
         print(f"wavesync {command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_udt_on(
+    adapter: str,
+    receiving: bool,
+    mode: UdtCatMode,
+    fd: int,
+    *,
+    announce: Callable[[str], None],
+    config: UdtConfig | None,
+) -> None:
+    """Run ``wavesync udt recv`` (or send) on ``adapter``, importing only that runtime:
+    a blocking program should not load asyncio's event loop machinery, nor asyncio anyio."""
+    if adapter == "blocking":
+        from .blocking import udt_cat as blocking_cat  # noqa: PLC0415
+
+        run_blocking = blocking_cat.receive_stream if receiving else blocking_cat.send_stream
+        run_blocking(mode, fd, announce=announce, config=config)
+    elif adapter == "asyncio":
+        import asyncio  # noqa: PLC0415
+
+        from .asyncio import udt_cat as asyncio_cat  # noqa: PLC0415
+
+        run_asyncio = asyncio_cat.receive_stream if receiving else asyncio_cat.send_stream
+        asyncio.run(run_asyncio(mode, fd, announce=announce, config=config))
+    else:  # anyio, or trio through it
+        import anyio  # noqa: PLC0415
+
+        from .anyio import udt_cat as anyio_cat  # noqa: PLC0415
+
+        run_anyio = anyio_cat.receive_stream if receiving else anyio_cat.send_stream
+        backend = "trio" if adapter == "trio" else "asyncio"
+        program = functools.partial(run_anyio, mode, fd, announce=announce, config=config)
+        anyio.run(program, backend=backend)
 
 
 def _run_stun_binding(args: argparse.Namespace) -> int:

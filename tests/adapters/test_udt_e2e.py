@@ -4,7 +4,10 @@ Netcat over UDT: 20 MB of random bytes go in the sender's stdin and must come
 out of the receiver's stdout with the same SHA-256, and both programs must exit
 0 (the exit-status contract: the whole stream delivered and closed cleanly).
 Pipes and regular files are both used for stdin/stdout, since the programs read
-and write each differently. Every wait has a deadline; none is a sleep.
+and write each differently. Every runtime (``--adapter anyio|asyncio|trio|blocking``)
+runs the same programs: each carries a stream to itself, and the asyncio and
+blocking ones to each other, by listen/connect and by rendezvous, and each fails
+alike. Every wait has a deadline; none is a sleep.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from tests.daemons import WAVESYNC, free_udp_port, run_wavesync
 
 WAIT = 60.0  # seconds a whole transfer may take before the test fails
 SIZE = 20 * 1024 * 1024
+#: Per runtime and pair: a few MB, enough for many flow windows and ACK rounds.
+PAIR_SIZE = 4 * 1024 * 1024
+ADAPTERS = ("anyio", "asyncio", "trio", "blocking")
+#: (sender, receiver): each runtime with itself, and asyncio and blocking across.
+PAIRS = [(adapter, adapter) for adapter in ADAPTERS] + [
+    ("blocking", "asyncio"),
+    ("asyncio", "blocking"),
+]
+PAIR_IDS = [f"send-{sender}+recv-{receiver}" for sender, receiver in PAIRS]
 
 
 @contextmanager
@@ -147,13 +159,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_an_interrupted_sender_makes_the_receiver_fail_not_succeed_with_less() -> None:
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_an_interrupted_sender_makes_the_receiver_fail_not_succeed_with_less(
+    adapter: str,
+) -> None:
     # Ctrl-C on the sender aborts its connection; its Shutdown says so, and the
     # receiver must not exit 0 with a truncated stream on stdout.
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    with wavesync_udt("recv", "--listen", "127.0.0.1:0", **pipes) as receiver:
+    runtime = ("--adapter", adapter)
+    with wavesync_udt("recv", *runtime, "--listen", "127.0.0.1:0", **pipes) as receiver:
         port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
-        with wavesync_udt("send", "--connect", f"127.0.0.1:{port}", **pipes) as sender:
+        connect = ("send", *runtime, "--connect", f"127.0.0.1:{port}")
+        with wavesync_udt(*connect, **pipes) as sender:
             assert sender.stdin is not None
             assert receiver.stdout is not None
             sender.stdin.write(os.urandom(1024 * 1024))
@@ -168,3 +185,79 @@ def test_an_interrupted_sender_makes_the_receiver_fail_not_succeed_with_less() -
             _, receive_err = receiver.communicate(timeout=WAIT)
     assert receiver.returncode == 1, receive_err
     assert b"PEER_ABORTED" in receive_err, receive_err
+
+
+# --- every runtime: --adapter anyio|asyncio|trio|blocking --------------------------------
+
+
+@pytest.mark.parametrize(("sender_adapter", "receiver_adapter"), PAIRS, ids=PAIR_IDS)
+def test_each_runtime_carries_a_stream_through_pipes_by_listen_and_connect(
+    sender_adapter: str, receiver_adapter: str
+) -> None:
+    payload = os.urandom(PAIR_SIZE)
+    results: dict[str, tuple[bytes, bytes]] = {}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    recv = ("recv", "--adapter", receiver_adapter, "--listen", "127.0.0.1:0")
+    with wavesync_udt(*recv, **pipes) as receiver:
+        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
+        send = ("send", "--adapter", sender_adapter, "--connect", f"127.0.0.1:{port}")
+        with wavesync_udt(*send, **pipes) as sender:
+            reading = communicate_in_thread(receiver, results, "recv")
+            _, send_err = sender.communicate(payload, timeout=WAIT)
+            reading.join(WAIT)
+            assert sender.returncode == 0, send_err
+            assert send_err == b""  # nothing but the stream's own lines, and connect has none
+        assert receiver.wait(WAIT) == 0, results["recv"][1]
+    received, recv_err = results["recv"]
+    assert recv_err == b""  # the listening line was read above; nothing else is said
+    assert len(received) == PAIR_SIZE
+    assert received == payload
+
+
+@pytest.mark.parametrize(("sender_adapter", "receiver_adapter"), PAIRS, ids=PAIR_IDS)
+def test_each_runtime_carries_a_stream_by_rendezvous_from_a_file_to_a_file(
+    tmp_path: Path, sender_adapter: str, receiver_adapter: str
+) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(os.urandom(PAIR_SIZE))
+    left, right = free_udp_port(), free_udp_port()
+    recv = (
+        "recv", "--adapter", receiver_adapter, "--rendezvous",
+        "--local", f"127.0.0.1:{left}", "--peer", f"127.0.0.1:{right}",
+    )  # fmt: skip
+    send = (
+        "send", "--adapter", sender_adapter, "--rendezvous",
+        "--local", str(right), "--peer", f"127.0.0.1:{left}",
+    )  # fmt: skip
+    with (
+        source.open("rb") as stdin,
+        target.open("wb") as stdout,
+        wavesync_udt(*recv, stdout=stdout, stderr=subprocess.PIPE) as receiver,
+        wavesync_udt(*send, stdin=stdin, stderr=subprocess.PIPE) as sender,
+    ):
+        _, send_err = sender.communicate(timeout=WAIT)
+        _, recv_err = receiver.communicate(timeout=WAIT)
+        assert sender.returncode == 0, send_err
+        assert receiver.returncode == 0, recv_err
+        # The announce lines are the same words on every runtime.
+        assert recv_err == b"rendezvous from udp 127.0.0.1:%d with 127.0.0.1:%d\n" % (left, right)
+        assert send_err == b"rendezvous from udp 0.0.0.0:%d with 127.0.0.1:%d\n" % (right, left)
+    assert target.stat().st_size == PAIR_SIZE
+    assert _sha256(target) == _sha256(source)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_each_runtime_exits_1_with_one_line_when_nobody_answers(adapter: str) -> None:
+    port = free_udp_port()
+    result = run_wavesync("udt", "send", "--adapter", adapter, "--connect", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"wavesync udt send: udt connect to 127.0.0.1:{port} failed:"
+        " timeout: no answer before the connect timeout\n"
+    )
+
+
+def test_an_unknown_adapter_is_refused() -> None:
+    result = run_wavesync("udt", "recv", "--adapter", "gevent", "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "invalid choice: 'gevent'" in result.stderr

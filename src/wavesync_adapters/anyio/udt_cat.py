@@ -4,59 +4,37 @@
 until the peer closes; ``send_stream`` sends a file descriptor (stdin) until its
 end and closes gracefully. Both raise ``UdtCatError`` (a one-line reason) unless
 every byte arrived and the connection closed cleanly: that is the exit status
-contract of docs/udt.md.
+contract of docs/udt.md. ``UdtCatMode``, ``UdtCatError`` and ``CatResult`` are
+the runtime-neutral ones of ``wavesync_adapters._udt_cat``, shared with the asyncio
+and blocking twins.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from wavesync_proto.addresses import Endpoint, format_endpoint
+from wavesync_proto.addresses import format_endpoint
 from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
 
+from .._udt_cat import (
+    CHUNK,
+    CatResult,
+    DescriptorKind,
+    UdtCatError,
+    UdtCatMode,
+    bind_address,
+    finished,
+)
 from .udt import UdtEndpoint
 from .udt_stream import UdtConnectError, UdtStream
 
 __all__ = ["CatResult", "UdtCatError", "UdtCatMode", "receive_stream", "send_stream"]
-
-log = logging.getLogger("wavesync.udt")
-
-#: Bytes per read of stdin and per receive(): large, so that a pipe's or a file's
-#: system calls cost little next to the data.
-_CHUNK = 1 << 20
-
-
-class UdtCatError(Exception):
-    """The transfer did not complete: the message is the one-line reason."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class UdtCatMode:
-    """How to get the connection: listen on ``listen``, connect to ``connect``, or
-    rendezvous from ``local`` with ``peer`` (exactly one of the three)."""
-
-    listen: Endpoint | None = None
-    connect: Endpoint | None = None
-    local: Endpoint | None = None
-    peer: Endpoint | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class CatResult:
-    """What was carried: bytes, seconds from the connection to the clean close, peer."""
-
-    transferred: int
-    seconds: float
-    peer: Endpoint | None
 
 
 async def receive_stream(
@@ -76,7 +54,7 @@ async def receive_stream(
                 total = 0
                 while True:
                     try:
-                        data = await stream.receive(_CHUNK)
+                        data = await stream.receive(CHUNK)
                     except anyio.EndOfStream:
                         break
                     except anyio.BrokenResourceError as exc:
@@ -103,7 +81,7 @@ async def send_stream(
             started = time.monotonic()
             total = 0
             try:
-                while data := await source.read(_CHUNK):
+                while data := await source.read(CHUNK):
                     await stream.send(data)
                     total += len(data)
             except anyio.BrokenResourceError as exc:
@@ -121,11 +99,7 @@ async def send_stream(
 
 
 def _bound(mode: UdtCatMode, config: UdtConfig | None) -> UdtEndpoint:
-    local = mode.listen or mode.local
-    if local is None:  # a plain connect: any port, of the peer's family
-        assert mode.connect is not None
-        local = ("::", 0) if ":" in mode.connect[0] else ("0.0.0.0", 0)  # noqa: S104
-    return UdtEndpoint.bind(local, config=config)
+    return UdtEndpoint.bind(bind_address(mode), config=config)
 
 
 async def _open(
@@ -147,34 +121,22 @@ async def _open(
 
 
 def _finished(verb: str, total: int, started: float, stream: UdtStream) -> CatResult:
-    seconds = time.monotonic() - started
-    log.info(
-        "%s %d bytes in %.3f s (%.1f MB/s)", verb, total, seconds, total / max(seconds, 1e-9) / 1e6
-    )
-    return CatResult(transferred=total, seconds=seconds, peer=stream.connection.peer_address)
+    return finished(verb, total, started, stream.connection.peer_address)
 
 
 class _Descriptor:
-    """stdin or stdout, read or written without stalling the event loop.
-
-    A pipe or socket is switched to non-blocking and waited on (restored at the end:
-    the file description may be shared); a regular file or /dev/null never blocks for
-    long and is used directly; anything else (a terminal) goes through a thread.
-    """
+    """stdin or stdout, read or written without stalling the event loop (how each
+    kind of descriptor is treated: ``DescriptorKind``)."""
 
     def __init__(self, fd: int, *, writing: bool) -> None:
         self.fd = fd
-        mode = os.fstat(fd).st_mode
-        self._polled = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-        self._threaded = not self._polled and os.isatty(fd)
-        self._was_blocking = os.get_blocking(fd)
+        self._kind = DescriptorKind(fd)
+        self._polled = self._kind.polled
+        self._threaded = self._kind.threaded
         self._writing = writing
-        if self._polled:
-            os.set_blocking(fd, False)
 
     def restore(self) -> None:
-        if self._polled:
-            os.set_blocking(self.fd, self._was_blocking)
+        self._kind.restore()
 
     async def read(self, size: int) -> bytes:
         if self._threaded:
