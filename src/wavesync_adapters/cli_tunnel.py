@@ -4,18 +4,22 @@
 session to the mediator or the relay takes (docs/tunnel.md §9): ``--tunnel
 auto|METHOD|ssl+METHOD`` and ``--proxy URL``, with the proxy otherwise taken
 from ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``/``NO_PROXY``.
-``wavesync tunnel-probe`` uses them to say which method works from here.
+``wavesync tunnel-probe`` uses them to say which method works from here, on the
+runtime ``--adapter`` names (only that one is imported).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Sequence
 
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.tunnel import ALL_KINDS, ProxyConfig, TunnelKind, TunnelMemory
 
 from ._common import AUTO, TunnelChoice, environment_proxy, parse_tunnel_choice
+from .cli_args import adapter_option
 from .errors import TunnelError
 
 __all__ = [
@@ -92,7 +96,7 @@ def add_tunnel_probe_command(
 ) -> None:
     probe = commands.add_parser(
         "tunnel-probe",
-        parents=[common],
+        parents=[common, adapter_option()],
         help="find which HTTP tunnel method reaches a mediator's or relay's HTTP face",
         description=(
             "Open tunnels to TARGET (a mediator's --http face or a relay's port) by every"
@@ -108,34 +112,81 @@ def add_tunnel_probe_command(
 
 
 def run_tunnel_probe(args: argparse.Namespace) -> int:
-    import anyio  # noqa: PLC0415 - the probe command runs on anyio; other programs need not
-
-    from .anyio.tunnel import probe_tunnel  # noqa: PLC0415
-
     try:
         tunnel, proxy = tunnel_settings(args, args.target)
     except (ValueError, LocalProtocolError) as exc:
         print(f"wavesync tunnel-probe: {exc}", file=sys.stderr)
         return 1
     kinds = ALL_KINDS if tunnel == AUTO or tunnel is None else (tunnel,)
-
-    async def probe() -> TunnelKind:
-        stream, kind = await probe_tunnel(
-            args.target,
-            kinds,
-            proxy=proxy,
-            memory=TunnelMemory(),
-            attempt_timeout=args.timeout,
-            deadline=3 * args.timeout,
-        )
-        await stream.aclose()
-        return kind
-
     try:
-        kind = anyio.run(probe)
+        kind = _probe_on(args.adapter, args.target, kinds, proxy=proxy, timeout=args.timeout)
     except (TunnelError, ValueError) as exc:
         print(f"wavesync tunnel-probe: {exc}", file=sys.stderr)
         return 1
     via = f"proxy {proxy.host}:{proxy.port}" if proxy is not None else "no proxy"
     print(f"{kind} ({via})")
     return 0
+
+
+def _probe_on(
+    adapter: str,
+    target: str,
+    kinds: Sequence[TunnelKind],
+    *,
+    proxy: ProxyConfig | None,
+    timeout: float,
+) -> TunnelKind:
+    """The first kind whose tunnel passes the echo, probed on ``adapter`` (only that
+    runtime is imported); the tunnel itself is closed at once."""
+    # Each attempt gets the timeout; the whole probe three times it.
+    if adapter == "blocking":
+        from .blocking.tunnel import probe_tunnel as probe_blocking  # noqa: PLC0415
+
+        sock, kind = probe_blocking(
+            target,
+            kinds,
+            proxy=proxy,
+            memory=TunnelMemory(),
+            attempt_timeout=timeout,
+            deadline=3 * timeout,
+        )
+        sock.close()
+        return kind
+    if adapter == "asyncio":
+        import asyncio  # noqa: PLC0415
+
+        from .asyncio.tunnel import probe_tunnel as probe_asyncio  # noqa: PLC0415
+
+        async def probe_on_asyncio() -> TunnelKind:
+            _, writer, kind = await probe_asyncio(
+                target,
+                kinds,
+                proxy=proxy,
+                memory=TunnelMemory(),
+                attempt_timeout=timeout,
+                deadline=3 * timeout,
+            )
+            writer.close()
+            with contextlib.suppress(OSError):  # a tunnel that ends unclean is no matter now
+                await asyncio.wait_for(writer.wait_closed(), timeout)
+            return kind
+
+        return asyncio.run(probe_on_asyncio())
+    # anyio, or trio through it
+    import anyio  # noqa: PLC0415
+
+    from .anyio.tunnel import probe_tunnel as probe_anyio  # noqa: PLC0415
+
+    async def probe_on_anyio() -> TunnelKind:
+        stream, kind = await probe_anyio(
+            target,
+            kinds,
+            proxy=proxy,
+            memory=TunnelMemory(),
+            attempt_timeout=timeout,
+            deadline=3 * timeout,
+        )
+        await stream.aclose()
+        return kind
+
+    return anyio.run(probe_on_anyio, backend="trio" if adapter == "trio" else "asyncio")

@@ -31,6 +31,7 @@ from wavesync_adapters.anyio.listen import MediatorListener
 from wavesync_adapters.anyio.relay_agent import RelayAgent, RelayTunnelInfo
 from wavesync_adapters.anyio.relay_client import open_relay_stream
 from wavesync_adapters.anyio.tunnel import parse_target
+from wavesync_adapters.programs import ADAPTERS
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.mediator.listen import ConnectionRequestReceived
 from wavesync_proto.race import PathKind
@@ -165,12 +166,40 @@ async def test_a_server_and_a_client_behind_default_squid_meet_through_the_relay
     assert agent.dialer.last_kind == GETPOST
 
 
-def test_tunnel_probe_through_default_squid_says_getpost(services: Services) -> None:
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_tunnel_probe_through_default_squid_says_getpost(services: Services, adapter: str) -> None:
     found = run_wavesync(
-        "tunnel-probe", services.http, "--proxy", services.squid.url, "--timeout", "5"
-    )
+        "tunnel-probe", services.http, "--proxy", services.squid.url, "--timeout", "5",
+        "--adapter", adapter,
+    )  # fmt: skip
     assert found.returncode == 0, found.stderr
     assert found.stdout == f"getpost (proxy 127.0.0.1:{services.squid.port})\n"
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_tunnel_probe_on_each_runtime_direct_named_and_refused(
+    services: Services, adapter: str
+) -> None:
+    # Without the proxy every method passes: the first to validate wins (upgrade or
+    # websocket, whichever answered first), as on anyio.
+    runtime = ("--timeout", "5", "--adapter", adapter)
+    direct = run_wavesync("tunnel-probe", services.http, "--proxy", "direct", *runtime)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout in {"upgrade (no proxy)\n", "websocket (no proxy)\n"}
+    relay = services.relay_url.removeprefix("http://")
+    named = run_wavesync(
+        "tunnel-probe", relay, "--proxy", "direct", "--tunnel", "getpost", *runtime
+    )
+    assert (named.returncode, named.stdout) == (0, "getpost (no proxy)\n"), named.stderr
+    # Debian's squid strips the Upgrade header: asked for upgrade alone, the probe fails.
+    refused = run_wavesync(
+        "tunnel-probe", services.http, "--proxy", services.squid.url, "--tunnel", "upgrade",
+        *runtime,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("wavesync tunnel-probe: ")
+    assert "upgrade" in refused.stderr
 
 
 async def test_server_agent_and_connector_behind_squid_meet_through_the_relay(
