@@ -7,6 +7,7 @@ What ``wavesync mediator|relay|server|client --adapter anyio`` (or ``trio``) run
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +17,7 @@ import anyio
 import anyio.abc
 
 from wavesync_proto.addresses import Endpoint
+from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.mediator.service import MediatorService
 from wavesync_proto.relay import RelayService
 
@@ -45,6 +47,9 @@ class AnyioPrograms:
         self.backend = backend
 
     def _run(self, program: Callable[[], Awaitable[None]]) -> None:
+        if self.backend == "trio" and importlib.util.find_spec("trio") is None:
+            # anyio would end in a LookupError traceback; say what to install instead.
+            raise LocalProtocolError("--adapter trio needs pip install 'wavesync[trio]'")
         anyio.run(program, backend=self.backend)
 
     def run_mediator(
