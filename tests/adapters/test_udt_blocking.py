@@ -477,3 +477,42 @@ def test_close_from_the_io_thread_stops_after_its_turn() -> None:
         with pytest.raises(ConnectionAbortedError):
             endpoint.send_datagram(b"late", other.getsockname())
         endpoint.close()
+
+
+def test_wake_on_foreign_pokes_a_selectable_socket() -> None:
+    """A selector thread waits for foreign datagrams on a socketpair, no reader thread."""
+    stun = encode_message(
+        Message(method=1, message_class=MessageClass.REQUEST, transaction_id=bytes(12))
+    )
+    wake_out, wake_in = socket.socketpair()
+    with (
+        wake_out,
+        wake_in,
+        UdtEndpoint.bind(LOOPBACK) as endpoint,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+    ):
+        other.bind(LOOPBACK)
+        other.sendto(stun, endpoint.local_address)
+        assert endpoint.receive_foreign(timeout=WAIT)[0] == stun  # queued before: no wake
+        endpoint.wake_on_foreign(wake_in)
+        wake_out.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            wake_out.recv(1)  # nothing queued: no poke
+        wake_out.settimeout(WAIT)
+        other.sendto(stun, endpoint.local_address)
+        assert wake_out.recv(1) == b"\0"
+        assert endpoint.receive_foreign(timeout=0) == (stun, other.getsockname())
+        other.sendto(stun, endpoint.local_address)
+        assert endpoint.receive_foreign(timeout=WAIT)[0] == stun
+        assert wake_out.recv(1) == b"\0"  # a datagram already taken still poked
+        endpoint.wake_on_foreign(None)
+        other.sendto(stun, endpoint.local_address)
+        assert endpoint.receive_foreign(timeout=WAIT)[0] == stun
+        endpoint.wake_on_foreign(wake_in)
+        endpoint.close()
+        assert wake_out.recv(1) == b"\0"  # stopping pokes too: receive_foreign raises
+        with pytest.raises(ConnectionAbortedError):
+            endpoint.receive_foreign(timeout=0)
+        wake_out.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            wake_out.recv(1)  # once

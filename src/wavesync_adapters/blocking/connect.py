@@ -4,8 +4,11 @@ Thin by design: the same request goes out over UDP (from the socket the client w
 from) and over a TCP connection at once; which answer counts, when to resend and when to
 give up are ``ConnectRequest``'s decisions. The calling thread runs one selector over the
 TCP connection and the UDP socket. A punching socket whose datagrams another thread reads
-(a UDT endpoint's ``datagram_port()``) cannot be selected on: one named reader thread
-waits on it instead and wakes the selector, and is joined before the call returns.
+(a UDT endpoint's ``datagram_port()``) cannot be selected on: its I/O thread pokes the
+selector's wake-up socket when a datagram is queued (``UdtEndpoint.wake_on_foreign``), so
+no thread is started per request (each start and hand-off costs context switches, which
+a loaded machine turns into latency). Any other port gets one named reader thread, joined
+before the call returns.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 from ..errors import ConnectError
 from ._dial import Dialer, TunnelChoice, dialer_for
 from ._net import DatagramPort, SocketDatagramPort, resolve
+from .udt import UdtDatagramPort
 
 __all__ = ["ConnectError", "request_connection"]
 
 log = logging.getLogger("wavesync.connect")
 
 _RECEIVE_BYTES = 65536
+#: Datagrams taken per wake-up, so a flood on the UDP copy does not starve the TCP copy.
+_DATAGRAMS_PER_TURN = 64
 #: How often the reader of a non-selectable port looks whether the request is over: the
 #: bound on how long returning waits for it when the TCP copy won.
 _PORT_POLL_SECONDS = 0.05
@@ -127,25 +133,18 @@ class _Exchange:
         self.tcp: socket.socket | None = None
         self.tcp_connected = False
         self.tcp_outgoing = b""
+        self.udp_ended = False
+        self.wake_in: socket.socket | None = None
 
     def run(self) -> None:
         request = self.request
         wake_out, wake_in = socket.socketpair()
         stop = threading.Event()
-        reader: threading.Thread | None = None
         with selectors.DefaultSelector() as selector, wake_out, wake_in:
             wake_out.setblocking(False)
+            self.wake_in = wake_in
             selector.register(wake_out, selectors.EVENT_READ, "wake")
-            if isinstance(self.port, SocketDatagramPort):  # a plain socket: select on it
-                selector.register(self.port.sock, selectors.EVENT_READ, "udp")
-            else:
-                reader = threading.Thread(
-                    target=self._read_port,
-                    args=(wake_in, stop),
-                    name=f"wavesync-connect-{self.sid}",
-                    daemon=True,  # holds no data; joined below within one poll
-                )
-                reader.start()
+            reader = self._watch_port(selector, stop)
             try:
                 if self.dialer.tunnel is None:
                     self._open_tcp(selector)
@@ -169,6 +168,8 @@ class _Exchange:
                     with self.lock:
                         request.handle_timer(time.monotonic())
             finally:
+                if isinstance(self.port, UdtDatagramPort):
+                    self.port.endpoint.wake_on_foreign(None)  # before wake_in closes
                 stop.set()
                 with self.lock:
                     self.over = True
@@ -182,6 +183,26 @@ class _Exchange:
                     self.tcp.close()
 
     # --- UDP --------------------------------------------------------------------------
+
+    def _watch_port(
+        self, selector: selectors.BaseSelector, stop: threading.Event
+    ) -> threading.Thread | None:
+        """Let the selector see the port's datagrams; the reader thread, if it needs one."""
+        assert self.wake_in is not None
+        if isinstance(self.port, SocketDatagramPort):  # a plain socket: select on it
+            selector.register(self.port.sock, selectors.EVENT_READ, "udp")
+            return None
+        if isinstance(self.port, UdtDatagramPort):  # its I/O thread pokes wake_in
+            self.port.endpoint.wake_on_foreign(self.wake_in)
+            return None
+        reader = threading.Thread(
+            target=self._read_port,
+            args=(self.wake_in, stop),
+            name=f"wavesync-connect-{self.sid}",
+            daemon=True,  # holds no data; joined below within one poll
+        )
+        reader.start()
+        return reader
 
     def _read_port(self, wake: socket.socket, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -197,6 +218,22 @@ class _Exchange:
                 wake.send(b"\0")
             if done:  # the answer: stop now, not a poll later, so the join is immediate
                 return
+
+    def _take_queued(self, port: UdtDatagramPort) -> None:
+        """The datagrams a UDT endpoint queued since its last poke (on the selector's thread)."""
+        if self.udp_ended:
+            return
+        for _ in range(_DATAGRAMS_PER_TURN):
+            try:
+                data, source = port.endpoint.receive_foreign(0.0)
+            except TimeoutError:
+                return
+            except OSError as exc:  # the endpoint closed under us: the TCP copy carries on
+                log.debug("connect %s: UDP copy ended: %r", self.sid, exc)
+                self.udp_ended = True
+                return
+            self._datagram(data, source)
+        port.endpoint.wake_on_foreign(self.wake_in)  # more queued: poke again, next turn
 
     def _datagram(self, data: bytes, source: tuple[Any, ...]) -> bool:
         """Feed a datagram from the mediator (others are dropped); whether that ended it."""
@@ -226,6 +263,8 @@ class _Exchange:
         if key.data == "wake":
             with contextlib.suppress(BlockingIOError):
                 key.fileobj.recv(4096)  # type: ignore[union-attr]
+            if isinstance(self.port, UdtDatagramPort):
+                self._take_queued(self.port)
             self._take_tunnel(selector)
         elif key.data == "udp":
             assert isinstance(self.port, SocketDatagramPort)

@@ -12,7 +12,10 @@ a relay's answer) is bounded by the race's deadline and closed when it comes in 
 A punched socket outlives the connect that made it: while it holds a connection (and
 ``hole_linger`` seconds after), the next ``connect()`` to the same server first tries a new
 UDT connection through the same hole, without the mediator (DESIGN.md §1 step 7). One
-named thread keeps the holes and closes each when ``PunchedSocket`` says so.
+named thread keeps the holes and closes each when ``PunchedSocket`` says so; it starts with
+the first hole that lingers (a hole worth nothing at its release closes there and then), so
+a connector that never keeps a hole starts no keeper: each thread start and each hand-off
+is a context switch, which a loaded machine turns into latency.
 """
 
 from __future__ import annotations
@@ -195,11 +198,8 @@ class Connector:
     def __enter__(self) -> Connector:
         if self._pool is not None or self._closing:
             raise RuntimeError("a Connector runs in one `with` block")
+        # Its threads start with the first tasks, and are reused by later ones.
         self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="wavesync-connector")
-        self._keeper = threading.Thread(
-            target=self._keep_holes, name="wavesync-connector-holes", daemon=False
-        )
-        self._keeper.start()
         return self
 
     def __exit__(
@@ -225,8 +225,9 @@ class Connector:
             holes, self._open_holes = self._open_holes, []
             self._holes.clear()
             self._condition.notify_all()
-        if self._keeper is not None:
-            self._keeper.join()
+            keeper = self._keeper  # none starts once closing
+        if keeper is not None:
+            keeper.join()
         for hole in holes:
             hole.endpoint.close()
         if self._pool is not None:
@@ -279,16 +280,38 @@ class Connector:
         raise ConnectionAbortedError("the Connector is closed")
 
     def _release(self, hole: _Hole) -> None:
-        """No connect uses ``hole`` now: it lingers while it carries connections."""
+        """No connect uses ``hole`` now: it lingers while it carries connections (kept
+        by the keeper thread, started now if need be), else it closes here."""
         with self._condition:
+            now = time.monotonic()
             hole.use = PunchedSocket(
                 linger=self._hole_linger,
                 unproven_linger=0.0,
-                idle_since=time.monotonic(),
+                idle_since=now,
                 proven=hole.peer is not None,
                 tried=True,
             )
-            self._condition.notify_all()
+            connections = len(hole.endpoint.multiplexer.connections)
+            expired = hole.use.poll_interval(now, open_connections=connections) <= 0
+            if expired and hole in self._open_holes:
+                self._forget(hole)
+            else:
+                expired = False  # lingers, or close() has it
+                if self._keeper is None and not self._closing:
+                    self._keeper = threading.Thread(
+                        target=self._keep_holes, name="wavesync-connector-holes", daemon=False
+                    )
+                    self._keeper.start()
+                self._condition.notify_all()
+        if expired:
+            hole.endpoint.close()
+            log.debug("punched socket %s closed", format_endpoint(hole.endpoint.local_address))
+
+    def _forget(self, hole: _Hole) -> None:
+        """Take ``hole`` off the open and the reusable ones (the caller closes it)."""
+        self._open_holes.remove(hole)
+        if hole.server_id is not None and self._holes.get(hole.server_id) is hole:
+            del self._holes[hole.server_id]
 
     def _report_result(self, hole: _Hole, transaction: ClientTransaction) -> None:
         """Send connection_result from the punched socket, then release it."""
@@ -329,9 +352,7 @@ class Connector:
                     else:
                         pause = wait if pause is None else min(pause, wait)
                 for hole in expired:
-                    self._open_holes.remove(hole)
-                    if hole.server_id is not None and self._holes.get(hole.server_id) is hole:
-                        del self._holes[hole.server_id]
+                    self._forget(hole)
                 if not expired:
                     self._condition.wait(pause)
             for hole in expired:
@@ -378,13 +399,16 @@ class _RaceRun:
         self.finished = False
         self.running: dict[int, _Running] = {}
         self.verified: dict[int, socket.socket] = {}
+        #: Actions a worker's report brought, for the connecting thread to run.
+        self.pending: list[RaceAction] = []
 
     def run(self) -> Connection:
         race = self.race
         try:
             with self.condition:
                 while True:
-                    for action in race.actions():
+                    actions, self.pending = [*self.pending, *race.actions()], []
+                    for action in actions:
                         self._act(action)
                     event = race.next_event()
                     if event is not None:
@@ -464,7 +488,16 @@ class _RaceRun:
     def _tell(self, report: Callable[[float], None]) -> None:
         """Feed the race one report (on a worker thread) and wake the connecting thread."""
         with self.condition:
+            timer = self.race.get_timer()
             report(time.monotonic())
+            self._wake(timer)
+
+    def _wake(self, timer_before: float | None) -> None:
+        """Wake the connecting thread if the last report gave it something to do: an
+        action, the outcome, or another timer (a report that changes nothing, such as
+        ``attempt_connected``, costs no hand-off). Called holding the condition."""
+        self.pending.extend(self.race.actions())
+        if self.pending or self.race.done or self.race.get_timer() != timer_before:
             self.condition.notify_all()
 
     # --- the sources ------------------------------------------------------------------

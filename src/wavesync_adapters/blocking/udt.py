@@ -24,6 +24,7 @@ This module imports nothing of asyncio, anyio or trio.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import secrets
@@ -156,6 +157,8 @@ class UdtEndpoint:
         self._condition = threading.Condition()
         self._accepted: deque[socket.socket] = deque()
         self._foreign_queue: deque[tuple[bytes, Endpoint]] = deque()
+        #: Poked (one byte) when a foreign datagram is queued or the endpoint stops.
+        self._foreign_wake: socket.socket | None = None
         #: Foreign datagrams dropped because nobody took the queued ones.
         self.foreign_dropped = 0
         self._listening = False
@@ -312,6 +315,19 @@ class UdtEndpoint:
                 raise ConnectionAbortedError(self._stopped)
             return self._foreign_queue.popleft()
 
+    def wake_on_foreign(self, wake: socket.socket | None) -> None:
+        """Poke ``wake`` (send one byte, never blocking) whenever a foreign datagram is
+        queued for ``receive_foreign`` and when the endpoint stops; ``None`` stops it.
+
+        Lets a thread that runs a selector wait for the queue on a socket of its own
+        (one end of a ``socketpair``) instead of keeping a thread in ``receive_foreign``.
+        One wake at a time; a datagram already queued pokes at once.
+        """
+        with self._condition:
+            self._foreign_wake = wake
+            if wake is not None and (self._foreign_queue or self._stopped is not None):
+                _poke(wake)
+
     def datagram_port(self) -> UdtDatagramPort:
         """This endpoint as a blocking datagram port for STUN exchanges."""
         return UdtDatagramPort(self)
@@ -325,6 +341,8 @@ class UdtEndpoint:
                 return
             self._foreign_queue.append((data, source))
             self._condition.notify_all()
+            if self._foreign_wake is not None:
+                _poke(self._foreign_wake)
 
     def _take_accepted(self, bridge: StreamBridge) -> None:
         with self._condition:
@@ -348,6 +366,8 @@ class UdtEndpoint:
             while self._accepted:
                 self._accepted.popleft().close()
             self._condition.notify_all()
+            if self._foreign_wake is not None:
+                _poke(self._foreign_wake)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -438,6 +458,12 @@ class UdtEndpoint:
             address = infos[0][4]
             return (str(address[0]), int(address[1]))
         return (host, int(port))
+
+
+def _poke(wake: socket.socket) -> None:
+    """One byte on a wake-up socket; a full buffer already holds a wake-up."""
+    with contextlib.suppress(OSError):  # full (one is pending anyway), or closed
+        wake.send(b"\0", socket.MSG_DONTWAIT)
 
 
 class UdtDatagramPort:
