@@ -3,8 +3,7 @@
 Every stream is an ``anyio.abc.ByteStream``. The programs: ``mediator``,
 ``relay``, ``agent.ServerAgent``, ``connector.Connector`` (with ``forward``),
 UDT in ``udt``, the HTTP tunnels (``tunnel``, ``tunnel_server``), and the
-commands only this adapter runs (``demo``, ``udt_cat``). docs/embedding.md shows
-each in use.
+``demo`` and ``udt_cat`` programs. docs/embedding.md shows each in use.
 """
 
 from __future__ import annotations
