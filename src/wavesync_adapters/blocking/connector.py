@@ -551,8 +551,25 @@ class _RaceRun:
         with self.condition:
             hole.connect_session_id = answer.connect_session_id
             hole.server_id = self.server_id = answer.response.server_id
+            timer = self.race.get_timer()
             self.race.offer_connect_response(answer.response, time.monotonic())
-            self.condition.notify_all()
+            first = self._take_first_attempt()
+            self._wake(timer)
+        if first is not None:
+            self._attempt(*first)
+
+    def _take_first_attempt(self) -> tuple[Attempt, _Running] | None:
+        """The first attempt the race just started, for this worker to run itself rather
+        than hand it to the connecting thread and on to another worker; the other actions
+        are left for the connecting thread. Called holding the condition."""
+        actions = self.race.actions()
+        if not actions or not isinstance(actions[0], StartAttempt) or self.pending:
+            self.pending.extend(actions)
+            return None
+        attempt, running = actions[0].attempt, _Running()
+        self.running[attempt.attempt_id] = running
+        self.pending.extend(actions[1:])
+        return attempt, running
 
     # --- the attempts -----------------------------------------------------------------
 
