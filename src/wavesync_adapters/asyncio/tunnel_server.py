@@ -299,8 +299,12 @@ class TunnelServer:
             log.exception("the %s tunnel's handler failed", tunnel.kind)
         finally:
             writer.close()
+            # Awaited in this task, not wrapped in a task of its own (wait_for): a loop
+            # that stops first would leave that task's coroutine never started, which
+            # Python reports as never awaited.
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), CLOSE_LINGER)
+                async with asyncio.timeout(CLOSE_LINGER):
+                    await writer.wait_closed()
 
     def tunnel_ended(self, tunnel: TunnelBridge) -> None:
         self._tunnels.discard(tunnel)

@@ -370,7 +370,10 @@ class _ProbeRun:
                     target=self._attempt,
                     args=(action.attempt_id, action.kind),
                     name=f"wavesync-probe-{action.kind}",
-                    daemon=True,  # holds no data of the caller's; bounded by attempt_timeout
+                    # Not a daemon: a thread still inside OpenSSL while the interpreter
+                    # finalizes can crash it (a SIGSEGV after `wavesync tunnel-probe`
+                    # printed its answer). Exit waits for it, bounded by attempt_timeout.
+                    daemon=False,
                 )
                 self._threads[action.attempt_id] = thread
                 thread.start()
