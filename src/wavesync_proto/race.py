@@ -27,9 +27,11 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from .addresses import Endpoint, format_endpoint
 from .errors import LocalProtocolError
+from .mediator.attributes import ConnectionPath
 from .mediator.messages import ConnectResponse
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "EVERY_PATH_FAILED",
     "NO_PATH_OFFERED",
     "RELAY_GRACE",
+    "RESULT_PATHS",
     "AskMediator",
     "Attempt",
     "AttemptFailure",
@@ -73,6 +76,16 @@ class PathKind(enum.Enum):
     RELAY = "relay"
     """A relay session."""
 
+
+#: The ``ConnectionPath`` connection_result (0x106) reports for each kind of winning path.
+RESULT_PATHS: Mapping[PathKind, int] = MappingProxyType(
+    {
+        PathKind.LAN: ConnectionPath.LAN,
+        PathKind.TCP: ConnectionPath.TCP,
+        PathKind.UDP: ConnectionPath.UDP,
+        PathKind.RELAY: ConnectionPath.RELAY,
+    }
+)
 
 ALL_PATHS: frozenset[PathKind] = frozenset(PathKind)
 

@@ -28,11 +28,11 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.holes import PunchedSocket
-from wavesync_proto.mediator.attributes import ConnectionPath
-from wavesync_proto.mediator.connect import connection_result_transaction
+from wavesync_proto.mediator.connect import RESULT_REPORTS_WAIT, connection_result_transaction
 from wavesync_proto.race import (
     ALL_PATHS,
     RELAY_GRACE,
+    RESULT_PATHS,
     AskMediator,
     Attempt,
     AttemptFailure,
@@ -79,18 +79,6 @@ class Connection:
     reused_hole: bool
     #: What failed before the winner came in (or was still running).
     failures: tuple[AttemptFailure, ...]
-
-
-#: How long leaving a Connector normally waits for connection_result reports in flight.
-_REPORTS_WAIT = 3.0
-
-#: The CONNECTION-PATH code connection_result reports for each kind of path.
-_RESULT_PATHS = {
-    PathKind.LAN: ConnectionPath.LAN,
-    PathKind.TCP: ConnectionPath.TCP,
-    PathKind.UDP: ConnectionPath.UDP,
-    PathKind.RELAY: ConnectionPath.RELAY,
-}
 
 
 @dataclass(eq=False)
@@ -191,7 +179,7 @@ class Connector:
         if exc_type is None and self._reports:
             # Leaving normally: let the mediator hear which paths won (each report gives
             # up 2.5 s after it began on its own).
-            with anyio.move_on_after(_REPORTS_WAIT):
+            with anyio.move_on_after(RESULT_REPORTS_WAIT):
                 await self._reports_done.wait()
         self._group.cancel_scope.cancel()
         return await self._group.__aexit__(exc_type, exc, traceback)
@@ -353,7 +341,7 @@ class _RaceRun:
             return
         transaction = connection_result_transaction(
             hole.connect_session_id,
-            path=_RESULT_PATHS[winner.kind],
+            path=RESULT_PATHS[winner.kind],
             duration_ms=round((anyio.current_time() - started_at) * 1000),
             now=anyio.current_time(),
         )

@@ -33,11 +33,11 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.holes import PunchedSocket
-from wavesync_proto.mediator.attributes import ConnectionPath
-from wavesync_proto.mediator.connect import connection_result_transaction
+from wavesync_proto.mediator.connect import RESULT_REPORTS_WAIT, connection_result_transaction
 from wavesync_proto.race import (
     ALL_PATHS,
     RELAY_GRACE,
+    RESULT_PATHS,
     AskMediator,
     Attempt,
     AttemptFailure,
@@ -96,18 +96,6 @@ class Connection:
     reused_hole: bool
     #: What failed before the winner came in (or was still running).
     failures: tuple[AttemptFailure, ...]
-
-
-#: How long leaving a Connector normally waits for connection_result reports in flight.
-_REPORTS_WAIT = 3.0
-
-#: The CONNECTION-PATH code connection_result reports for each kind of path.
-_RESULT_PATHS = {
-    PathKind.LAN: ConnectionPath.LAN,
-    PathKind.TCP: ConnectionPath.TCP,
-    PathKind.UDP: ConnectionPath.UDP,
-    PathKind.RELAY: ConnectionPath.RELAY,
-}
 
 
 @dataclass(eq=False)
@@ -214,7 +202,7 @@ class Connector:
             # Leaving normally: let the mediator hear which paths won (each report gives
             # up 2.5 s after it began on its own).
             try:
-                async with asyncio.timeout(_REPORTS_WAIT):
+                async with asyncio.timeout(RESULT_REPORTS_WAIT):
                     await self._reports_done.wait()
             except TimeoutError:
                 pass
@@ -411,7 +399,7 @@ class _RaceRun:
             return
         transaction = connection_result_transaction(
             hole.connect_session_id,
-            path=_RESULT_PATHS[winner.kind],
+            path=RESULT_PATHS[winner.kind],
             duration_ms=round((self.loop.time() - started_at) * 1000),
             now=self.loop.time(),
         )

@@ -36,11 +36,11 @@ from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.discovery import DEFAULT_GROUP, ServerFound
 from wavesync_proto.errors import LocalProtocolError
 from wavesync_proto.holes import PunchedSocket
-from wavesync_proto.mediator.attributes import ConnectionPath
-from wavesync_proto.mediator.connect import connection_result_transaction
+from wavesync_proto.mediator.connect import RESULT_REPORTS_WAIT, connection_result_transaction
 from wavesync_proto.race import (
     ALL_PATHS,
     RELAY_GRACE,
+    RESULT_PATHS,
     AskMediator,
     Attempt,
     AttemptFailure,
@@ -74,16 +74,6 @@ log = logging.getLogger("wavesync.connector")
 #: Worker threads per Connector: a LAN search, a connect request and the attempts of a few
 #: connects at once (``wavesync client --listen`` connects once per local connection).
 _WORKERS = 32
-#: How long leaving a Connector normally waits for connection_result reports in flight.
-_REPORTS_WAIT = 3.0
-
-#: The CONNECTION-PATH code connection_result reports for each kind of path.
-_RESULT_PATHS = {
-    PathKind.LAN: ConnectionPath.LAN,
-    PathKind.TCP: ConnectionPath.TCP,
-    PathKind.UDP: ConnectionPath.UDP,
-    PathKind.RELAY: ConnectionPath.RELAY,
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +202,7 @@ class Connector:
             # Leaving normally: let the mediator hear which paths won (each report gives
             # up 2.5 s after it began on its own).
             with self._condition:
-                self._condition.wait_for(lambda: not self._reports, _REPORTS_WAIT)
+                self._condition.wait_for(lambda: not self._reports, RESULT_REPORTS_WAIT)
         self.close()
 
     def close(self) -> None:
@@ -461,7 +451,7 @@ class _RaceRun:
         now = time.monotonic()
         transaction = connection_result_transaction(
             hole.connect_session_id,
-            path=_RESULT_PATHS[winner.kind],
+            path=RESULT_PATHS[winner.kind],
             duration_ms=round((now - started_at) * 1000),
             now=now,
         )

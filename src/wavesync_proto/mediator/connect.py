@@ -44,6 +44,7 @@ from .messages import (
 __all__ = [
     "MAX_CONNECT_MESSAGE",
     "PADDING_ATTRIBUTE",
+    "RESULT_REPORTS_WAIT",
     "UDP_REQUEST_SIZE",
     "ConnectEvent",
     "ConnectFailed",
@@ -109,6 +110,9 @@ class _State(enum.Enum):
 #: socket at most 2.5 s for it.
 RESULT_SENDS = 3
 RESULT_FINAL_WAIT_RTOS = 2
+#: How long a client that is leaving normally waits for reports still in flight: each
+#: gives up 2.5 s after it began, so this bounds the wait without cutting one short.
+RESULT_REPORTS_WAIT = 3.0
 
 
 def connection_result_transaction(
