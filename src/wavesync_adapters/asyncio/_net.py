@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
 from typing import Any, Protocol
 
@@ -21,7 +22,17 @@ from wavesync_proto.stun.transaction import (
     TransactionTimedOut,
 )
 
-__all__ = ["DatagramPort", "UdpPort", "open_udp_port", "resolve", "run_transaction"]
+log = logging.getLogger("wavesync.net")
+
+__all__ = [
+    "DatagramPort",
+    "UdpPort",
+    "cancel_and_wait",
+    "open_udp_port",
+    "resolve",
+    "run_transaction",
+    "sleep_until_or",
+]
 
 
 class DatagramPort(Protocol):
@@ -151,3 +162,23 @@ async def open_udp_port(remote: Endpoint) -> UdpPort:
     local = transport.get_extra_info("sockname")
     port.local_address = (str(local[0]), int(local[1]))
     return port
+
+
+async def sleep_until_or(wake: asyncio.Event, deadline: float | None) -> None:
+    """Return at ``deadline`` (on the loop's clock; None: never) or when ``wake`` is set."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await wake.wait()
+    except TimeoutError:
+        pass
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they have ended; a failure is logged, not raised
+    (the caller has its own outcome)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%s ended: %r", task.get_coro(), task.exception())

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import ssl
 import uuid
-from typing import Any
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.mediator.connect import ConnectFailed, ConnectRequest, ConnectSucceeded
@@ -21,7 +20,7 @@ from wavesync_proto.tunnel import ProxyConfig, TunnelMemory
 
 from ..errors import ConnectError
 from ._dial import Dialer, TunnelChoice, dialer_for
-from ._net import DatagramPort, open_udp_port, resolve
+from ._net import DatagramPort, cancel_and_wait, open_udp_port, resolve, sleep_until_or
 
 __all__ = ["ConnectError", "DatagramPort", "request_connection"]
 
@@ -153,26 +152,3 @@ def _outcome(request: ConnectRequest, mediator: Endpoint) -> ConnectSucceeded:
     assert isinstance(event, ConnectFailed)  # a done request has reported exactly one
     log.info("connect %s via %s failed: %s", sid, format_endpoint(mediator), event.reason)
     raise ConnectError(event)
-
-
-# --- small asyncio helpers the client modules share ------------------------------------
-
-
-async def sleep_until_or(wake: asyncio.Event, deadline: float | None) -> None:
-    """Return at ``deadline`` (on the loop's clock; None: never) or when ``wake`` is set."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            await wake.wait()
-    except TimeoutError:
-        pass
-
-
-async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
-    """Cancel ``tasks`` and wait until they have ended; a failure is logged, not raised
-    (the caller has its own outcome)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.wait(tasks)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("%s ended: %r", task.get_coro(), task.exception())

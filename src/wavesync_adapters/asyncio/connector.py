@@ -56,13 +56,8 @@ from wavesync_proto.udt.connection_types import UdtConfig
 
 from .._common import TunnelChoice, describe_failure, parse_target
 from ..errors import PathRaceError
-from ._net import resolve, run_transaction
-from .connect import (
-    ConnectError,
-    cancel_and_wait,
-    request_connection,
-    sleep_until_or,
-)
+from ._net import cancel_and_wait, resolve, run_transaction, sleep_until_or
+from .connect import ConnectError, request_connection
 from .lan import search_lan
 from .relay_client import RelayConnectError, open_relay_stream
 from .udt import (

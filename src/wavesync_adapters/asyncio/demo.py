@@ -38,8 +38,8 @@ from .._demo import (
     relay_url,
     response_head,
 )
+from ._net import cancel_and_wait
 from .agent import AcceptedStream, ServerAgent
-from .connect import cancel_and_wait
 from .connector import Connector, PathRaceError
 from .forward import forward_to_service
 from .mediator import MediatorDaemon

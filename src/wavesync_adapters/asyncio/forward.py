@@ -19,7 +19,7 @@ from typing import Protocol
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.race import PathKind
 
-from .connect import cancel_and_wait
+from ._net import cancel_and_wait
 from .connector import Connector, PathRaceError
 
 __all__ = ["Streams", "copy_both_ways", "forward_to_service", "serve_local_port"]
