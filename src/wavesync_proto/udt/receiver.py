@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 
 from .loss_list import LossList
-from .packet_types import Ack, Boundary, LightAck, Nak
+
+# The private word constants moved with the message assembly; kept importable from here.
+from .message_assembly import _DROPPED, _FIRST_BIT, _LAST_BIT, MessageAssembly  # noqa: F401
+from .packet_types import Ack, LightAck, Nak
 from .packets import encode_packet
 from .sender import unwrap
-from .seqnum import MSG_MAX, SEQ_MAX, ack_inc
+from .seqnum import SEQ_MAX, ack_inc
 
 __all__ = [
     "ACK_HISTORY",
@@ -42,13 +45,9 @@ MIN_AVAILABLE_BUFFER = 2
 _WINDOW = 16
 _HALF = 1 << 30
 _SYN = 0.01
-_LAST_BIT = Boundary.LAST << 30  # set in LAST and SOLO
-_FIRST_BIT = Boundary.FIRST << 30  # set in FIRST and SOLO
-#: The word of a packet a message drop request skipped (no real word is negative).
-_DROPPED = -1
 
 
-class UdtReceiver:
+class UdtReceiver(MessageAssembly):
     """Receive buffer, receiver loss list and ACK/NAK generation of one connection.
 
     ``contig`` is the first sequence number not received (everything before it has
@@ -69,9 +68,6 @@ class UdtReceiver:
         "_light_ack_at",
         "_message_mode",
         "_ooo",
-        "_partial",
-        "_partial_open",
-        "_partial_packets",
         "_payload_size",
         "_peer_socket_id",
         "_probe_index",
@@ -79,28 +75,22 @@ class UdtReceiver:
         "_probe_time",
         "_probes",
         "_ready",
-        "_words",
         "ack_now",
         "ack_number",
         "acks_sent",
         "bytes_received",
-        "contig",
-        "discarded",
         "duplicates",
-        "highest",
         "last_ack_sent",
         "last_ack_time",
         "last_ackack",
         "last_available",
         "light_acks_sent",
         "loss",
-        "lost",
         "naks_sent",
         "out",
         "out_of_window",
         "packets_received",
         "packets_since_ack",
-        "ready_packets",
         "undelivered_packets",
         "window_update",
     )
@@ -326,85 +316,6 @@ class UdtReceiver:
             )
         )
         self.naks_sent += 1
-
-    def _release_messages(self) -> None:
-        """DGRAM: move in-order packets to the partial message; whole messages to ready.
-
-        A message is delivered only from its FIRST (or SOLO) packet to its LAST: a
-        fragment whose start was dropped (a message drop request) or whose end never
-        came (a peer that broke the rules) is discarded, never delivered as a message.
-        """
-        ooo, words = self._ooo, self._words
-        seq = self.contig
-        payload = ooo.pop(seq, None)
-        while payload is not None:
-            word = words.pop(seq)
-            if word == _DROPPED:
-                self._discard_partial()
-            else:
-                if word & _FIRST_BIT:
-                    self._discard_partial()
-                    self._partial_open = True
-                if self._partial_open:
-                    self._partial.append(payload)
-                    self._partial_packets += 1
-                    if word & _LAST_BIT:
-                        self._ready.append(b"".join(self._partial))
-                        self.ready_packets += self._partial_packets
-                        self._partial = []
-                        self._partial_packets = 0
-                        self._partial_open = False
-                else:
-                    self.discarded += 1
-            seq += 1
-            payload = ooo.pop(seq, None)
-        self.contig = seq
-
-    def _discard_partial(self) -> None:
-        if self._partial:
-            self.discarded += len(self._partial)
-            self._partial = []
-            self._partial_packets = 0
-        self._partial_open = False
-
-    def drop_message(self, message_number: int, first_wire: int, last_wire: int) -> int:
-        """DGRAM: the sender gave up on a message; stop waiting for ``first``..``last``.
-
-        Packets of the range that arrived are discarded if they belong to that message;
-        the missing ones are marked dropped, so the message is skipped when its turn
-        comes and never delivered in part. Returns how many numbers were marked. A byte
-        stream cannot skip bytes: in STREAM mode the request is ignored (0).
-        """
-        if not self._message_mode:
-            return 0
-        contig = self.contig
-        first = unwrap(first_wire, contig)
-        last = first + ((last_wire - first_wire) & SEQ_MAX)
-        # Only what the window holds: never before contig, never past the free buffer.
-        room = self._capacity - self.ready_packets - self.undelivered_packets
-        first = max(first, contig)
-        last = min(last, contig + room - self._partial_packets - 1)
-        if first > last:
-            return 0
-        ooo, words = self._ooo, self._words
-        marked = 0
-        for seq in range(first, last + 1):
-            word = words.get(seq)
-            if word is None:
-                ooo[seq] = b""
-                words[seq] = _DROPPED
-                marked += 1
-            elif word != _DROPPED and word & MSG_MAX == message_number:
-                ooo[seq] = b""
-                words[seq] = _DROPPED
-        self.loss.remove_range(first, last)
-        if last > self.highest:
-            if first > self.highest + 1:
-                # Packets before the dropped message were lost unnoticed: report them.
-                self.lost += self.loss.insert(self.highest + 1, first - 1)
-            self.highest = last
-        self._release_messages()
-        return marked
 
     def _light_ack(self, ack: int) -> None:
         if ack == self.last_ackack:
