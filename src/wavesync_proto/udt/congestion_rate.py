@@ -48,7 +48,10 @@ __all__ = ["HEAVY_LOSS_FRACTION", "DeliveryRateCongestion"]
 #: A round in which more than this share of the packets sent in the round before
 #: is reported lost counts as congestion (and at least ``_HEAVY_LOSS_MIN_PACKETS``).
 HEAVY_LOSS_FRACTION = 0.2
-_HEAVY_LOSS_MIN_PACKETS = 4
+# BBRv2's count of loss events before a round may count as lossy (8): with 5 %
+# random loss, 4 of a 16-40 packet round are lost by chance once in 10-100 rounds,
+# and a heavy round in STARTUP ends it at a rate it never regains quickly.
+_HEAVY_LOSS_MIN_PACKETS = 8
 # A heavy-loss round multiplies the rate ceiling by this (BBRv2's beta)...
 _LOSS_BETA = 0.7
 # ...and each round without heavy loss raises it by this, until it is lifted once
@@ -262,10 +265,13 @@ class DeliveryRateCongestion(CongestionControl):
         # this round hears of.
         self._delivered(now, exact=True)
         self._lost_in_round += lost
+        # Before the first round ends there is no round before: the basis is what
+        # this one has sent so far (not zero, which made any 4 losses heavy).
+        basis = self._round_packets if self._round else self._largest_sent - self._round_end
         if (
             not self._heavy_round
             and self._lost_in_round >= _HEAVY_LOSS_MIN_PACKETS
-            and self._lost_in_round > HEAVY_LOSS_FRACTION * self._round_packets
+            and self._lost_in_round > HEAVY_LOSS_FRACTION * basis
         ):
             # Congestion, or a path too lossy to fill: cap the rate, once per round.
             self._heavy_round = True

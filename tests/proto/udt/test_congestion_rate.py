@@ -472,3 +472,29 @@ def test_the_rate_estimate_holds_through_a_gain_cycle_on_a_sub_millisecond_path(
     # below the sending rate, and the estimate sank cycle after cycle (4,800 packets/s).
     # The filter spans a whole gain cycle. Measured: 43,200.
     assert rate > 0.75 * 50_000, rate
+
+
+@pytest.mark.parametrize("lost", [(1, 3, 5, 7), (2, 4, 6, 8, 10, 12, 14)])
+def test_a_few_losses_in_the_first_window_do_not_end_startup(lost: tuple[int, ...]) -> None:
+    # 5 % random loss each way on loopback: a few of the first 16-30 packets are lost
+    # in about one run in twenty. Before any round had ended, the heavy-loss line was
+    # "4 lost" (a fifth of the zero packets of the round before): STARTUP ended at 88
+    # packets/s and PROBE_BW's 1.25 phase took seconds to find 100,000 (a 20 MB
+    # transfer at 6 MB/s instead of 120).
+    first = {ISN + offset for offset in lost}
+    cc = control()
+    ToyPath(cc, rate=50_000, rtt=0.0002, lose=lambda seq: seq in first).run(0.3, step=0.0001)
+    assert cc.bottleneck_rate > 0.8 * 50_000, cc.bottleneck_rate
+
+
+@pytest.mark.parametrize(("sent", "lost", "state"), [(40, 10, "drain"), (100, 9, "startup")])
+def test_the_first_rounds_heavy_loss_line_is_a_fifth_of_what_it_sent(
+    sent: int, lost: int, state: str
+) -> None:
+    # The first round has no round before it: its own packets are the basis (a basis
+    # of 0 made any 8 losses heavy, however many packets were sent).
+    cc = control()
+    for offset in range(sent):
+        cc.on_packet_sent(sequence_number=(ISN + offset) & SEQ_MAX, now=0.001)
+    cc.on_loss(losses=[(ISN & SEQ_MAX, (ISN + lost - 1) & SEQ_MAX)], now=0.002)
+    assert cc.state == state
