@@ -322,10 +322,7 @@ class UdtTransfer:
         if seq <= sender.last_data_ack:
             return  # a repeated ACK: nothing for the congestion control
         sender.last_data_ack = seq
-        reported = min(packet.rtt, _MAX_RTT_US)
-        if reported != _INITIAL_RTT_US:  # the peer has measured the path
-            self._peer_rto_us = reported + 4 * min(packet.rtt_variance, _MAX_RTT_US)
-        self._fold_rtt(reported)
+        self._take_reported_rtt(packet.rtt, packet.rtt_variance)
         # 4.11 averages every positive sample into placeholders (16 and 1 packets/s), so
         # its link capacity needs a dozen ACKs to come within half of a measured value;
         # here the first sample replaces the placeholder, the rest are averaged as 4.11 does.
@@ -407,6 +404,24 @@ class UdtTransfer:
             self.rtt_us = rtt_us
             self.rtt_var_us = rtt_us >> 1
         self._rtt_measured = True
+
+    def _take_reported_rtt(self, rtt_us: int, variance_us: int) -> None:
+        """An ACK's RTT: the receiver's estimate, all a sender with no ACK2s of its own has."""
+        reported = min(rtt_us, _MAX_RTT_US)
+        variance = min(variance_us, _MAX_RTT_US)
+        if reported == _INITIAL_RTT_US:  # the peer has not measured the path yet
+            self._fold_rtt(reported)
+            return
+        if self._peer_rto_us < 0 and not self._rtt_measured and reported < self.rtt_us:
+            # The peer's first measurement, if shorter, replaces the placeholders, as our
+            # own first ACK2 sample does. Folded in at 1/8 per ACK (one a SYN while a hole
+            # holds the ACK number), 100 ms took half a second to come down to a 0.2 ms
+            # path, and EXP waited on it: a lost tail at 5 % loss cost 20-40 ms on
+            # loopback. A longer one is folded in: a peer cannot stretch EXP at once.
+            self.rtt_us, self.rtt_var_us = reported, variance
+        else:
+            self._fold_rtt(reported)
+        self._peer_rto_us = reported + 4 * variance
 
     def _fold_rtt(self, rtt_us: int) -> None:
         # core.cpp: RTTVar = (3 RTTVar + |rtt - RTT|) / 4, RTT = (7 RTT + rtt) / 8.

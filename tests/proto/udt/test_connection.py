@@ -408,6 +408,52 @@ def test_acks_every_syn_and_ack2_measures_the_rtt() -> None:
     assert pair.b.rtt < 0.1
 
 
+def test_a_sender_takes_the_peers_first_measured_rtt_and_folds_the_rest() -> None:
+    # A pure sender gets no ACK2 of its own: its RTT is what the receiver's ACKs report.
+    # Folded into the 100 ms placeholder at 1/8 an ACK, a 0.2 ms path still read 7 ms
+    # after half a second, and EXP waited on it.
+    c = lone(UdtConfig(congestion=FixedRate.factory()))
+    c.send(b"s" * 5000)
+    c.datagrams_to_send(0.0)
+
+    def ack(number: int, sequence: int, rtt_us: int, variance_us: int) -> bytes:
+        return control(
+            Ack(
+                destination_socket_id=A_ID,
+                ack_number=number,
+                sequence_number=A_ISN + sequence,
+                rtt=rtt_us,
+                rtt_variance=variance_us,
+                available_buffer=100,
+            )
+        )
+
+    c.receive_datagram(ack(1, 1, 100_000, 50_000), B, 0.01)  # the peer's placeholders
+    assert c.rtt == pytest.approx(0.1)
+    c.receive_datagram(ack(2, 2, 200, 100), B, 0.02)
+    assert c.rtt == pytest.approx(0.0002)
+    assert c.rtt_variance == pytest.approx(0.0001)
+    c.receive_datagram(ack(3, 3, 1000, 100), B, 0.03)
+    assert c.rtt == pytest.approx((7 * 200 + 1000) // 8 / 1e6)
+
+
+def test_a_sender_folds_a_first_reported_rtt_longer_than_the_placeholder() -> None:
+    # A peer cannot stretch our timers at once: only a shorter first report replaces.
+    c = lone(UdtConfig(congestion=FixedRate.factory()))
+    c.send(b"s" * 5000)
+    c.datagrams_to_send(0.0)
+    slow = Ack(
+        destination_socket_id=A_ID,
+        ack_number=1,
+        sequence_number=A_ISN + 1,
+        rtt=900_000,
+        rtt_variance=1000,
+        available_buffer=100,
+    )
+    c.receive_datagram(control(slow), B, 0.01)
+    assert c.rtt == pytest.approx((7 * 100_000 + 900_000) // 8 / 1e6)
+
+
 # --- close and abort ----------------------------------------------------------------------
 
 
