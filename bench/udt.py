@@ -370,21 +370,44 @@ def libudt_netcat(binary: Path, mode: str) -> Netcat:
 # PORT --peer HOST:PORT` for both. A receiver with --listen says it is ready on stderr.
 
 
-def wavesync_commands(mode: str) -> Netcat:
-    """wavesync's row: "regular" or "rendezvous" (no sleep: ours must not need one)."""
+def wavesync_commands(mode: str, runtime: str = "anyio") -> Netcat:
+    """wavesync's row: "regular" or "rendezvous" (no sleep: ours must not need one), on
+    the CLI's default runtime (anyio on asyncio) or "asyncio on uvloop" (the asyncio
+    adapter on uvloop's loop, through this script's ``--child wavesync-uvloop``)."""
     wavesync = [sys.executable, "-m", "wavesync_adapters.cli", "udt"]
+    if runtime == "asyncio on uvloop":
+        wavesync = python_child("wavesync-uvloop", "--", "udt")
+    adapter = ["--adapter", "asyncio"] if runtime == "asyncio on uvloop" else []
     if mode == "regular":
         port = free_port(socket.SOCK_DGRAM)
         return Netcat(
-            [*wavesync, "recv", "--listen", f"{LOOPBACK}:{port}"],
-            [*wavesync, "send", "--connect", f"{LOOPBACK}:{port}"],
+            [*wavesync, "recv", *adapter, "--listen", f"{LOOPBACK}:{port}"],
+            [*wavesync, "send", *adapter, "--connect", f"{LOOPBACK}:{port}"],
             ready="listening on udp",
             ports=(port,),
         )
     a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     return Netcat(
-        [*wavesync, "recv", "--rendezvous", "--local", str(a), "--peer", f"{LOOPBACK}:{b}"],
-        [*wavesync, "send", "--rendezvous", "--local", str(b), "--peer", f"{LOOPBACK}:{a}"],
+        [
+            *wavesync,
+            "recv",
+            *adapter,
+            "--rendezvous",
+            "--local",
+            str(a),
+            "--peer",
+            f"{LOOPBACK}:{b}",
+        ],
+        [
+            *wavesync,
+            "send",
+            *adapter,
+            "--rendezvous",
+            "--local",
+            str(b),
+            "--peer",
+            f"{LOOPBACK}:{a}",
+        ],
         ready=None,
         ports=(a, b),
     )
@@ -517,7 +540,28 @@ async def quic_send(port: int) -> None:
         await client.wait_closed()
 
 
+def uvloop_wavesync(argv: list[str]) -> int:
+    """``wavesync`` with uvloop's event loop policy: ``asyncio.run`` makes a uvloop loop."""
+    import uvloop  # noqa: PLC0415 - optional: the test group installs it
+
+    from wavesync_adapters.cli import main as wavesync_main  # noqa: PLC0415
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return wavesync_main(argv)
+
+
+def uvloop_missing() -> str | None:
+    """Why the uvloop rows cannot run, or None."""
+    try:
+        import uvloop  # noqa: F401, PLC0415 - only asking
+    except ImportError:
+        return "not available: uvloop is not installed (the `test` group has it)"
+    return None
+
+
 def child(args: list[str]) -> int:
+    if args[:1] == ["wavesync-uvloop"]:
+        return uvloop_wavesync(args[args.index("--") + 1 :])
     parser = argparse.ArgumentParser(prog="udt.py --child")
     parser.add_argument("role", choices=["tcp-recv", "tcp-send", "quic-recv", "quic-send"])
     parser.add_argument("port", type=int)
@@ -650,6 +694,15 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
                 return wavesync_commands(mode)
 
             add(f"wavesync-UDT, {mode}", make_wavesync, wavesync_missing)
+
+        def make_uvloop() -> Netcat:
+            return wavesync_commands("regular", "asyncio on uvloop")
+
+        add(
+            "wavesync-UDT, regular, asyncio on uvloop",
+            make_uvloop,
+            wavesync_missing or uvloop_missing(),
+        )
         # The loss rows: regular connects, datagrams dropped on the transfer's own ports.
         add(
             f"libudt 4.11, regular, {loss_label}",
