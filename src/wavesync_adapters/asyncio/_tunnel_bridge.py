@@ -62,6 +62,12 @@ class BridgeOwner(Protocol):
     def running_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop the server runs on; None once it stopped."""
 
+    def close_gracefully(self, transport: asyncio.WriteTransport) -> None:
+        """Close ``transport`` after what it buffers; reset it if its peer stops reading."""
+
+    def transport_lost(self, transport: asyncio.BaseTransport) -> None:
+        """``transport`` has closed: no reset is due."""
+
 
 class LocalSide(asyncio.Protocol):
     """Our end of the socket pair: the application's bytes go to the tunnel's machine."""
@@ -69,8 +75,12 @@ class LocalSide(asyncio.Protocol):
     def __init__(self, tunnel: TunnelBridge) -> None:
         self._tunnel = tunnel
         self._eof = False
+        self._transport: asyncio.BaseTransport | None = None
+        #: ``connection_lost`` came: nothing is left to close or reset.
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
         self._tunnel.local_ready(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
@@ -83,6 +93,9 @@ class LocalSide(asyncio.Protocol):
         return True  # the tunnel's other direction may go on
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._transport is not None:
+            self._tunnel.owner.transport_lost(self._transport)
         self._tunnel.local_lost()
 
     def pause_writing(self) -> None:
@@ -105,7 +118,7 @@ class TunnelBridge:
         self, owner: BridgeOwner, machine: TunnelEndpoint, kind: TunnelKind, leg: BridgeLeg
     ) -> None:
         """``leg``: leg 0, the connection whose request opened the tunnel."""
-        self._owner = owner
+        self.owner = owner
         self.machine = machine
         self.kind = kind
         self.remote = leg.remote
@@ -132,7 +145,7 @@ class TunnelBridge:
         if self._ended:
             return
         self._handed = True
-        self._owner.tunnel_up(self)
+        self.owner.tunnel_up(self)
 
     def join(self, number: int, leg: BridgeLeg) -> None:
         """A getpost POST joined as leg ``number`` (``join`` fed its glued bytes)."""
@@ -253,7 +266,7 @@ class TunnelBridge:
         if self._pending_eof and transport.can_write_eof():
             transport.write_eof()
         if self._ended:  # the peer said all it had before we were ready
-            transport.close()
+            self.owner.close_gracefully(transport)
             return
         self._reading_changed()
 
@@ -271,7 +284,7 @@ class TunnelBridge:
     def closed(self) -> None:
         """The application closed its end (``TunnelSocket.closed``): what it wrote last is
         still in the pair; give it ``CLOSE_LINGER`` to get through, then end."""
-        loop = self._owner.running_loop()
+        loop = self.owner.running_loop()
         if not self._ended and loop is not None:
             loop.call_later(CLOSE_LINGER, self.local_lost)
 
@@ -280,8 +293,8 @@ class TunnelBridge:
         if self._local_gone:
             return
         self._local_gone = True
-        if self._local is not None:
-            self._local.close()  # after ``closed()``, our end may still be open
+        if self._local is not None:  # after ``closed()``, our end may still be open
+            self.owner.close_gracefully(self._local)
         if self._failure is None and self.machine.state is TunnelState.OPEN:
             self.machine.close()
             self.machine_moved()
@@ -307,8 +320,10 @@ class TunnelBridge:
             return
         self._ended = True
         if self._local is not None and not self._local_gone:
-            self._local.close()  # what the peer sent last is written first
-        self._owner.tunnel_ended(self)
+            # What the peer sent last is written first, unless the application stopped
+            # reading: then the server resets our end after its linger.
+            self.owner.close_gracefully(self._local)
+        self.owner.tunnel_ended(self)
 
     def abort(self) -> None:
         """The server is stopping: reset everything at once."""

@@ -33,7 +33,6 @@ anything (docs/tunnel.md §7.1), so it sees only what follows it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
@@ -112,9 +111,12 @@ class TunnelServer:
         limits: TunnelLimits | None = None,
         registry: GetPostRegistry | None = None,
         handshake_timeout: float = 10.0,
+        close_linger: float = CLOSE_LINGER,
     ) -> None:
         """``ssl_context``: a server context; every connection is TLS (the ``ssl+`` kinds).
-        ``handshake_timeout``: how long a connection may take to send its request."""
+        ``handshake_timeout``: how long a connection may take to send its request.
+        ``close_linger``: how long a connection or socket-pair end closed gracefully may
+        take to hand over what it still buffers before it is reset."""
         if (handler is None) == (on_socket is None):
             raise TypeError("give TunnelServer a handler or on_socket, not both or neither")
         self._handler = handler
@@ -124,10 +126,17 @@ class TunnelServer:
         # ``is None``, not ``or``: an empty registry has no tunnels, so it is falsy.
         self.registry = GetPostRegistry(limits=self.limits) if registry is None else registry
         self._handshake_timeout = handshake_timeout
+        self.close_linger = close_linger
         self._getpost: dict[bytes, TunnelBridge] = {}
         self._tunnels: set[TunnelBridge] = set()
         self._handshaking: set[_Leg] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Transports closed gracefully, each with the timer that resets it if its peer
+        #: never takes what it still buffers (a closing transport never ends on its own).
+        self._lingering: dict[asyncio.WriteTransport, asyncio.TimerHandle] = {}
+        #: Socket-pair ends no transport or application owns yet: a task that would take
+        #: one may be cancelled before it starts, and then only ``close()`` closes it.
+        self._unowned: set[socket.socket] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -151,7 +160,13 @@ class TunnelServer:
                 started(bound)
             await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
+            tasks = list(self._tasks)
             self.close()
+            # The loop may stop as soon as we return: let the cancelled tasks end and the
+            # reset transports report their loss (each closes its socket then) first.
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.close_linger)
+            await asyncio.sleep(0)
 
     async def listen(self, host: str, port: int) -> Endpoint:
         """Listen on ``host:port`` and serve in the background until ``close()``."""
@@ -206,7 +221,44 @@ class TunnelServer:
             leg.abort()
         for tunnel in list(self._tunnels):
             tunnel.abort()
+        for transport, timer in list(self._lingering.items()):
+            timer.cancel()
+            if not _is_lost(transport):
+                transport.abort()
+        self._lingering.clear()
+        for sock in list(self._unowned):
+            sock.close()
+        self._unowned.clear()
         self._loop = None
+
+    def close_gracefully(self, transport: asyncio.WriteTransport) -> None:
+        """Close ``transport`` after what it buffers; reset it if that has not happened
+        within ``close_linger`` (its peer stopped reading) or when the server stops."""
+        if _is_lost(transport):
+            return
+        if not transport.is_closing():
+            transport.close()
+        # Even one closing already (its owner closed it): closing alone may never end.
+        loop = self._loop
+        if loop is None:  # stopping: nobody would reset it later
+            transport.abort()
+        elif transport not in self._lingering:
+            self._lingering[transport] = loop.call_later(
+                self.close_linger, self._linger_over, transport
+            )
+
+    def _linger_over(self, transport: asyncio.WriteTransport) -> None:
+        del self._lingering[transport]
+        if not _is_lost(transport):
+            transport.abort()
+
+    def transport_lost(self, transport: asyncio.BaseTransport) -> None:
+        """``transport`` has closed (its protocol's ``connection_lost``): no reset is due.
+        (An asyncio transport that finished a graceful close must not be aborted: once
+        its buffer drained it forgets its loop, and abort() then fails.)"""
+        timer = self._lingering.pop(cast(asyncio.WriteTransport, transport), None)
+        if timer is not None:
+            timer.cancel()
 
     # --- connections and their requests ---------------------------------------------
 
@@ -260,6 +312,7 @@ class TunnelServer:
         inner, outer = socket.socketpair()
         inner.setblocking(False)
         outer.setblocking(False)
+        self._unowned.add(outer)
         self._spawn(self._attach_local(loop, tunnel, outer))
         try:
             if self._on_socket is not None:
@@ -269,9 +322,11 @@ class TunnelServer:
                     )
                 )
             else:
+                self._unowned.add(inner)
                 self._spawn(self._run_handler(tunnel, inner))
         except Exception:
             log.exception("the %s tunnel's handler failed", tunnel.kind)
+            self._unowned.discard(inner)
             inner.close()
 
     async def _attach_local(
@@ -283,14 +338,23 @@ class TunnelServer:
             outer.close()
             tunnel.abort()
             raise
+        finally:
+            self._unowned.discard(outer)  # its transport's now, or closed
 
     async def _run_handler(self, tunnel: TunnelBridge, inner: socket.socket) -> None:
         assert self._handler is not None
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection(sock=inner)
+            reader = asyncio.StreamReader(loop=loop)
+            transport, protocol = await loop.connect_accepted_socket(
+                lambda: _HandlerSide(self, reader, loop), sock=inner
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         except BaseException:
             inner.close()
             raise
+        finally:
+            self._unowned.discard(inner)  # its transport's now, or closed
         try:
             await self._handler(
                 AcceptedTunnel(reader=reader, writer=writer, kind=tunnel.kind, remote=tunnel.remote)
@@ -298,13 +362,9 @@ class TunnelServer:
         except Exception:
             log.exception("the %s tunnel's handler failed", tunnel.kind)
         finally:
-            writer.close()
-            # Awaited in this task, not wrapped in a task of its own (wait_for): a loop
-            # that stops first would leave that task's coroutine never started, which
-            # Python reports as never awaited.
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(CLOSE_LINGER):
-                    await writer.wait_closed()
+            # Not waited for here (no wait_closed coroutine that a stopping loop could
+            # leave unstarted): the server resets it if its peer stops reading.
+            self.close_gracefully(writer.transport)
 
     def tunnel_ended(self, tunnel: TunnelBridge) -> None:
         self._tunnels.discard(tunnel)
@@ -350,6 +410,36 @@ class TunnelServer:
         task.add_done_callback(self._tasks.discard)
 
 
+def _is_lost(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport``'s protocol (one of this module's) heard ``connection_lost``;
+    asyncio drops the protocol then, uvloop keeps it."""
+    protocol = transport.get_protocol()
+    return protocol is None or bool(getattr(protocol, "lost", False))
+
+
+class _HandlerSide(asyncio.StreamReaderProtocol):
+    """The handler's end of the socket pair (what ``asyncio.open_connection`` would make),
+    telling the server when it has closed."""
+
+    def __init__(
+        self, server: TunnelServer, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(reader, loop=loop)
+        self._server = server
+        self._own: asyncio.BaseTransport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._own = transport
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._own is not None:
+            self._server.transport_lost(self._own)
+        super().connection_lost(exc)
+
+
 class _Leg(asyncio.Protocol):
     """One accepted connection: first its request, then one leg of a tunnel."""
 
@@ -364,6 +454,8 @@ class _Leg(asyncio.Protocol):
         self.tunnel: TunnelBridge | None = None
         self.number = 0
         self._got_eof = False
+        #: ``connection_lost`` came: nothing is left to close or reset.
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they have its methods.
@@ -402,7 +494,10 @@ class _Leg(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._end_handshake()
+        if self.transport is not None:
+            self._server.transport_lost(self.transport)
         if self.tunnel is not None:
             if not self._got_eof:
                 self._got_eof = True
@@ -473,12 +568,8 @@ class _Leg(asyncio.Protocol):
     def close_after(self, data: bytes = b"") -> None:
         """Write ``data`` and what is queued, then close; reset if that takes too long."""
         self.write(data)
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.close()
-        with contextlib.suppress(RuntimeError):  # the server is stopping: it aborts us
-            self._server._require_loop().call_later(CLOSE_LINGER, transport.abort)
+        if self.transport is not None:
+            self._server.close_gracefully(self.transport)
 
     def abort(self) -> None:
         self._end_handshake()
