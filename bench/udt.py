@@ -39,25 +39,21 @@ the two); libudt's moves ``--loss-bytes`` (10 MB): it crawls under loss.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import datetime
 import fcntl
 import hashlib
 import os
 import platform
 import re
 import selectors
-import shutil
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,13 +66,12 @@ from tests.interop.libudt import (
     stream,
 )
 
+from loopback_loss import free_port, loss_unavailable, packet_loss
+from udt_children import CHUNK, LOOPBACK, child, self_signed, uvloop_missing
 from wavesync_proto import __version__
 
-LOOPBACK = "127.0.0.1"
 MB = 1e6
-CHUNK = 1 << 20
 SEED = 4
-ALPN = "wavesync-bench"
 #: How long one transfer may take before it is reported as failed.
 TRANSFER_TIMEOUT = 300.0
 #: The rendezvous row "with sleep": what the application sleeps after connect().
@@ -90,8 +85,6 @@ DEFAULT_LOSS = 0.05
 #: the two, and a ramp-up weighs more in a shorter transfer (20 MB lossless ran at 150-165
 #: MB/s against 245 for 100 MB, which made 5 % loss at 20 MB look like 0.42 x).
 DEFAULT_LOSS_BYTES = 10_000_000
-#: Tags our iptables rules, so that a leftover one is easy to find (iptables -S INPUT).
-RULE_COMMENT = "wavesync-bench-udt-loss"
 #: The first line of udt_peer's stdout is its port; the stream follows.
 FIRST_LINE = "first stdout line"
 
@@ -140,13 +133,6 @@ class Netcat:
     port_line: bool = False
     #: UDP ports fixed in advance whose datagrams (to and from) a loss row drops.
     ports: tuple[int, ...] = ()
-
-
-def free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _kill(process: subprocess.Popen[bytes] | None) -> None:
@@ -261,66 +247,6 @@ def transfer(netcat: Netcat, payload: Path, size: int, digest: str, workdir: Pat
         _kill(receiver)
 
 
-# --- packet loss on loopback: iptables' statistic match --------------------------------
-
-
-def _loss_rules(ports: tuple[int, ...], probability: float) -> list[list[str]]:
-    """INPUT rules on ``lo`` dropping UDP to and from each port with ``probability``."""
-    drop = ["-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}"]
-    tag = ["-m", "comment", "--comment", RULE_COMMENT, "-j", "DROP"]
-    return [
-        ["-i", "lo", "-p", "udp", direction, str(port), *drop, *tag]
-        for port in ports
-        for direction in ("--dport", "--sport")
-    ]
-
-
-def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
-    iptables = shutil.which("iptables")
-    if iptables is None:
-        raise OSError("iptables is not installed (apt-get install iptables)")
-    return subprocess.run(  # noqa: S603 - iptables with rules built here
-        [iptables, "-w", "5", *args], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def loss_unavailable() -> str | None:
-    """Why the loss rows cannot run here, or None: root, iptables and its statistic match."""
-    if os.geteuid() != 0:
-        return "not measured: needs root (iptables)"
-    if shutil.which("iptables") is None:
-        return "not measured: iptables is not installed (apt-get install iptables)"
-    try:
-        with packet_loss((free_port(socket.SOCK_DGRAM),), 0.5):
-            pass
-    except OSError as exc:
-        return f"not measured: {exc}"
-    return None
-
-
-@contextlib.contextmanager
-def packet_loss(ports: tuple[int, ...], probability: float) -> Iterator[None]:
-    """Drop ``probability`` of the UDP datagrams to and from ``ports`` on loopback while
-    inside; every rule inserted is deleted on the way out, whatever happened."""
-    installed: list[list[str]] = []
-    try:
-        for rule in _loss_rules(ports, probability):
-            result = _iptables("-I", "INPUT", *rule)
-            if result.returncode != 0:
-                raise OSError(f"iptables -I INPUT {' '.join(rule)}: {result.stderr.strip()}")
-            installed.append(rule)
-        yield
-    finally:
-        for rule in reversed(installed):
-            result = _iptables("-D", "INPUT", *rule)
-            if result.returncode != 0:
-                print(
-                    f"WARNING: could not delete iptables rule (delete it by hand):"
-                    f" iptables -D INPUT {' '.join(rule)}: {result.stderr.strip()}",
-                    file=sys.stderr,
-                )
-
-
 # --- the rows --------------------------------------------------------------------------
 
 
@@ -425,158 +351,6 @@ def wavesync_unavailable() -> str | None:
 
 
 # =========================================================================================
-
-
-def self_signed(workdir: Path) -> tuple[Path, Path]:
-    """A throwaway P-256 certificate for "localhost", for the aioquic receiver."""
-    # Imported here, as aioquic below: the bench group has both, the smoke test may not.
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-# --- the child processes: netcat over asyncio TCP and over aioquic ----------------------
-
-
-def write_stdout(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
-
-
-def ready() -> None:
-    print("ready", file=sys.stderr, flush=True)
-
-
-async def tcp_recv(port: int) -> None:
-    done = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while chunk := await reader.read(CHUNK):
-            write_stdout(chunk)
-        writer.close()
-        done.set()
-
-    server = await asyncio.start_server(handle, LOOPBACK, port)
-    ready()
-    async with server:
-        await done.wait()
-
-
-async def tcp_send(port: int) -> None:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    while chunk := os.read(0, CHUNK):
-        writer.write(chunk)
-        await writer.drain()
-    writer.write_eof()
-    await reader.read()  # the receiver closes once it has everything
-    writer.close()
-    await writer.wait_closed()
-
-
-async def quic_recv(port: int, cert: str, key: str) -> None:
-    from aioquic.asyncio.protocol import QuicConnectionProtocol  # noqa: PLC0415
-    from aioquic.asyncio.server import serve  # noqa: PLC0415
-    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
-    from aioquic.quic.events import QuicEvent, StreamDataReceived  # noqa: PLC0415
-
-    done = asyncio.Event()
-
-    class Sink(QuicConnectionProtocol):
-        def quic_event_received(self, event: QuicEvent) -> None:
-            if isinstance(event, StreamDataReceived):
-                write_stdout(event.data)
-                if event.end_stream:
-                    self.close()  # tells the sender everything arrived
-                    done.set()
-
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-    configuration.load_cert_chain(cert, key)
-    server = await serve(LOOPBACK, port, configuration=configuration, create_protocol=Sink)
-    ready()
-    await done.wait()
-    server.close()
-
-
-async def quic_send(port: int) -> None:
-    from aioquic.asyncio.client import connect  # noqa: PLC0415
-    from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
-
-    configuration = QuicConfiguration(
-        is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
-    )
-    async with connect(LOOPBACK, port, configuration=configuration) as client:
-        _, writer = await client.create_stream()
-        while chunk := os.read(0, CHUNK):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        await client.wait_closed()
-
-
-def uvloop_wavesync(argv: list[str]) -> int:
-    """``wavesync`` with uvloop's event loop policy: ``asyncio.run`` makes a uvloop loop."""
-    import uvloop  # noqa: PLC0415 - optional: the test group installs it
-
-    from wavesync_adapters.cli import main as wavesync_main  # noqa: PLC0415
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return wavesync_main(argv)
-
-
-def uvloop_missing() -> str | None:
-    """Why the uvloop rows cannot run, or None."""
-    try:
-        import uvloop  # noqa: F401, PLC0415 - only asking
-    except ImportError:
-        return "not available: uvloop is not installed (the `test` group has it)"
-    return None
-
-
-def child(args: list[str]) -> int:
-    if args[:1] == ["wavesync-uvloop"]:
-        return uvloop_wavesync(args[args.index("--") + 1 :])
-    parser = argparse.ArgumentParser(prog="udt.py --child")
-    parser.add_argument("role", choices=["tcp-recv", "tcp-send", "quic-recv", "quic-send"])
-    parser.add_argument("port", type=int)
-    parser.add_argument("--cert", default="")
-    parser.add_argument("--key", default="")
-    options = parser.parse_args(args)
-    if options.role == "tcp-recv":
-        asyncio.run(tcp_recv(options.port))
-    elif options.role == "tcp-send":
-        asyncio.run(tcp_send(options.port))
-    elif options.role == "quic-recv":
-        asyncio.run(quic_recv(options.port, options.cert, options.key))
-    else:
-        asyncio.run(quic_send(options.port))
-    return 0
 
 
 # --- the report ------------------------------------------------------------------------
