@@ -1,11 +1,18 @@
-"""Batched datagram I/O on one non-blocking UDP socket, with Linux GSO when it helps.
+"""Batched datagram I/O on one non-blocking UDP socket, with Linux GSO and GRO.
 
 The UDT driver reads every datagram the kernel holds before it asks the core what
 to send, then sends the whole answer: one wake-up per batch, not per packet. On
 Linux >= 4.18, runs of equal-sized datagrams to one address go out as one
 ``sendmsg`` with a ``UDP_SEGMENT`` control message (the kernel cuts them into
-datagrams), which saves a system call per packet on the sending side; the
-receiver sees ordinary datagrams.
+datagrams), which saves a system call per packet on the sending side (``gso``).
+
+On Linux >= 5.0 the socket also asks for ``UDP_GRO`` (``gro``, on by default): the
+kernel may then hand over a run of datagrams of one flow as one buffer with the
+segment size in a control message (a GSO batch over loopback arrives so, and a NIC's
+GRO may coalesce a real flow). They are cut back into the same datagrams here, so
+the core sees exactly what it would have; the receiver pays one system call per
+run, not per datagram, and the kernel's receive buffer holds a run in one entry,
+which a Python receiver a little behind a C sender (or a GSO one) needs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ _GSO_MAX_SEGMENTS = 64
 _U16 = struct.Struct("=H")  # the cmsg carries a native-order __u16
 #: One IPv4 datagram's largest UDP payload: a GSO batch may not exceed it either.
 _GSO_MAX_BYTES = 65507
+_UDP_GRO = 104
+#: A coalesced run is at most one IP datagram (udp_gro_receive stops at 64 KiB).
+_GRO_BUFFER_BYTES = 65535
+#: GRO's control message carries the segment size as a native int.
+_GRO_SIZE = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 #: Called with (datagram, source, arrival time); False: not ours (not UDT), hand it on.
 Feed = Callable[[bytes, Endpoint, float], bool]
@@ -48,6 +61,7 @@ class BatchedUdpSocket:
         datagram_bytes: int,
         clock: Callable[[], float],
         gso: bool = False,
+        gro: bool = True,
     ) -> None:
         self.sock = sock
         self._datagram_bytes = datagram_bytes
@@ -59,6 +73,9 @@ class BatchedUdpSocket:
         self.send_errors = 0
         self.receive_errors = 0
         self.gso_batches = 0
+        #: Reads that returned a run of datagrams coalesced by the kernel (GRO).
+        self.gro_batches = 0
+        self._gro = gro and _ask_for_gro(sock)
 
     def receive_all(
         self, feed: Feed, limit: int, foreign: Callable[[bytes, Endpoint], None]
@@ -67,6 +84,8 @@ class BatchedUdpSocket:
 
         A datagram ``feed`` does not take (it returns False: not UDT) goes to ``foreign``.
         """
+        if self._gro:
+            return self._receive_runs(feed, limit, foreign)
         recvfrom = self.sock.recvfrom
         size = self._datagram_bytes
         clock = self._clock
@@ -88,6 +107,42 @@ class BatchedUdpSocket:
                 source = (source[0], source[1])
             if not feed(data, source, clock()):
                 foreign(data, source)
+        return count
+
+    def _receive_runs(
+        self, feed: Feed, limit: int, foreign: Callable[[bytes, Endpoint], None]
+    ) -> int:
+        """``receive_all`` on a GRO socket: each read may be a run of equal datagrams
+        (the last may be shorter), cut at the segment size its control message gives."""
+        recvmsg = self.sock.recvmsg
+        clock = self._clock
+        count = 0
+        while count < limit:
+            try:
+                data, ancillary, _flags, source = recvmsg(_GRO_BUFFER_BYTES, _GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.receive_errors += 1
+                count += 1
+                log.debug("udp receive: %s", exc)
+                continue
+            if self._ipv6:
+                source = (source[0], source[1])
+            now = clock()
+            size = _segment_size(ancillary)
+            if size <= 0 or size >= len(data):
+                count += 1
+                if not feed(data, source, now):
+                    foreign(data, source)
+                continue
+            self.gro_batches += 1
+            view = memoryview(data)
+            for start in range(0, len(data), size):
+                count += 1
+                datagram = bytes(view[start : start + size])
+                if not feed(datagram, source, now):
+                    foreign(datagram, source)
         return count
 
     def send_all(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
@@ -159,3 +214,24 @@ class BatchedUdpSocket:
             datagrams[start][1],
         )
         self.gso_batches += 1
+
+
+def _ask_for_gro(sock: socket.socket) -> bool:
+    """Turn UDP_GRO on (Linux >= 5.0, IPv4 and IPv6); False where the kernel refuses."""
+    if not _GRO_CMSG_SPACE or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError as exc:
+        log.debug("udp: GRO unavailable (%s); reading datagrams one by one", exc)
+        return False
+    return True
+
+
+def _segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The GRO segment size in ``ancillary``, or 0: the read is one datagram."""
+    for level, kind, value in ancillary:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= _GRO_SIZE.size:
+            size: int = _GRO_SIZE.unpack_from(value)[0]
+            return size
+    return 0
