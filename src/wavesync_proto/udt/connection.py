@@ -140,6 +140,8 @@ class UdtConnection:
         self._linger_deadline = float("inf")
         self._shutdown = ShutdownNotice(socket_id=socket_id)
         self._now = now  # the latest time given: where a message's time-to-live starts
+        # DGRAM: the in-order bit of each message send() took while connecting.
+        self._early_in_order: list[bool] = []
         if established is not None:
             self._establish(ConnectingHandover(established=established), now)
 
@@ -296,24 +298,41 @@ class UdtConnection:
 
     # --- the application's side ------------------------------------------------------------
 
-    def send(self, data: bytes | bytearray | memoryview, *, ttl: float | None = None) -> int:
+    def send(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        ttl: float | None = None,
+        in_order: bool | None = None,
+    ) -> int:
         """Buffer up to ``send_space`` bytes of ``data``; return how many were taken.
 
         DGRAM: ``data`` is one message, taken whole or not at all (0). ``ttl`` (DGRAM
         only): seconds, from the last ``now`` the connection was given, after which a
         lost packet of the message is not resent; the peer is told to skip the message
-        (4.11 ``sendmsg(..., ttl)``).
+        (4.11 ``sendmsg(..., ttl)``). ``in_order`` (DGRAM only; default True, where
+        4.11's ``sendmsg`` has false, because callers rely on messages arriving in order):
+        False lets the peer deliver the message once whole, before earlier incomplete ones.
         """
         state = self._state
-        if ttl is not None and not self._message_mode:
-            raise LocalProtocolError("a time-to-live needs a DGRAM connection")
+        if not self._message_mode:
+            if ttl is not None:
+                raise LocalProtocolError("a time-to-live needs a DGRAM connection")
+            if in_order is not None:
+                raise LocalProtocolError("the in-order bit needs a DGRAM connection")
+        ordered = in_order is not False and self._message_mode
         deadline = None if ttl is None else self._now + ttl
         if state is ConnectionState.CONNECTED:
             assert self._transfer is not None
-            return self._transfer.sender.write(data, whole=self._message_mode, deadline=deadline)
+            return self._transfer.sender.write(
+                data, whole=self._message_mode, deadline=deadline, in_order=ordered
+            )
         if state is ConnectionState.CONNECTING:
             assert self._connecting is not None
-            return self._connecting.send(data, deadline)
+            taken = self._connecting.send(data, deadline)
+            if taken and self._message_mode:
+                self._early_in_order.append(ordered)
+            return taken
         raise LocalProtocolError(f"send() on a connection that is {state.value}")
 
     def next_event(self) -> UdtEvent | None:
@@ -487,8 +506,12 @@ class UdtConnection:
                 peer_socket_id=established.peer_socket_id,
             )
         )
-        for chunk, deadline in handover.early:
-            transfer.sender.write(chunk, whole=self._message_mode, deadline=deadline)
+        ordered = self._early_in_order or [False] * len(handover.early)
+        for (chunk, deadline), in_order in zip(handover.early, ordered, strict=True):
+            transfer.sender.write(
+                chunk, whole=self._message_mode, deadline=deadline, in_order=in_order
+            )
+        self._early_in_order = []
         for data, addr in handover.held:
             self.receive_datagram(data, addr, now)
         if handover.proof is not None and self._state is not ConnectionState.CLOSED:

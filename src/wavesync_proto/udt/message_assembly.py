@@ -3,7 +3,9 @@
 
 This module owns how received packets become whole messages: a message is handed
 out only from its FIRST (or SOLO) packet to its LAST, a fragment is thrown away,
-and a message drop request makes the receiver skip a message. It is a part of
+a message drop request makes the receiver skip a message, and a whole message
+whose in-order bit is 0 is handed out at once, ahead of earlier messages still
+missing packets (``scanMsg`` reads such a message past the ACK point). It is a part of
 ``UdtReceiver`` (a base class sharing its slots, so the per-packet path pays no
 extra indirection) and knows nothing of ACKs, timers or the wire's encoding.
 docs/protocol.md §4.8.4 has the rules.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from .loss_list import LossList
 from .packet_types import Boundary
-from .sender import unwrap
+from .sender import IN_ORDER_BIT, unwrap
 from .seqnum import MSG_MAX, SEQ_MAX
 
 __all__ = ["MessageAssembly"]
@@ -22,6 +24,10 @@ _LAST_BIT = Boundary.LAST << 30  # set in LAST and SOLO
 _FIRST_BIT = Boundary.FIRST << 30  # set in FIRST and SOLO
 #: The word of a packet a message drop request skipped (no real word is negative).
 _DROPPED = -1
+#: The word of a packet whose message was handed out ahead of the first missing
+#: packet: its number stays taken until the ACK point passes it (4.11 keeps such a
+#: unit in the buffer, flagged read, until then).
+_DELIVERED = -2
 
 
 class MessageAssembly:
@@ -33,6 +39,7 @@ class MessageAssembly:
     """
 
     __slots__ = (
+        "_ahead",
         "_partial",
         "_partial_open",
         "_partial_packets",
@@ -44,6 +51,7 @@ class MessageAssembly:
         "ready_packets",
     )
 
+    _ahead: int
     contig: int
     highest: int
     lost: int
@@ -72,7 +80,10 @@ class MessageAssembly:
         payload = ooo.pop(seq, None)
         while payload is not None:
             word = words.pop(seq)
-            if word == _DROPPED:
+            if word < 0:
+                if word == _DELIVERED:
+                    self._ahead -= 1
+                # A message that began before a skipped or handed-out one lacks its end.
                 self._discard_partial()
             else:
                 if word & _FIRST_BIT:
@@ -100,6 +111,44 @@ class MessageAssembly:
             self._partial_packets = 0
         self._partial_open = False
 
+    def _deliver_ahead(self, seq: int) -> None:
+        """``seq`` arrived beyond the first missing packet: hand its message out if now whole.
+
+        4.11 ``scanMsg`` lets the application read a whole message past the ACK point when
+        its LAST packet's in-order bit is 0; one whose bit is 1 waits for everything
+        before it (``_release_messages``). The caller has checked the arriving packet's
+        bit is 0 too (4.11's sender sets it alike on every packet), so a retransmission
+        of an in-order message costs no scan. The packets' numbers stay marked
+        ``_DELIVERED`` until the ACK point passes them, so late copies are duplicates.
+        """
+        words = self._words
+        first = seq
+        word = words[seq]
+        while not word & _FIRST_BIT:
+            first -= 1
+            word = words.get(first, _DROPPED)
+            if word < 0:
+                return  # a hole, or another message's skipped/handed-out packet
+        last = seq
+        word = words[seq]
+        while not word & _LAST_BIT:
+            last += 1
+            word = words.get(last, _DROPPED)
+            if word < 0:
+                return
+        if word & IN_ORDER_BIT:
+            return
+        ooo = self._ooo
+        parts = []
+        for number in range(first, last + 1):
+            parts.append(ooo[number])
+            ooo[number] = b""
+            words[number] = _DELIVERED
+        self._ready.append(b"".join(parts))
+        count = last - first + 1
+        self.ready_packets += count
+        self._ahead += count
+
     def drop_message(self, message_number: int, first_wire: int, last_wire: int) -> int:
         """DGRAM: the sender gave up on a message; stop waiting for ``first``..``last``.
 
@@ -116,7 +165,7 @@ class MessageAssembly:
         # Only what the window holds: never before contig, never past the free buffer.
         room = self._capacity - self.ready_packets - self.undelivered_packets
         first = max(first, contig)
-        last = min(last, contig + room - self._partial_packets - 1)
+        last = min(last, contig + room + self._ahead - self._partial_packets - 1)
         if first > last:
             return 0
         ooo, words = self._ooo, self._words
@@ -127,7 +176,7 @@ class MessageAssembly:
                 ooo[seq] = b""
                 words[seq] = _DROPPED
                 marked += 1
-            elif word != _DROPPED and word & MSG_MAX == message_number:
+            elif word >= 0 and word & MSG_MAX == message_number:
                 ooo[seq] = b""
                 words[seq] = _DROPPED
         self.loss.remove_range(first, last)

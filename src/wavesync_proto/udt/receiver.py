@@ -22,7 +22,7 @@ from .loss_list import LossList
 from .message_assembly import _DROPPED, _FIRST_BIT, _LAST_BIT, MessageAssembly  # noqa: F401
 from .packet_types import Ack, LightAck, Nak
 from .packets import encode_packet
-from .sender import unwrap
+from .sender import IN_ORDER_BIT, unwrap
 from .seqnum import SEQ_MAX, ack_inc
 
 __all__ = [
@@ -125,6 +125,8 @@ class UdtReceiver(MessageAssembly):
         self._partial: list[bytes] = []
         self._partial_packets = 0
         self._partial_open = False
+        # DGRAM: packets in ``_ooo`` whose message was handed out ahead (markers only).
+        self._ahead = 0
         #: DGRAM packets thrown away: parts of messages that cannot be delivered whole.
         self.discarded = 0
         # CPktTimeWindow: the last 16 inter-arrival and probing-pair intervals, seconds.
@@ -170,7 +172,11 @@ class UdtReceiver(MessageAssembly):
     def occupied(self) -> int:
         """Packets held: out of order, ready, and in events not taken yet."""
         return (
-            len(self._ooo) + self.ready_packets + self.undelivered_packets + self._partial_packets
+            len(self._ooo)
+            - self._ahead
+            + self.ready_packets
+            + self.undelivered_packets
+            + self._partial_packets
         )
 
     @property
@@ -180,7 +186,7 @@ class UdtReceiver(MessageAssembly):
 
     @property
     def buffered_out_of_order(self) -> int:
-        return len(self._ooo)
+        return len(self._ooo) - self._ahead
 
     def needs_tick(self) -> bool:
         """Whether the SYN timer has something to do: an ACK to (re)send or losses to NAK."""
@@ -243,9 +249,13 @@ class UdtReceiver(MessageAssembly):
         if offset >= _HALF:
             self.duplicates += 1  # before the window: delivered already
             return
-        if offset >= (
+        room = (
             self._capacity - self.ready_packets - self.undelivered_packets - self._partial_packets
-        ):
+        )
+        # DGRAM: numbers whose message was handed out ahead are counted once, as held
+        # packets, not again as window they take (checked only past the plain room, so a
+        # byte stream's path pays nothing for it).
+        if offset >= room and offset >= room + self._ahead:
             self.out_of_window += 1
             return
         payload = data[16:]
@@ -302,6 +312,10 @@ class UdtReceiver(MessageAssembly):
         ooo[seq] = payload
         if self._message_mode:
             self._words[seq] = word
+            # A LAST packet, or one filling a hole, may complete a message that need
+            # not wait for the packets missing before it.
+            if not word & IN_ORDER_BIT and (word & _LAST_BIT or seq < highest):
+                self._deliver_ahead(seq)
 
     def _gap(self, first: int, last: int, now: float) -> None:
         # core.cpp processData: "If loss found, insert them to the receiver loss list"
@@ -423,6 +437,7 @@ class UdtReceiver(MessageAssembly):
         self._partial = []
         self._partial_packets = 0
         self._partial_open = False
+        self._ahead = 0
         self.loss.clear()
 
     # --- estimates (window.cpp CPktTimeWindow) --------------------------------------------

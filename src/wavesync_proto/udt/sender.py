@@ -25,7 +25,7 @@ from .packet_types import Boundary, MessageDropRequest
 from .packets import encode_packet
 from .seqnum import MSG_MAX, SEQ_MAX
 
-__all__ = ["MAX_BURST_TIME", "UdtSender", "unwrap"]
+__all__ = ["IN_ORDER_BIT", "MAX_BURST_TIME", "UdtSender", "unwrap"]
 
 #: A late ``datagrams_to_send`` may catch up on at most this much missed pacing
 #: (or two send periods, if those are longer): an adapter whose timer fired 50 ms
@@ -39,6 +39,8 @@ _SPAN = 1 << 31
 _FIRST = Boundary.FIRST << 30
 _LAST = Boundary.LAST << 30
 _SOLO = Boundary.SOLO << 30
+#: Bit 2 of the second header word: the receiver must deliver the message in order.
+IN_ORDER_BIT = 1 << 29
 
 
 def unwrap(wire: int, reference: int) -> int:
@@ -142,6 +144,7 @@ class UdtSender:
         *,
         whole: bool,
         deadline: float | None = None,
+        in_order: bool = False,
     ) -> int:
         """Cut up to ``send_space`` bytes of ``data`` into packets; return how many were taken.
 
@@ -149,6 +152,8 @@ class UdtSender:
         middle and LAST, or SOLO when it fits in one. ``whole`` (message mode) takes all
         of ``data`` or nothing. After ``deadline`` the message is not retransmitted any
         more: the peer gets a message drop request instead (4.11 ``sendmsg`` with a TTL).
+        ``in_order`` sets the in-order bit on every packet of the message (4.11
+        ``sendmsg(..., inorder)``); the word is kept, so retransmissions carry it too.
         """
         size = len(data)
         space = self._capacity - self._buffered
@@ -166,17 +171,18 @@ class UdtSender:
         self._message = 1 if message + 1 >= MSG_MAX else message + 1
         if deadline is not None:
             self._expiry[message] = deadline
+        word = message | IN_ORDER_BIT if in_order else message
         append = self._pending.append
         if size <= chunk:
-            append((_SOLO | message, raw))
+            append((_SOLO | word, raw))
         else:
-            append((_FIRST | message, raw[:chunk]))
+            append((_FIRST | word, raw[:chunk]))
             end = size - chunk
             position = chunk
             while position < end:
-                append((message, raw[position : position + chunk]))
+                append((word, raw[position : position + chunk]))
                 position += chunk
-            append((_LAST | message, raw[position:]))
+            append((_LAST | word, raw[position:]))
         self._buffered += size
         return size
 

@@ -16,6 +16,7 @@ from wavesync_proto.udt import (
     decode_packet,
 )
 from wavesync_proto.udt.receiver import ACK_HISTORY, LIGHT_ACK_INTERVAL, UdtReceiver
+from wavesync_proto.udt.sender import IN_ORDER_BIT
 from wavesync_proto.udt.seqnum import SEQ_MAX
 
 PAYLOAD = 1456
@@ -259,9 +260,11 @@ def test_message_mode_delivers_whole_messages() -> None:
     r, _ = receiver(message_mode=True)
 
     def message_packet(seq: int, boundary: Boundary, body: bytes) -> None:
-        packet = data(seq, body, boundary)
-        word0, word1, _, _ = _HEADER.unpack_from(packet)
-        r.on_data(packet, word0, word1, 0.0)
+        # In-order messages: a whole one after a hole waits (test_message_order.py has
+        # the messages that need not wait).
+        word = boundary << 30 | IN_ORDER_BIT | 1
+        packet = _HEADER.pack(seq, word, 0, 3) + body
+        r.on_data(packet, seq, word, 0.0)
 
     message_packet(500, Boundary.FIRST, b"he")
     message_packet(502, Boundary.LAST, b"lo")

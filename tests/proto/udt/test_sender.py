@@ -272,3 +272,32 @@ def test_an_acknowledged_message_forgets_its_deadline() -> None:
     emit(s, 0.0)
     s.acknowledge(1001)
     assert s._expiry == {}
+
+
+def test_the_in_order_bit_marks_every_packet_of_its_message_and_their_resends() -> None:
+    s = sender()
+    s.write(b"o" * (PAYLOAD * 2 + 1), whole=True, in_order=True)
+    s.write(b"u", whole=True)
+    first = emit(s, 0.0)
+    assert [(p.message_number, p.boundary, p.in_order) for p in first] == [
+        (1, Boundary.FIRST, True),
+        (1, Boundary.MIDDLE, True),
+        (1, Boundary.LAST, True),
+        (2, Boundary.SOLO, False),
+    ]
+    s.add_losses([(1001, 1003)])
+    resent = emit(s, 1.0)
+    assert [(p.sequence_number, p.in_order) for p in resent] == [
+        (1001, True),
+        (1002, True),
+        (1003, False),
+    ]
+    # The bit is not part of the message number: a drop request still names message 1.
+    s.write(b"t", whole=True, deadline=2.0, in_order=True)
+    emit(s, 1.5)
+    s.add_losses([(1004, 1004)])
+    out: list[bytes] = []
+    s.emit(out, now=3.0, timestamp=0, destination=77, window=1 << 20, congestion=FixedRate())
+    drop = decode_packet(out[0])
+    assert isinstance(drop, MessageDropRequest)
+    assert drop.message_number == 3
