@@ -7,6 +7,12 @@ and initial sequence numbers from the randomness it is given, and forgets closed
 connections. It does not know what a connection does with a datagram, or sockets and
 clocks: an adapter runs one multiplexer per UDP socket. docs/protocol.md §4.9.
 
+A turn costs O(connections that did something) + O(log n), not O(n): connections
+wait in a lazy min-heap of their deadlines, and only those fed a datagram, due, or
+changed by the application (its connections report ``send``/``close``/``abort`` and
+taken events themselves; ``touch`` for anything else) are looked at. docs/protocol.md
+§4.8.
+
 Reaching a peer again needs nothing from the mediator: the socket whose hole is
 punched is this multiplexer's socket, so a second ``rendezvous`` (or ``connect`` to a
 listening peer) toward an address already reached goes through the same mapping.
@@ -14,16 +20,18 @@ listening peer) toward an address already reached goes through the same mapping.
 
 from __future__ import annotations
 
+import heapq
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from ..addresses import Endpoint
 from ..errors import LocalProtocolError
 from .connection import UdtConnection
-from .connection_types import ConnectionState, UdtConfig
+from .connection_types import ConnectionState, UdtConfig, UdtEvent
 from .listener import AcceptedHandshake, ConnectionKey, ConnectionRequest, UdtListener
 from .packet_types import HANDSHAKE_LENGTH, HEADER_LENGTH, ControlType, RequestType
 from .seqnum import SEQ_MAX
@@ -46,6 +54,10 @@ _HANDSHAKE_TYPE = 0x8000 | ControlType.HANDSHAKE
 _REQUEST_TYPE = struct.Struct("!i")
 _REQUEST_TYPE_OFFSET = HEADER_LENGTH + 20
 _MAX_SOCKET_ID = 0x7FFFFFFF
+# Stale heap entries (a deadline since moved) are dropped when they surface; past this
+# many per live connection the heap is rebuilt, so a busy connection that reschedules
+# every turn cannot grow it without bound. Amortized O(1) per push.
+_HEAP_SLACK = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +91,42 @@ class MultiplexerCounters:
     """Requests for a connection already accepted, answered with its response again."""
 
 
+class _MultiplexedConnection(UdtConnection):
+    """A connection that tells its multiplexer when the application changed it.
+
+    ``send``, ``close`` and ``abort`` may make datagrams due or move the timer; taking
+    an event may reopen the receive window (an ACK due). Without this the multiplexer
+    would see such a change only at the connection's previous deadline: still served,
+    never lost, but late.
+    """
+
+    _changed: Callable[[UdtConnection], None] | None = None
+    _events_taken: Callable[[UdtConnection], None] | None = None
+
+    # Whatever send() takes, passed on as it is: this class adds a notice, not a contract.
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        taken = super().send(*args, **kwargs)
+        if taken and self._changed is not None:
+            self._changed(self)
+        return taken
+
+    def close(self, now: float) -> None:
+        super().close(now)
+        if self._changed is not None:
+            self._changed(self)
+
+    def abort(self, now: float) -> None:
+        super().abort(now)
+        if self._changed is not None:
+            self._changed(self)
+
+    def next_event(self) -> UdtEvent | None:
+        event = super().next_event()
+        if event is not None and self._events_taken is not None:
+            self._events_taken(self)
+        return event
+
+
 class UdtMultiplexer:
     """All UDT connections of one UDP socket, demultiplexed by destination socket id.
 
@@ -86,21 +134,28 @@ class UdtMultiplexer:
     (a ``False`` answer means the datagram is not UDT and is the caller's to handle),
     ``handle_timer(now)`` at ``get_timer()``, and ``datagrams_to_send(now)`` after every
     call. ``next_event()`` reports connections the listener accepted; every connection
-    reports its own events through ``connection.next_event()``.
+    reports its own events through ``connection.next_event()``, and
+    ``ready_connections()`` says which connections may have some, so a driver pumps
+    only those.
     """
 
     __slots__ = (
         "_accepted_by_key",
         "_config",
         "_connections",
+        "_dirty",
         "_events",
+        "_heap",
         "_key_of",
         "_listener",
         "_listener_outbox",
         "_max_connections",
         "_random_bits",
+        "_ready",
+        "_recheck",
         "_rendezvous_by_candidate",
         "_rendezvous_by_peer",
+        "_scheduled",
         "_secret",
         "counters",
     )
@@ -137,6 +192,17 @@ class UdtMultiplexer:
         self._rendezvous_by_peer: dict[tuple[Endpoint, int], int] = {}
         self._events: deque[MultiplexerEvent] = deque()
         self.counters = MultiplexerCounters()
+        # The lazy timer heap: (deadline, socket id); an entry counts only while
+        # _scheduled still holds that deadline for that id.
+        self._heap: list[tuple[float, int]] = []
+        self._scheduled: dict[int, float] = {}
+        # Connections whose datagrams_to_send must run (and timer be read again) next.
+        self._dirty: dict[int, UdtConnection] = {}
+        # Connections whose timer may have moved (events taken): read again, no send.
+        self._recheck: dict[int, UdtConnection] = {}
+        # What ready_connections() will return; None until it is first asked, so a
+        # caller that never asks does not collect closed connections here.
+        self._ready: dict[int, UdtConnection] | None = None
 
     # --- queries -------------------------------------------------------------------------
 
@@ -153,14 +219,44 @@ class UdtMultiplexer:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        deadline: float | None = None
-        for connection in self._connections.values():
-            timer = connection.get_timer()
-            if timer is not None and (deadline is None or timer < deadline):
-                deadline = timer
-        return deadline
+        self._reschedule_changed()
+        heap = self._heap
+        scheduled = self._scheduled
+        while heap:
+            deadline, socket_id = heap[0]
+            if scheduled.get(socket_id) == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def ready_connections(self) -> list[UdtConnection]:
+        """Connections that may have events since the last call, and forget them.
+
+        Every connection fed a datagram, run by the timer, given a turn of
+        ``datagrams_to_send`` or touched, closed ones included (their
+        ``ConnectionClosed`` waits). The first call returns every live connection. A
+        driver pumps ``next_event()`` of these alone; the others have nothing new.
+        """
+        ready = self._ready
+        self._ready = {}
+        if ready is None:
+            return list(self._connections.values())
+        return list(ready.values())
 
     # --- commands ------------------------------------------------------------------------
+
+    def touch(self, connection: UdtConnection) -> None:
+        """The application changed ``connection``: give it a turn at the next send.
+
+        The connections this multiplexer makes call it themselves from ``send``,
+        ``close``, ``abort`` (and, for the timer alone, ``next_event``); call it after
+        anything else that may make datagrams due or move the timer. Forgetting it
+        costs latency, never correctness: the connection is still served at the
+        deadline it had. A connection that is not (or no longer) ours is ignored.
+        """
+        socket_id = connection.socket_id
+        if self._connections.get(socket_id) is connection:
+            self._mark(socket_id, connection)
 
     def listen(self) -> None:
         """Accept regular connects from now on (as a listening UDT socket)."""
@@ -176,7 +272,7 @@ class UdtMultiplexer:
         """Start a regular connect to the listener at ``peer``."""
         self._check_room()
         return self._add(
-            UdtConnection.connect(
+            _MultiplexedConnection.connect(
                 peer,
                 socket_id=self._new_socket_id(),
                 isn=self._random_bits(31),
@@ -190,7 +286,7 @@ class UdtMultiplexer:
         """Start a rendezvous connect toward every address in ``candidates``."""
         self._check_room()
         connection = self._add(
-            UdtConnection.rendezvous(
+            _MultiplexedConnection.rendezvous(
                 candidates,
                 socket_id=self._new_socket_id(),
                 isn=self._random_bits(31),
@@ -220,12 +316,14 @@ class UdtMultiplexer:
                 self.counters.unknown_destination += 1
             else:
                 connection.receive_datagram(data, addr, now)
+                self._mark(destination, connection)
             return True
         self._receive_for_id_zero(data, addr, now)
         return True
 
     def handle_timer(self, now: float) -> None:
-        for connection in list(self._connections.values()):
+        self._reschedule_changed()
+        for _, connection in self._take_due(now):
             timer = connection.get_timer()
             if timer is not None and timer <= now:
                 connection.handle_timer(now)
@@ -233,13 +331,19 @@ class UdtMultiplexer:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
         datagrams = self._listener_outbox
         self._listener_outbox = []
-        finished: list[int] = []
-        for socket_id, connection in self._connections.items():
+        # A due connection sends even if handle_timer was not called (pacing slots).
+        self._reschedule_changed()
+        self._take_due(now)
+        dirty = self._dirty
+        self._dirty = {}
+        for socket_id, connection in dirty.items():
+            if self._connections.get(socket_id) is not connection:
+                continue  # forgotten since it was marked
             datagrams.extend(connection.datagrams_to_send(now))
             if connection.state is ConnectionState.CLOSED:
-                finished.append(socket_id)
-        for socket_id in finished:
-            self._forget(socket_id)
+                self._forget(socket_id)
+            else:
+                self._reschedule(socket_id, connection)
         return datagrams
 
     # --- internals -----------------------------------------------------------------------
@@ -258,6 +362,7 @@ class UdtMultiplexer:
             waiting = self._rendezvous_for(data, addr)
             if waiting is not None:
                 waiting.receive_datagram(data, addr, now)
+                self._mark(waiting.socket_id, waiting)
                 return
         if self._listener is None:
             self.counters.unrouted_handshakes += 1
@@ -311,7 +416,7 @@ class UdtMultiplexer:
             return
         accepted = self._listener.accept(request, socket_id=self._new_socket_id())
         connection = self._add(
-            UdtConnection.accepted(
+            _MultiplexedConnection.accepted(
                 accepted, now=now, random=self._random_float, config=self._config
             )
         )
@@ -321,8 +426,65 @@ class UdtMultiplexer:
         self.counters.accepted += 1
         self._events.append(ConnectionAccepted(connection=connection))
 
+    def _mark(self, socket_id: int, connection: UdtConnection) -> None:
+        self._dirty[socket_id] = connection
+        if self._ready is not None:
+            self._ready[socket_id] = connection
+
+    def _events_taken(self, connection: UdtConnection) -> None:
+        socket_id = connection.socket_id
+        if self._connections.get(socket_id) is connection:
+            self._recheck[socket_id] = connection
+
+    def _take_due(self, now: float) -> list[tuple[int, UdtConnection]]:
+        """Pop every connection whose deadline is ``now`` or earlier; mark each dirty."""
+        heap = self._heap
+        scheduled = self._scheduled
+        connections = self._connections
+        due: list[tuple[int, UdtConnection]] = []
+        while heap and heap[0][0] <= now:
+            deadline, socket_id = heapq.heappop(heap)
+            if scheduled.get(socket_id) != deadline:
+                continue  # stale: moved since, or forgotten
+            del scheduled[socket_id]
+            connection = connections[socket_id]
+            due.append((socket_id, connection))
+            self._mark(socket_id, connection)
+        return due
+
+    def _reschedule_changed(self) -> None:
+        """Read again the timers of connections changed since they were scheduled."""
+        recheck = self._recheck
+        if recheck:
+            self._recheck = {}
+            for socket_id, connection in recheck.items():
+                if self._connections.get(socket_id) is connection:
+                    self._reschedule(socket_id, connection)
+        for socket_id, connection in self._dirty.items():
+            self._reschedule(socket_id, connection)
+
+    def _reschedule(self, socket_id: int, connection: UdtConnection) -> None:
+        timer = connection.get_timer()
+        scheduled = self._scheduled
+        if timer is None:
+            # Only a closed connection has no timer: its next send turn forgets it.
+            scheduled.pop(socket_id, None)
+            self._mark(socket_id, connection)
+            return
+        if scheduled.get(socket_id) == timer:
+            return
+        scheduled[socket_id] = timer
+        heap = self._heap
+        heapq.heappush(heap, (timer, socket_id))
+        if len(heap) > _HEAP_SLACK * len(scheduled) + 64:
+            heap[:] = [(deadline, sid) for sid, deadline in scheduled.items()]
+            heapq.heapify(heap)
+
     def _forget(self, socket_id: int) -> None:
         del self._connections[socket_id]
+        self._scheduled.pop(socket_id, None)
+        self._dirty.pop(socket_id, None)
+        self._recheck.pop(socket_id, None)
         key = self._key_of.pop(socket_id, None)
         if key is not None:
             del self._accepted_by_key[key]
@@ -336,7 +498,11 @@ class UdtMultiplexer:
                 del self._rendezvous_by_peer[peer]
 
     def _add(self, connection: UdtConnection) -> UdtConnection:
+        assert isinstance(connection, _MultiplexedConnection)
+        connection._changed = self.touch
+        connection._events_taken = self._events_taken
         self._connections[connection.socket_id] = connection
+        self._mark(connection.socket_id, connection)
         return connection
 
     def _check_room(self) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -329,3 +331,142 @@ def test_a_late_rendezvous_request_reaches_the_connection_it_belongs_to() -> Non
         assert left.receive_datagram(data, SERVER, now)
     assert left.counters.unrouted_handshakes == 0
     assert [address for _, address in left.datagrams_to_send(now)] == [SERVER]
+
+
+# --- a turn costs O(active connections): the timer heap and the ready set ---------------
+
+
+class _Calls:
+    """Which connections the multiplexer asked for their timer, datagrams or timer run."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_id: dict[int, int] = {}
+        for name in ("get_timer", "handle_timer", "datagrams_to_send"):
+            original = getattr(UdtConnection, name)
+            monkeypatch.setattr(UdtConnection, name, self._counting(original))
+
+    def _counting(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(connection: UdtConnection, *args: Any) -> Any:
+            self.by_id[connection.socket_id] = self.by_id.get(connection.socket_id, 0) + 1
+            return original(connection, *args)
+
+        return counted
+
+
+def _idle_and_busy(
+    idle: int,
+) -> tuple[Network, dict[Endpoint, UdtMultiplexer], UdtConnection, UdtConnection]:
+    """``idle`` established connections and one more, the busy one, between two sockets."""
+    network = make_network()
+    client, server = make_mux(30, max_connections=idle + 1), make_mux(31)
+    server.listen()
+    endpoints: dict[Endpoint, UdtMultiplexer] = {CLIENT: client, SERVER: server}
+    outgoing = [client.connect(SERVER, network.now) for _ in range(idle + 1)]
+    run_until(
+        network,
+        endpoints,
+        stop=lambda: all(c.state is ConnectionState.CONNECTED for c in outgoing),
+    )
+    busy = outgoing[-1]
+    (busy_server,) = (c for c in server.connections.values() if c.peer_socket_id == busy.socket_id)
+    for mux in (client, server):
+        accepted(mux)
+        for connection in mux.connections.values():
+            drain(connection)
+        mux.get_timer()  # reads the timers the events taken may have moved, once
+    return network, endpoints, busy, busy_server
+
+
+def test_a_bulk_transfer_beside_1000_idle_connections_looks_at_the_busy_one_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    network, endpoints, busy, busy_server = _idle_and_busy(1000)
+    started = network.now
+    client, server = endpoints[CLIENT], endpoints[SERVER]
+    # Idle connections sleep until their keep-alive, a second after they last sent:
+    # in the half second measured here none of them is due.
+    assert (
+        min(c.get_timer() or 0.0 for c in client.connections.values() if c is not busy)
+        > started + 0.5
+    )
+    calls = _Calls(monkeypatch)
+    payload = random.Random(3).randbytes(200_000)  # noqa: S311 - test data, not secrets
+    assert busy.send(payload) == len(payload)
+    received = bytearray()
+
+    def delivered() -> bool:
+        received.extend(drain(busy_server)[0])
+        return len(received) == len(payload)
+
+    run_until(network, endpoints, until=started + 0.5, stop=delivered)
+    assert bytes(received) == payload
+    # Hundreds of turns; each asked the busy connection (and its peer) alone.
+    assert calls.by_id[busy.socket_id] > 100
+    assert set(calls.by_id) == {busy.socket_id, busy_server.socket_id}
+    # Once due, every idle connection's keep-alive still runs, untouched as it was.
+    run_until(network, endpoints, until=started + 1.5)
+    assert all(c.state is ConnectionState.CONNECTED for c in client.connections.values())
+    assert len(calls.by_id) == len(client.connections) + len(server.connections)
+    assert len(server.connections) == 1001
+
+
+def test_the_timer_heap_stays_bounded_while_one_connection_reschedules_every_turn() -> None:
+    network, endpoints, busy, busy_server = _idle_and_busy(3)
+    busy.send(bytes(300_000))
+    run_until(
+        network,
+        endpoints,
+        stop=lambda: busy.send_buffer_bytes == 0 and drain(busy_server) is not None,
+    )
+    for mux in endpoints.values():
+        # Stale entries are dropped or compacted: a few per live connection at most.
+        assert len(mux._heap) <= 4 * len(mux.connections) + 64
+
+
+def test_a_send_the_multiplexer_never_heard_of_is_still_served_at_the_old_deadline() -> None:
+    network, endpoints, busy, busy_server = _idle_and_busy(0)
+    client = endpoints[CLIENT]
+    now = network.now
+    deadline = client.get_timer()
+    assert deadline is not None
+    assert deadline > now + 0.5  # only the keep-alive is pending
+    # The base class's send(): the multiplexer's notice is bypassed (as if forgotten).
+    assert UdtConnection.send(busy, b"late but whole") == 14
+    assert client.get_timer() == deadline
+    client.handle_timer(now)
+    assert client.datagrams_to_send(now) == []  # latency: nobody told the multiplexer
+    client.handle_timer(deadline)
+    sent = client.datagrams_to_send(deadline)
+    assert any(data.endswith(b"late but whole") for data, _ in sent)
+    for data, _ in sent:
+        endpoints[SERVER].receive_datagram(data, CLIENT, deadline + 0.005)
+    assert drain(busy_server)[0] == b"late but whole"
+
+
+def test_touch_makes_a_change_count_at_once() -> None:
+    network, endpoints, busy, _ = _idle_and_busy(0)
+    client = endpoints[CLIENT]
+    now = network.now
+    UdtConnection.send(busy, b"now")
+    client.touch(busy)
+    assert client.get_timer() == pytest.approx(now, abs=0.02)
+    client.handle_timer(now + 0.02)
+    assert any(data.endswith(b"now") for data, _ in client.datagrams_to_send(now + 0.02))
+    client.touch(UdtConnection.connect(SERVER, socket_id=7, isn=1, now=now, random=float))
+
+
+def test_ready_connections_name_those_that_did_something_once() -> None:
+    network, endpoints, busy, busy_server = _idle_and_busy(5)
+    server = endpoints[SERVER]
+    assert {c.socket_id for c in server.ready_connections()} == set(server.connections)
+    assert server.ready_connections() == []
+    busy.send(b"hello")
+    run_until(network, endpoints, stop=lambda: busy_server.receive_buffer_packets > 0)
+    assert server.ready_connections() == [busy_server]
+    assert drain(busy_server)[0] == b"hello"
+    # A closed connection is named once more, with its ConnectionClosed waiting, then forgotten.
+    busy.abort(network.now)
+    run_until(network, endpoints, stop=lambda: busy_server.state is ConnectionState.CLOSED)
+    assert busy_server in server.ready_connections()
+    assert busy_server.socket_id not in server.connections
+    assert any(isinstance(e, ConnectionClosed) for e in drain(busy_server)[1])
