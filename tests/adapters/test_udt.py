@@ -387,3 +387,25 @@ async def test_gso_sends_runs_of_datagrams_as_one_and_they_arrive_whole() -> Non
             await outgoing.aclose()
             await incoming.aclose()
     assert client._io.gso_batches > 0
+
+
+async def test_a_bulk_transfer_beside_many_idle_connections_and_every_one_still_works() -> None:
+    # A turn pumps only the streams whose connection did something: the idle ones must
+    # still hear their keep-alives, their data and their close.
+    payload = os.urandom(4 * 1024 * 1024)
+    async with UdtEndpoint.bind(LOOPBACK) as server, UdtEndpoint.bind(LOOPBACK) as client:
+        with anyio.fail_after(WAIT):
+            idle = [await connected_pair(client, server) for _ in range(150)]
+            outgoing, incoming = await connected_pair(client, server)
+            assert len(server.multiplexer.connections) == 151
+            async with anyio.create_task_group() as group:
+                group.start_soon(outgoing.send, payload)
+                received = await receive_exactly(incoming, len(payload))
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            for number, (their, ours) in enumerate(idle):
+                await their.send(b"%d" % number)
+                assert await ours.receive() == b"%d" % number
+            await idle[0][0].aclose()
+            with pytest.raises(anyio.EndOfStream):
+                await idle[0][1].receive()
+            assert all(o.connection.state is ConnectionState.CONNECTED for o, _ in idle[1:])

@@ -616,3 +616,31 @@ async def test_run_transaction_over_a_plain_udp_port_and_the_port_closes() -> No
                 await port.receive()
         with pytest.raises(ConnectionAbortedError):
             await port.send((b"late", peer))
+
+
+async def test_a_bulk_transfer_beside_many_idle_connections_and_every_one_still_works() -> None:
+    # A run pumps only the transports whose connection did something (or that asked).
+    payload = os.urandom(4 * 1024 * 1024)
+    async with (
+        await create_udt_endpoint(LOOPBACK) as server,
+        await create_udt_endpoint(LOOPBACK) as client,
+        accepting(server) as accepted,
+        asyncio.timeout(WAIT),
+    ):
+        idle = []
+        for _ in range(150):
+            _, writer = await open_udt_connection(server.local_address, endpoint=client)
+            their_reader, _ = await accepted.get()
+            idle.append((writer, their_reader))
+        reader, writer = await open_udt_connection(server.local_address, endpoint=client)
+        their_reader, their_writer = await accepted.get()
+        assert len(server.multiplexer.connections) == 151
+        their_writer.write(payload)
+        received = await reader.readexactly(len(payload))
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        for number, (idle_writer, idle_reader) in enumerate(idle):
+            idle_writer.write(b"%d." % number)
+            assert await idle_reader.readuntil(b".") == b"%d." % number
+        await close(idle[0][0])
+        assert await idle[0][1].read() == b""
+        await close(writer, their_writer, *(w for w, _ in idle[1:]))

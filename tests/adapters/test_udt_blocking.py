@@ -516,3 +516,24 @@ def test_wake_on_foreign_pokes_a_selectable_socket() -> None:
         wake_out.settimeout(0)
         with pytest.raises(BlockingIOError):
             wake_out.recv(1)  # once
+
+
+def test_a_bulk_transfer_beside_many_idle_connections_and_every_one_still_works() -> None:
+    # A turn pumps only the bridges whose connection did something, or that the
+    # selector woke, or that still have bytes for their pair.
+    payload = os.urandom(4 * 1024 * 1024)
+    with endpoints() as (server, client):
+        idle = [connected_pair(client, server) for _ in range(100)]
+        outgoing, incoming = connected_pair(client, server)
+        assert len(server.multiplexer.connections) == 101
+        sender = Worker(lambda: outgoing.sendall(payload))
+        received = receive_exactly(incoming, len(payload))
+        sender.result()
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        for number, (ours, theirs) in enumerate(idle):
+            ours.sendall(b"%d" % number)
+            assert receive_exactly(theirs, len(b"%d" % number)) == b"%d" % number
+        idle[0][0].shutdown(socket.SHUT_WR)
+        assert receive_to_end(idle[0][1]) == b""
+        for sock in (outgoing, incoming, *(s for pair in idle for s in pair)):
+            sock.close()

@@ -107,6 +107,9 @@ class UdtEndpoint:
             cookie_secret=secrets.token_bytes(32),
             config=self.config,
         )
+        # From here on the multiplexer names the connections with news: a turn pumps
+        # only those streams (ready_connections).
+        self.multiplexer.ready_connections()
         self._streams: dict[int, UdtStream] = {}
         self._accepted: deque[UdtStream] = deque()
         self._accept_waiter: anyio.Event | None = None
@@ -304,8 +307,13 @@ class UdtEndpoint:
         while (event := multiplexer.next_event()) is not None:
             if isinstance(event, ConnectionAccepted):
                 self._take_accepted(event.connection)
-        for stream in list(self._streams.values()):
-            stream._pump()
+        # Only the streams whose connection did something (O(active), not O(all)): what
+        # a stream's own calls change (a read that frees buffer, a close) it pumps itself.
+        streams = self._streams
+        for connection in multiplexer.ready_connections():
+            stream = streams.get(connection.socket_id)
+            if stream is not None and stream.connection is connection:
+                stream._pump()
 
     def _take_accepted(self, connection: UdtConnection) -> None:
         stream = self._adopt(connection)

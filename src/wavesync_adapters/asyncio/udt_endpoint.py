@@ -130,12 +130,18 @@ class UdtEndpoint:
             cookie_secret=secrets.token_bytes(32),
             config=self.config,
         )
+        # From here on the multiplexer names the connections with news: a turn pumps
+        # only those streams (ready_connections).
+        self.multiplexer.ready_connections()
         local = sock.getsockname()
         self.local_address: Endpoint = (str(local[0]), int(local[1]))
         self.family = socket.AddressFamily(sock.family)
         self.errors_received = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._transports: dict[int, UdtTransport] = {}
+        # Transports to pump on the next run besides those the core reports ready (a
+        # resume_reading, a close: their events wait in the core untouched).
+        self._wanted: dict[int, UdtTransport] = {}
         self._serving: Callable[[], asyncio.BaseProtocol] | None = None
         self._accepted: set[UdtTransport] = set()
         self._accepted_done: asyncio.Event | None = None
@@ -313,8 +319,11 @@ class UdtEndpoint:
             # After this turn's send: the connection's last datagrams go out first.
             self.loop.call_soon(self.close)
 
-    def _kick(self) -> None:
-        """Something changed (input, a write, a close): run the core soon, once."""
+    def _kick(self, transport: UdtTransport | None = None) -> None:
+        """Something changed (input, a write, a close): run the core soon, once; pump
+        ``transport`` then."""
+        if transport is not None:
+            self._wanted[transport.connection.socket_id] = transport
         if not self._scheduled and not self._closing:
             self._scheduled = True
             self.loop.call_soon(self._run)
@@ -402,7 +411,15 @@ class UdtEndpoint:
         while (event := multiplexer.next_event()) is not None:
             if isinstance(event, ConnectionAccepted):
                 self._take_accepted(event.connection)
-        for transport in list(self._transports.values()):
+        # Only the transports whose connection did something (O(active), not O(all)).
+        wanted = self._wanted
+        self._wanted = {}
+        transports = self._transports
+        for connection in multiplexer.ready_connections():
+            transport = transports.get(connection.socket_id)
+            if transport is not None and transport.connection is connection:
+                wanted[connection.socket_id] = transport
+        for transport in wanted.values():
             transport._pump()
         self._scheduled = False
         if self._closing:

@@ -127,7 +127,7 @@ class UdtTransport(asyncio.Transport):
         self._closing = True
         self._reading_paused = False  # drain the events, so the close is not stuck
         self._close_when_written()
-        self._endpoint._kick()
+        self._endpoint._kick(self)
 
     def abort(self) -> None:
         """Abort: drop what is unsent or unacknowledged, tell the peer (``PEER_ABORTED``
@@ -140,7 +140,7 @@ class UdtTransport(asyncio.Transport):
             self.connection.abort(self._endpoint.now())
         if self._protocol is None:
             self._pump()  # no protocol to call back: the end is known at once
-        self._endpoint._kick()  # the Shutdown goes out, connection_lost comes, in a turn
+        self._endpoint._kick(self)  # the Shutdown goes out, connection_lost comes, in a turn
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -175,7 +175,7 @@ class UdtTransport(asyncio.Transport):
         else:
             self._backlog.append(data)
             self._backlog_bytes += len(data)
-        self._endpoint._kick()
+        self._endpoint._kick(self)
         if self._backlog_bytes > self._high_water and not self._protocol_paused:
             self._protocol_paused = True
             self._call_protocol("pause_writing")
@@ -217,7 +217,7 @@ class UdtTransport(asyncio.Transport):
         if self._reading_paused:
             self._reading_paused = False
             # The freed receive buffer shows in the core's next ACK: the peer may send.
-            self._endpoint._kick()
+            self._endpoint._kick(self)
 
     def is_reading(self) -> bool:
         return not self._reading_paused and not self.is_closing()

@@ -153,6 +153,9 @@ class UdtEndpoint:
             cookie_secret=secrets.token_bytes(32),
             config=self.config,
         )
+        # From here on the multiplexer names the connections with news: a turn pumps
+        # only those streams (ready_connections).
+        self.multiplexer.ready_connections()
         # Guards what user threads wait on: accepted streams, foreign datagrams, stopping.
         self._condition = threading.Condition()
         self._accepted: deque[socket.socket] = deque()

@@ -242,6 +242,10 @@ class StreamBridge:
                     sent = 0
         self._full = False
 
+    def unsettled(self) -> bool:
+        """Quiet connection, turn due anyway: bytes for a pair with room, or a close."""
+        return not (self._done or self._full) and (bool(self._pending) or self._closed is not None)
+
     def wanted_mask(self) -> int:
         """What the selector should watch on the inner end now."""
         if self._done:
@@ -347,6 +351,8 @@ class UdtIoLoop:
         self.sock = sock
         self.multiplexer = multiplexer
         self.bridges: dict[int, StreamBridge] = {}
+        # Pumped next turn beside the core's ready ones: the selector's, the unsettled.
+        self._active: dict[int, StreamBridge] = {}
         self._clock = clock
         self._size = datagram_bytes
         self._owns_socket = owns_socket
@@ -432,9 +438,17 @@ class UdtIoLoop:
             while (event := multiplexer.next_event()) is not None:
                 if isinstance(event, ConnectionAccepted):
                     self._accepted(event.connection)
-            for bridge in list(bridges.values()):
+            active = self._active
+            self._active = {}
+            for connection in multiplexer.ready_connections():
+                bridge = bridges.get(connection.socket_id)
+                if bridge is not None and bridge.connection is connection:
+                    active[connection.socket_id] = bridge
+            for socket_id, bridge in active.items():
                 bridge.pump()
                 self._watch(bridge)
+                if bridge.unsettled():
+                    self._active[socket_id] = bridge
             outgoing = multiplexer.datagrams_to_send(clock())
             if outgoing or self._outbox:
                 self._send(outgoing)
@@ -448,6 +462,7 @@ class UdtIoLoop:
                 self._drain_wake()
                 continue
             assert isinstance(handler, StreamBridge)
+            self._active[handler.connection.socket_id] = handler
             if mask & _WRITE:
                 handler.flush()
             if mask & _READ:
@@ -463,7 +478,8 @@ class UdtIoLoop:
         return 0.0 if wait < _SPIN_SECONDS else min(wait, _IDLE_POLL_SECONDS)
 
     def _flush_before_sleep(self) -> None:
-        for bridge in list(self.bridges.values()):
+        # Bridges with bytes for a pair that has room are all unsettled, so in _active.
+        for bridge in list(self._active.values()):
             if bridge._pending and not bridge._full:
                 bridge.flush()
                 self._watch(bridge)
