@@ -10,8 +10,7 @@ clocks: an adapter runs one multiplexer per UDP socket. docs/protocol.md §4.9.
 A turn costs O(connections that did something) + O(log n), not O(n): connections
 wait in a lazy min-heap of their deadlines, and only those fed a datagram, due, or
 changed by the application (its connections report ``send``/``close``/``abort`` and
-taken events themselves; ``touch`` for anything else) are looked at. docs/protocol.md
-§4.8.
+taken events themselves; ``touch`` for anything else) are looked at.
 
 Reaching a peer again needs nothing from the mediator: the socket whose hole is
 punched is this multiplexer's socket, so a second ``rendezvous`` (or ``connect`` to a
