@@ -101,9 +101,14 @@ class _MultiplexedConnection(UdtConnection):
 
     _changed: Callable[[UdtConnection], None] | None = None
     _events_taken: Callable[[UdtConnection], None] | None = None
+    _latest_now: Callable[[], float] | None = None
 
     # Whatever send() takes, passed on as it is: this class adds a notice, not a contract.
     def send(self, *args: Any, **kwargs: Any) -> int:
+        if self._latest_now is not None:
+            # A quiet connection is not handed every turn's ``now`` any more: a message's
+            # time-to-live still starts at the latest one the multiplexer was given.
+            self._now = max(self._now, self._latest_now())
         taken = super().send(*args, **kwargs)
         if taken and self._changed is not None:
             self._changed(self)
@@ -149,6 +154,7 @@ class UdtMultiplexer:
         "_listener",
         "_listener_outbox",
         "_max_connections",
+        "_now",
         "_random_bits",
         "_ready",
         "_recheck",
@@ -172,7 +178,7 @@ class UdtMultiplexer:
             raise LocalProtocolError(f"max_connections {max_connections} is not positive")
         if len(cookie_secret) < 16:
             raise LocalProtocolError("the cookie secret must be at least 16 bytes")
-        del now  # nothing is timed before the first connection; kept for the house signature
+        self._now = now  # the latest time given: where a quiet connection's send() is
         self._config = config if config is not None else UdtConfig()
         self._random_bits = random_bits
         self._secret = cookie_secret
@@ -300,6 +306,7 @@ class UdtMultiplexer:
 
     def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> bool:
         """Route one datagram; ``False`` if it is not UDT and the caller may use it."""
+        self._now = now
         if len(data) < HEADER_LENGTH or (
             data[0] & 0xC0 == 0
             and data[4:8] == _STUN_MAGIC
@@ -321,6 +328,7 @@ class UdtMultiplexer:
         return True
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         self._reschedule_changed()
         for _, connection in self._take_due(now):
             timer = connection.get_timer()
@@ -328,6 +336,7 @@ class UdtMultiplexer:
                 connection.handle_timer(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        self._now = now
         datagrams = self._listener_outbox
         self._listener_outbox = []
         # A due connection sends even if handle_timer was not called (pacing slots).
@@ -430,6 +439,9 @@ class UdtMultiplexer:
         if self._ready is not None:
             self._ready[socket_id] = connection
 
+    def _latest_now(self) -> float:
+        return self._now
+
     def _events_taken(self, connection: UdtConnection) -> None:
         socket_id = connection.socket_id
         if self._connections.get(socket_id) is connection:
@@ -500,6 +512,7 @@ class UdtMultiplexer:
         assert isinstance(connection, _MultiplexedConnection)
         connection._changed = self.touch
         connection._events_taken = self._events_taken
+        connection._latest_now = self._latest_now
         self._connections[connection.socket_id] = connection
         self._mark(connection.socket_id, connection)
         return connection

@@ -23,6 +23,7 @@ from wavesync_proto.udt.connection_types import (
     ConnectionEstablished,
     ConnectionState,
     DataReceived,
+    UdtConfig,
 )
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 from wavesync_proto.udt.packet_types import Handshake, KeepAlive, RequestType, SocketType
@@ -470,3 +471,29 @@ def test_ready_connections_name_those_that_did_something_once() -> None:
     assert busy_server in server.ready_connections()
     assert busy_server.socket_id not in server.connections
     assert any(isinstance(e, ConnectionClosed) for e in drain(busy_server)[1])
+
+
+def test_a_quiet_connections_message_lives_from_the_latest_turn_not_its_last_touch() -> None:
+    config = UdtConfig(socket_type=SocketType.DGRAM)
+    network = make_network()
+    client, server = (
+        UdtMultiplexer(
+            now=0.0,
+            random_bits=random.Random(seed).getrandbits,  # noqa: S311 - not secrets
+            cookie_secret=SECRET,
+            config=config,
+        )
+        for seed in (40, 41)
+    )
+    server.listen()
+    endpoints = {CLIENT: client, SERVER: server}
+    quiet = client.connect(SERVER, network.now)
+    run_until(network, endpoints, stop=lambda: quiet.state is ConnectionState.CONNECTED)
+    client.datagrams_to_send(network.now)
+    later = network.now + 0.5  # turns for other connections; this one is not due
+    client.handle_timer(later)
+    assert client.datagrams_to_send(later) == []
+    quiet.send(b"short-lived", ttl=0.1)
+    # White-box: the time-to-live starts at the latest now any turn was given, as when
+    # every turn touched every connection (connection.py: deadline = _now + ttl).
+    assert quiet._now == later
