@@ -4,7 +4,8 @@
 compiled with g++ once per cache directory and source version. ``PeerProcess`` runs it
 with both pipes read through non-blocking polls, so a test can wait for a line with a
 deadline while it drives a UDP socket of its own. The generated stream of ``--bytes N
---seed S`` is ``stream(S, N)`` here, so either side can check the other byte for byte.
+--seed S`` is ``stream(S, N)`` here, so either side can check the other byte for byte;
+in message mode (``--messages``) each message is named by its FNV-1a 64 (``fnv1a64``).
 bench/udt.py uses this module too. `.ci/run` installs g++ and libudt-dev.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "PeerProcess",
     "build_udt_peer",
     "default_cache_dir",
+    "fnv1a64",
     "missing_toolchain",
     "pattern",
     "run_peer",
@@ -41,6 +43,8 @@ UDT_HEADER = Path("/usr/include/udt/udt.h")
 #: reordering can line up with the period (udt_peer.cpp ``kPatternLength``).
 PATTERN_LENGTH = 1_000_003
 _MASK64 = (1 << 64) - 1
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
 
 
 class LibudtUnavailableError(Exception):
@@ -121,6 +125,14 @@ def stream_sha256(seed: int, size: int) -> str:
         digest.update(block)
     digest.update(block[:rest])
     return digest.hexdigest()
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a 64 of ``data``: how ``udt_peer --messages`` names a message on stderr."""
+    digest = _FNV_OFFSET
+    for byte in data:
+        digest = ((digest ^ byte) * _FNV_PRIME) & _MASK64
+    return digest
 
 
 class PeerProcess:

@@ -18,11 +18,20 @@
 //                      little-endian (tests/interop/libudt.py makes the same bytes);
 //                      recv: check every byte against it instead of writing stdout
 //   --expect-bytes N   recv: fail unless exactly N bytes arrived
+//                      (fnv is FNV-1a 64 of the whole message, lowercase hex)
 //   --connect-only     send: connect, report it, close, exit 0 (no data)
 //   --sleep-after-connect MS   send: wait MS ms between connect() and the first send()
 //   --wait-connected   with --connect-only: stay until the peer closes (or --timeout)
 //   --mss N --fc PACKETS --sndbuf BYTES --rcvbuf BYTES --udp-sndbuf BYTES --udp-rcvbuf BYTES
 //   --backlog N        recv --listen: listen() backlog (default 1)
+//   --messages N       message mode (a SOCK_DGRAM socket): send N messages with sendmsg,
+//                      message I being I as 4 big-endian bytes then --seed pattern bytes,
+//                      4 to --max-message bytes long and inorder=true or false, both drawn
+//                      from splitmix64(S); stderr says "sent message index=I bytes=N
+//                      inorder=0|1 fnv=HEX" for each. recv: read messages with recvmsg,
+//                      "message index=I bytes=N fnv=HEX" each (in the order read), then
+//                      "received messages=N"; fail (4) unless N messages came
+//   --max-message N    the longest message --messages sends (default 20000, at least 4)
 //   --timeout S        give up (exit 3) after S seconds in all (default 60)
 //
 // exit status: 0 the whole stream went through and the connection was closed; 1 a libudt
@@ -69,6 +78,8 @@ struct Options {
   int mss = 0, fc = 0, sndbuf = 0, rcvbuf = 0, udp_sndbuf = 0, udp_rcvbuf = 0;
   int backlog = 1;
   int timeout = 60;
+  long long messages = -1;
+  long long max_message = 20000;
 };
 
 void say(const char* format, ...) __attribute__((format(printf, 1, 2)));
@@ -196,6 +207,8 @@ Options parse(int argc, char** argv) {
     else if (flag == "--udp-sndbuf") o.udp_sndbuf = static_cast<int>(number());
     else if (flag == "--udp-rcvbuf") o.udp_rcvbuf = static_cast<int>(number());
     else if (flag == "--backlog") o.backlog = static_cast<int>(number());
+    else if (flag == "--messages") o.messages = number();
+    else if (flag == "--max-message") o.max_message = number();
     else if (flag == "--timeout") o.timeout = static_cast<int>(number());
     else usage(("unknown option " + flag).c_str());
   }
@@ -207,6 +220,9 @@ Options parse(int argc, char** argv) {
     usage("send needs --connect (or --rendezvous)");
   }
   if (o.bytes >= 0 && !o.has_seed) usage("--bytes needs --seed");
+  if (o.messages >= 0 && o.mode == "send" && !o.has_seed) usage("--messages needs --seed");
+  if (o.messages >= 0 && o.bytes >= 0) usage("--messages and --bytes exclude each other");
+  if (o.max_message < 4 || o.max_message > (1 << 24)) usage("--max-message: 4 to 16777216");
   if (o.timeout <= 0) usage("--timeout must be positive");
   return o;
 }
@@ -226,7 +242,10 @@ void configure(UDTSOCKET s, const Options& o) {
   set_int(s, UDP_RCVBUF, o.udp_rcvbuf, "setsockopt(UDP_RCVBUF)");
   int timeout_ms = o.timeout * 1000;
   set_int(s, UDT_SNDTIMEO, timeout_ms, "setsockopt(UDT_SNDTIMEO)");
-  set_int(s, UDT_RCVTIMEO, timeout_ms, "setsockopt(UDT_RCVTIMEO)");
+  // Not in message mode: with a receive timeout, 4.11's recvmsg waits for the signal of
+  // an ACK that moves before it looks at the buffer (core.cpp CUDT::recvmsg), so it reads
+  // one message per such ACK and stalls with whole messages waiting. alarm() bounds it.
+  if (o.messages < 0) set_int(s, UDT_RCVTIMEO, timeout_ms, "setsockopt(UDT_RCVTIMEO)");
   // Linger so that close() returns only once everything sent was acknowledged.
   linger lingering = {1, o.timeout};
   if (UDT::setsockopt(s, 0, UDT_LINGER, &lingering, sizeof lingering) == UDT::ERROR)
@@ -242,7 +261,7 @@ void configure(UDTSOCKET s, const Options& o) {
 UDTSOCKET bound_socket(const Options& o, const std::string& local, int family) {
   socklen_t length = 0;
   sockaddr_storage address = parse_endpoint(local, family, &length);
-  UDTSOCKET s = UDT::socket(address.ss_family, SOCK_STREAM, 0);
+  UDTSOCKET s = UDT::socket(address.ss_family, o.messages >= 0 ? SOCK_DGRAM : SOCK_STREAM, 0);
   if (s == UDT::INVALID_SOCK) fail_udt("socket");
   configure(s, o);
   if (UDT::bind(s, reinterpret_cast<sockaddr*>(&address), static_cast<int>(length)) ==
@@ -376,6 +395,67 @@ int run_recv(const Options& o, UDTSOCKET s) {
   return 0;
 }
 
+uint64_t fnv1a64(const char* data, size_t size) {
+  uint64_t hash = 0xCBF29CE484222325ULL;
+  for (size_t i = 0; i < size; ++i) {
+    hash ^= static_cast<unsigned char>(data[i]);
+    hash *= 0x100000001B3ULL;
+  }
+  return hash;
+}
+
+int run_send_messages(const Options& o, UDTSOCKET s) {
+  if (o.sleep_after_connect_ms > 0) usleep(static_cast<useconds_t>(o.sleep_after_connect_ms) * 1000);
+  std::vector<char> pattern = make_pattern(o.seed);
+  std::vector<char> buffer(static_cast<size_t>(o.max_message));
+  uint64_t state = o.seed ^ 0x6D657373616765ULL;  // "message": not the pattern's own draws
+  size_t offset = 0;
+  for (long long index = 0; index < o.messages; ++index) {
+    uint64_t draw = splitmix64(&state);
+    int size = static_cast<int>(4 + (draw >> 1) % static_cast<uint64_t>(o.max_message - 3));
+    bool inorder = (draw & 1) != 0;
+    for (int b = 0; b < 4; ++b) buffer[b] = static_cast<char>((index >> (24 - 8 * b)) & 0xFF);
+    for (int i = 4; i < size; ++i) {
+      buffer[i] = pattern[offset];
+      if (++offset == kPatternLength) offset = 0;
+    }
+    // Blocking: sendmsg waits for send buffer space; no time-to-live (-1).
+    if (UDT::sendmsg(s, buffer.data(), size, -1, inorder) == UDT::ERROR) fail_udt("sendmsg");
+    say("sent message index=%lld bytes=%d inorder=%d fnv=%016llx", index, size, inorder ? 1 : 0,
+        static_cast<unsigned long long>(fnv1a64(buffer.data(), static_cast<size_t>(size))));
+  }
+  if (UDT::close(s) == UDT::ERROR) fail_udt("close");
+  say("sent messages=%lld", o.messages);
+  return 0;
+}
+
+int run_recv_messages(const Options& o, UDTSOCKET s) {
+  std::vector<char> buffer(1 << 24);
+  long long count = 0;
+  for (;;) {
+    int n = UDT::recvmsg(s, buffer.data(), static_cast<int>(buffer.size()));
+    if (n == UDT::ERROR) {
+      if (UDT::getlasterror().getErrorCode() == kEndOfStream) break;
+      fail_udt("recvmsg");
+    }
+    long long index = -1;
+    if (n >= 4) {
+      index = 0;
+      for (int b = 0; b < 4; ++b) index = index << 8 | static_cast<unsigned char>(buffer[b]);
+    }
+    say("message index=%lld bytes=%d fnv=%016llx", index, n,
+        static_cast<unsigned long long>(fnv1a64(buffer.data(), static_cast<size_t>(n))));
+    ++count;
+  }
+  UDT::close(s);
+  say("received messages=%lld", count);
+  if (count != o.messages) {
+    say("error: expected %lld messages", o.messages);
+    return 4;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -395,6 +475,8 @@ int main(int argc, char** argv) {
     }
     UDT::close(s);
     status = 0;
+  } else if (o.messages >= 0) {
+    status = o.mode == "send" ? run_send_messages(o, s) : run_recv_messages(o, s);
   } else if (o.mode == "send") {
     status = run_send(o, s);
   } else {
