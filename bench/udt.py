@@ -298,11 +298,14 @@ def libudt_netcat(binary: Path, mode: str) -> Netcat:
 
 def wavesync_commands(mode: str, runtime: str = "anyio") -> Netcat:
     """wavesync's row: "regular" or "rendezvous" (no sleep: ours must not need one), on
-    the CLI's default runtime (anyio on asyncio) or "asyncio on uvloop" (the asyncio
-    adapter on uvloop's loop, through this script's ``--child wavesync-uvloop``)."""
+    the CLI's default runtime (anyio on asyncio), "anyio, GSO" (every endpoint bound
+    ``gso=True``, through ``--child wavesync-gso``) or "asyncio on uvloop" (the asyncio
+    adapter on uvloop's loop, through ``--child wavesync-uvloop``)."""
     wavesync = [sys.executable, "-m", "wavesync_adapters.cli", "udt"]
     if runtime == "asyncio on uvloop":
         wavesync = python_child("wavesync-uvloop", "--", "udt")
+    elif runtime == "anyio, GSO":
+        wavesync = python_child("wavesync-gso", "--", "udt")
     adapter = ["--adapter", "asyncio"] if runtime == "asyncio on uvloop" else []
     if mode == "regular":
         port = free_port(socket.SOCK_DGRAM)
@@ -472,6 +475,10 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one report, top to bottom
         def make_uvloop() -> Netcat:
             return wavesync_commands("regular", "asyncio on uvloop")
 
+        def make_gso() -> Netcat:
+            return wavesync_commands("regular", "anyio, GSO")
+
+        add("wavesync-UDT, regular, GSO", make_gso, wavesync_missing)
         add(
             "wavesync-UDT, regular, asyncio on uvloop",
             make_uvloop,

@@ -55,7 +55,7 @@ def test_udt_bench_runs_and_reports_every_row() -> None:
     # Every row is printed: a figure, or why it is not available (no g++/libudt, no
     # aioquic, `wavesync udt` not running yet); no transfer may fail or differ.
     rows = ("TCP", "aioquic", "libudt", "wavesync-UDT")
-    assert len(rows_starting(output, *rows)) == 10  # uvloop: a figure or why not
+    assert len(rows_starting(output, *rows)) == 11  # GSO and uvloop: figures or why not
     assert "FAILED" not in output
     assert len(rows_starting(output, "targets:")) == 1
 
