@@ -139,7 +139,9 @@ class ConnectionEstablished(UdtEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DataReceived(UdtEvent):
-    """Bytes from the peer, in order, each exactly once."""
+    """Bytes from the peer, each exactly once: in order, except a DGRAM message sent
+    with ``in_order=False``, which may come ahead of earlier messages still missing
+    packets (docs/protocol.md §4.8.4)."""
 
     data: bytes
     """Contiguous stream bytes (STREAM), or a whole message (DGRAM)."""
