@@ -75,8 +75,9 @@ class ConnectingHandover:
     answer: Datagram | None = None
     #: The caller's last handshake datagrams: sent after anything the connection queues.
     trailing: tuple[Datagram, ...] = ()
-    #: Bytes ``send()`` took while connecting, each with its message deadline.
-    early: tuple[tuple[bytes, float | None], ...] = ()
+    #: Bytes ``send()`` took while connecting, each with its message deadline and its
+    #: in-order bit (DGRAM; False for STREAM, whose packets carry 0).
+    early: tuple[tuple[bytes, float | None, bool], ...] = ()
     #: The peer's datagrams that came before the handshake finished, in arrival order.
     held: tuple[Datagram, ...] = ()
     #: The datagram whose arrival proved the peer connected: taken after ``held``,
@@ -106,7 +107,7 @@ class UdtConnecting:
         self._send_buffer_bytes = config.send_buffer_bytes
         self._message_mode = config.socket_type is SocketType.DGRAM
         self._held: list[Datagram] = []
-        self._early: list[tuple[bytes, float | None]] = []
+        self._early: list[tuple[bytes, float | None, bool]] = []
         self._early_bytes = 0
         # A keep-alive addressed to us: what we show the handshake when the peer's
         # traffic proves it is connected (4.11 accepts data/keep-alive as that proof).
@@ -126,14 +127,16 @@ class UdtConnecting:
         """Bytes ``send()`` took, waiting for the handover."""
         return self._early_bytes
 
-    def send(self, data: bytes | bytearray | memoryview, deadline: float | None) -> int:
+    def send(
+        self, data: bytes | bytearray | memoryview, deadline: float | None, in_order: bool
+    ) -> int:
         """Keep up to ``send_space`` bytes of ``data`` (DGRAM: all or nothing) until established."""
         size = len(data)
         space = self._send_buffer_bytes - self._early_bytes
         if size == 0 or space <= 0 or (self._message_mode and size > space):
             return 0
         size = min(size, space)
-        self._early.append((bytes(data[:size]), deadline))
+        self._early.append((bytes(data[:size]), deadline, in_order))
         self._early_bytes += size
         return size
 

@@ -140,8 +140,6 @@ class UdtConnection:
         self._linger_deadline = float("inf")
         self._shutdown = ShutdownNotice(socket_id=socket_id)
         self._now = now  # the latest time given: where a message's time-to-live starts
-        # DGRAM: the in-order bit of each message send() took while connecting.
-        self._early_in_order: list[bool] = []
         if established is not None:
             self._establish(ConnectingHandover(established=established), now)
 
@@ -329,10 +327,7 @@ class UdtConnection:
             )
         if state is ConnectionState.CONNECTING:
             assert self._connecting is not None
-            taken = self._connecting.send(data, deadline)
-            if taken and self._message_mode:
-                self._early_in_order.append(ordered)
-            return taken
+            return self._connecting.send(data, deadline, ordered)
         raise LocalProtocolError(f"send() on a connection that is {state.value}")
 
     def next_event(self) -> UdtEvent | None:
@@ -506,12 +501,10 @@ class UdtConnection:
                 peer_socket_id=established.peer_socket_id,
             )
         )
-        ordered = self._early_in_order or [False] * len(handover.early)
-        for (chunk, deadline), in_order in zip(handover.early, ordered, strict=True):
+        for chunk, deadline, in_order in handover.early:
             transfer.sender.write(
                 chunk, whole=self._message_mode, deadline=deadline, in_order=in_order
             )
-        self._early_in_order = []
         for data, addr in handover.held:
             self.receive_datagram(data, addr, now)
         if handover.proof is not None and self._state is not ConnectionState.CLOSED:
