@@ -96,11 +96,7 @@ class BatchedUdpSocket:
             except BlockingIOError:
                 break
             except OSError as exc:
-                # An ICMP error queued on the socket (port unreachable after a send to a
-                # peer that is gone): it says nothing the UDT timers will not find out.
-                self.receive_errors += 1
-                count += 1
-                log.debug("udp receive: %s", exc)
+                count += self._receive_failed(exc)
                 continue
             count += 1
             if self._ipv6:
@@ -123,9 +119,7 @@ class BatchedUdpSocket:
             except BlockingIOError:
                 break
             except OSError as exc:
-                self.receive_errors += 1
-                count += 1
-                log.debug("udp receive: %s", exc)
+                count += self._receive_failed(exc)
                 continue
             if self._ipv6:
                 source = (source[0], source[1])
@@ -144,6 +138,14 @@ class BatchedUdpSocket:
                 if not feed(datagram, source, now):
                     foreign(datagram, source)
         return count
+
+    def _receive_failed(self, exc: OSError) -> int:
+        """Count a failed read (it counts against the batch's limit: return 1). An ICMP
+        error queued on the socket (port unreachable after a send to a peer that is
+        gone) says nothing the UDT timers will not find out."""
+        self.receive_errors += 1
+        log.debug("udp receive: %s", exc)
+        return 1
 
     def send_all(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Send ``datagrams`` in order; what the kernel refuses with EAGAIN waits in ``pending``."""
