@@ -1,4 +1,4 @@
-"""The anyio adapter's batched UDP socket: GSO runs out, GRO runs in, cut back exactly.
+"""The adapters' batched UDP socket: GSO runs out, GRO runs in, cut back exactly.
 
 Real loopback sockets where the kernel has the feature (a test that cannot run says
 why), and a scripted socket for the cutting itself: a run's last segment may be
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from wavesync_adapters.anyio._udp import BatchedUdpSocket
+from wavesync_adapters._udp_batches import BatchedUdpSocket
 from wavesync_proto.addresses import Endpoint
 
 SOL_UDP, UDP_GRO = 17, 104

@@ -32,8 +32,8 @@ from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import ConnectionState, UdtConfig
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
+from .._udp_batches import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from ._net import resolve
-from ._udp import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from .udt_stream import UdtConnectError, UdtStream
 
 __all__ = ["UdtConnectError", "UdtDatagramPort", "UdtEndpoint", "UdtStream"]

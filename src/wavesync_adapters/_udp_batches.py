@@ -1,5 +1,8 @@
 """Batched datagram I/O on one non-blocking UDP socket, with Linux GSO and GRO.
 
+Standard library only, so that every runtime's UDT endpoint can read and send
+through it (the asyncio adapter imports nothing of anyio's).
+
 The UDT driver reads every datagram the kernel holds before it asks the core what
 to send, then sends the whole answer: one wake-up per batch, not per packet. On
 Linux >= 4.18, runs of equal-sized datagrams to one address go out as one
@@ -26,7 +29,7 @@ from collections.abc import Callable
 
 from wavesync_proto.addresses import Endpoint
 
-from .._udp_socket import open_udp_socket, tune_udp_socket
+from ._udp_socket import open_udp_socket, tune_udp_socket
 
 __all__ = ["BatchedUdpSocket", "open_udp_socket", "tune_udp_socket"]
 
