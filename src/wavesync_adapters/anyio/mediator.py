@@ -50,6 +50,8 @@ class _Peer:
     scope: anyio.CancelScope
     remote: Endpoint
     closed_by_service: bool = False
+    #: Dropped by this daemon (too slow a reader): the service is told when it ends.
+    dropped: bool = False
 
 
 class MediatorDaemon:
@@ -146,7 +148,7 @@ class MediatorDaemon:
         for action in actions:
             if isinstance(action, SendTcp):
                 peer = self._peers.get(action.peer)
-                if peer is None:
+                if peer is None or peer.dropped:
                     continue
                 try:
                     peer.outbox.send_nowait(action.data)
@@ -154,7 +156,10 @@ class MediatorDaemon:
                     log.info(
                         "dropping %s: it reads slower than we answer", format_endpoint(peer.remote)
                     )
-                    peer.closed_by_service = True
+                    # Unlike a CloseTcp, the service did not ask for this: the end of
+                    # serve_stream tells it the peer is gone (tcp_closed), so the servers
+                    # registered over this connection stop being offered to clients.
+                    peer.dropped = True
                     peer.scope.cancel()
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     pass
