@@ -2,11 +2,13 @@
 
 One named thread owns the UDP socket, the sans-I/O ``UdtMultiplexer`` and the
 I/O thread's end of every stream's ``socket.socketpair()``. Each turn it reads every
-waiting datagram into the multiplexer (a bounded batch: Python has no
-``recvmmsg``), fires the core's timer, moves bytes between each connection and its
-socketpair end, and sends what the core returns. Other threads never touch the
-multiplexer: they queue a callable (``call_soon``) and wake the loop. The core
-decides everything about the protocol (DESIGN.md §3); this module moves bytes and time.
+waiting datagram into the multiplexer (a bounded batch, through the adapters' shared
+``BatchedUdpSocket``: GRO runs in, GSO runs out with ``gso``), fires the core's timer,
+moves bytes between each connection and its socketpair end, and sends what the core
+returns (what the kernel refuses waits for the socket to be writable). Other threads
+never touch the multiplexer: they queue a callable (``call_soon``) and wake the loop.
+The core decides everything about the protocol (DESIGN.md §3); this module moves bytes
+and time.
 
 Back-pressure both ways: a socketpair end is read only while the connection's send
 buffer has room (a writer then blocks in ``sendall``), and a connection's events are
@@ -41,6 +43,7 @@ from wavesync_proto.udt.connection_types import (
 )
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
+from .._udp_batches import BatchedUdpSocket
 from ..errors import UdtConnectError
 
 __all__ = ["StreamBridge", "UdtIoLoop"]
@@ -343,6 +346,7 @@ class UdtIoLoop:
         clock: Callable[[], float],
         datagram_bytes: int,
         owns_socket: bool,
+        gso: bool = False,
         receive_high_water: int = RECEIVE_HIGH_WATER,
         on_foreign: Callable[[bytes, Endpoint], None],
         on_accepted: Callable[[StreamBridge], None],
@@ -354,10 +358,10 @@ class UdtIoLoop:
         # Pumped next turn beside the core's ready ones: the selector's, the unsettled.
         self._active: dict[int, StreamBridge] = {}
         self._clock = clock
-        self._size = datagram_bytes
         self._owns_socket = owns_socket
         self._high_water = receive_high_water
-        self._ipv6 = sock.family == socket.AF_INET6
+        #: Reads and sends on ``sock``; only this loop's thread touches it.
+        self.io = BatchedUdpSocket(sock, datagram_bytes=datagram_bytes, clock=clock, gso=gso)
         self._on_foreign = on_foreign
         self._on_accepted = on_accepted
         self._on_stopped = on_stopped
@@ -367,12 +371,9 @@ class UdtIoLoop:
         self._wake_w.setblocking(False)
         self._wake_sent = False
         self._commands: deque[Callable[[], None]] = deque()
-        self._outbox: deque[tuple[bytes, Endpoint]] = deque()
         self._udp_mask = _READ
         self._stopping = False
         self._more = False  # the last batch was full: more datagrams are waiting
-        self.receive_errors = 0
-        self.send_errors = 0
         port = sock.getsockname()[1]
         self.thread = threading.Thread(target=self._run, name=f"wavesync-udt-{port}", daemon=False)
 
@@ -450,7 +451,7 @@ class UdtIoLoop:
                 if bridge.unsettled():
                     self._active[socket_id] = bridge
             outgoing = multiplexer.datagrams_to_send(clock())
-            if outgoing or self._outbox:
+            if outgoing or self.io.pending:
                 self._send(outgoing)
 
     def _handle_ready(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
@@ -498,52 +499,27 @@ class UdtIoLoop:
             commands.popleft()()
 
     def _receive_batch(self) -> None:
-        recvfrom = self.sock.recvfrom
-        feed = self.multiplexer.receive_datagram
-        clock = self._clock
-        size = self._size
-        count = 0
-        while count < RECEIVE_BATCH:
-            try:
-                data, source = recvfrom(size)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                # An ICMP error queued on the socket (port unreachable after a send to a
-                # peer that is gone): it says nothing the UDT timers will not find out.
-                self.receive_errors += 1
-                count += 1
-                log.debug("udp receive: %s", exc)
-                continue
-            count += 1
-            if self._ipv6:
-                source = (source[0], source[1])
-            if not feed(data, source, clock()):
-                self._on_foreign(data, source)
+        count = self.io.receive_all(
+            self.multiplexer.receive_datagram, RECEIVE_BATCH, self._on_foreign
+        )
         self._more = count >= RECEIVE_BATCH
 
     def _send(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
-        outbox = self._outbox
-        if outbox:
-            outbox.extend(datagrams)
-            datagrams = list(outbox)
-            outbox.clear()
-        sendto = self.sock.sendto
-        for index, (data, destination) in enumerate(datagrams):
-            try:
-                sendto(data, destination)
-            except BlockingIOError:
-                outbox.extend(datagrams[index:])
-                break
-            except OSError as exc:
-                # A full device queue (ENOBUFS), an unreachable network: the datagram is
-                # lost like any other, and UDT's loss recovery resends it.
-                self.send_errors += 1
-                log.debug("udp send to %s: %s", destination, exc)
-        mask = _READ | _WRITE if outbox else _READ
+        io = self.io
+        io.send_all(datagrams)
+        # What the kernel refused waits in ``pending``: wake when the socket is writable.
+        mask = _READ | _WRITE if io.pending else _READ
         if mask != self._udp_mask:
             self._udp_mask = mask
             self._selector.modify(self.sock, mask, None)
+
+    @property
+    def receive_errors(self) -> int:
+        return self.io.receive_errors
+
+    @property
+    def send_errors(self) -> int:
+        return self.io.send_errors
 
     def _watch(self, bridge: StreamBridge) -> None:
         mask = bridge.wanted_mask()
