@@ -205,7 +205,8 @@ class MediatorDaemon:
                 log.info(
                     "dropping %s: it reads slower than we answer", format_endpoint(peer.remote)
                 )
-                peer.closed_by_service = True
+                # Unlike a CloseTcp, the service did not ask for this: _close_peer tells
+                # it the peer is gone, so what was registered over it is no longer offered.
                 self._close_peer(peer)
                 return
             peer.outbox.append(memoryview(data))
