@@ -110,8 +110,8 @@ async def open_udt_connection(
     """A UDT connection to the listener at ``peer`` as ``asyncio.open_connection`` gives it.
 
     On ``endpoint`` (shared: a hole-punched socket, several connections), or on an
-    endpoint of its own made with ``endpoint_options`` (``local=``, ``config=``, ...)
-    that closes with the connection.
+    endpoint of its own made with ``endpoint_options`` (``local=``, ``config=``,
+    ``gso=``: those of ``create_udt_endpoint``) that closes with the connection.
     """
     reader, protocol = _stream_pair(asyncio.get_running_loop(), limit)
 
@@ -179,7 +179,8 @@ async def start_udt_server(
     **endpoint_options: Any,
 ) -> UdtServer:
     """Accept UDT connects on ``local`` (or on ``endpoint``), as ``asyncio.start_server``:
-    ``client_connected_cb(reader, writer)`` runs for each (a coroutine: as a task)."""
+    ``client_connected_cb(reader, writer)`` runs for each (a coroutine: as a task).
+    ``endpoint_options`` (``config=``, ``gso=``, ...) go to ``create_udt_endpoint``."""
     loop = asyncio.get_running_loop()
     own = endpoint is None
     if endpoint is None:

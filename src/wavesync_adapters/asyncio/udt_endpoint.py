@@ -1,10 +1,14 @@
 """UDT on plain asyncio (uvloop too): ``UdtEndpoint``, one UDP socket's connections.
 
-Thin by design: one UDP socket under an ``asyncio.DatagramProtocol``, one sans-I/O
-``UdtMultiplexer``, the core's timer on ``loop.call_at``. Every datagram goes into
-the multiplexer as it arrives; the answer (``datagrams_to_send``) is computed once
-per burst, in a callback deferred with ``call_soon``, and written with
-``transport.sendto``. The core decides everything about the protocol (DESIGN.md §3).
+Thin by design: one UDP socket watched with ``loop.add_reader``, one sans-I/O
+``UdtMultiplexer``, the core's timer on ``loop.call_at``. The reader callback reads
+every waiting datagram into the multiplexer (``BatchedUdpSocket``: with Linux GRO a
+run of them in one system call); the answer (``datagrams_to_send``) is computed once
+per burst, in a callback deferred with ``call_soon``, and sent as one list (with
+``gso=True``, runs of it as one ``sendmsg``). What the kernel refuses waits until
+``loop.add_writer`` says the socket takes more. No ``asyncio.DatagramTransport``: it
+would read one datagram per loop turn, send one per call and keep a buffer of its
+own beside ours. The core decides everything about the protocol (DESIGN.md §3).
 ``UdtEndpoint.create_connection(protocol_factory, peer)`` and
 ``start_serving(protocol_factory)`` give ``UdtTransport``/``Protocol`` pairs; the
 stream pairs are built on them in ``udt.py``. A datagram the multiplexer does not
@@ -27,14 +31,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from wavesync_proto.addresses import Endpoint, format_endpoint
 from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
-from .._udp_socket import open_udp_socket, tune_udp_socket
+from .._udp_batches import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from .udt_transport import UdtConnectError, UdtTransport
 
 __all__ = ["DEFAULT_LIMIT", "UdtDatagramPort", "UdtEndpoint", "create_udt_endpoint"]
@@ -52,37 +56,14 @@ _SPIN_SECONDS = 100e-6
 #: Datagrams read per wake-up before the core gets to answer: bounds the latency of our
 #: ACKs while a fast peer floods us.
 _RECEIVE_BATCH = 256
-#: While the datagram transport's buffer is above its high-water mark, the core's timer
-#: is not run sooner than this (its pacing slot stays due until we may send again).
+#: While datagrams wait for the kernel to take them (``BatchedUdpSocket.pending``), the
+#: core's timer is not run sooner than this: its pacing slot stays due until the socket
+#: is writable again, and that wakes the endpoint by itself.
 _PAUSED_POLL_SECONDS = 0.005
 #: Foreign (non-UDT) datagrams kept for ``receive_foreign`` when no callback takes them:
 #: a handful of STUN answers at a time. When full the oldest goes: a flood of junk
 #: must not hold memory, and the newest is the likelier answer to a retransmission.
 _FOREIGN_QUEUE = 64
-
-
-class _DatagramProtocol(asyncio.DatagramProtocol):
-    """The endpoint's side of the UDP transport."""
-
-    def __init__(self, endpoint: UdtEndpoint) -> None:
-        self._endpoint = endpoint
-        self.datagram_received = endpoint._datagram_received  # type: ignore[method-assign]
-
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error queued on the socket (port unreachable after a send to a peer
-        # that is gone): it says nothing the UDT timers will not find out.
-        self._endpoint.errors_received += 1
-        log.debug("udp: %s", exc)
-
-    def pause_writing(self) -> None:
-        self._endpoint._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._endpoint._writing_paused = False
-        self._endpoint._kick()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._endpoint._udp_lost(exc)
 
 
 class UdtEndpoint:
@@ -95,7 +76,10 @@ class UdtEndpoint:
     their side): close each transport first for a graceful close.
     ``foreign_datagram`` receives what is not UDT (a STUN answer on a punched socket);
     without it such datagrams wait (at most 64, the oldest dropped) for
-    ``receive_foreign``.
+    ``receive_foreign``. ``gso=True`` sends runs of equal-sized datagrams to one peer
+    as one ``sendmsg`` with Linux UDP GSO, as the anyio adapter's ``gso``: off by
+    default there too. Linux GRO is asked for on every socket (the kernel hands a run
+    over in one read; ``BatchedUdpSocket`` cuts it back into datagrams).
     ``clock`` is what the core is given as ``now`` (``time.monotonic`` by default: the
     stdlib loop's own clock, and on uvloop, whose ``loop.time()`` is libuv's
     millisecond, read once per loop turn, the resolution a 0.2 ms RTT and a pacing
@@ -109,6 +93,7 @@ class UdtEndpoint:
         loop: asyncio.AbstractEventLoop,
         config: UdtConfig | None = None,
         foreign_datagram: Callable[[bytes, Endpoint], None] | None = None,
+        gso: bool = False,
         clock: Callable[[], float] | None = None,
         owns_socket: bool = False,
     ) -> None:
@@ -127,7 +112,15 @@ class UdtEndpoint:
         self._foreign_ready = asyncio.Event()
         #: Foreign datagrams dropped because nobody took the queued ones.
         self.foreign_dropped = 0
-        self._ipv6 = sock.family == socket.AF_INET6
+        # The loop watches a duplicate: ours (the caller's, if handed in) may be closed
+        # or watched by its owner independently, and the duplicate is always ours to close.
+        self._watched = sock.dup()
+        self._fd = self._watched.fileno()
+        self._io = BatchedUdpSocket(
+            self._watched, datagram_bytes=self.config.mss, clock=self._clock, gso=gso
+        )
+        self._reading = False
+        self._writer_armed = False
         self.multiplexer = UdtMultiplexer(
             now=self._clock(),
             random_bits=secrets.randbits,
@@ -140,8 +133,6 @@ class UdtEndpoint:
         local = sock.getsockname()
         self.local_address: Endpoint = (str(local[0]), int(local[1]))
         self.family = socket.AddressFamily(sock.family)
-        self.errors_received = 0
-        self._udp: asyncio.DatagramTransport | None = None
         self._transports: dict[int, UdtTransport] = {}
         # Transports to pump on the next run besides those the core reports ready (a
         # resume_reading, a close: their events wait in the core untouched).
@@ -152,18 +143,18 @@ class UdtEndpoint:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
-        self._writing_paused = False
         self._closing = False
         self._close_when_idle = False
         self._closed: asyncio.Future[None] = loop.create_future()
 
     async def _start(self) -> None:
-        # The transport gets a duplicate of the socket: it closes that one at the end,
-        # and ours stays the caller's (a handed-in socket) or ours to close.
-        transport, _ = await self.loop.create_datagram_endpoint(
-            lambda: _DatagramProtocol(self), sock=self._sock.dup()
-        )
-        self._udp = transport
+        self.loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+
+    @property
+    def errors_received(self) -> int:
+        """Reads that failed (an ICMP error queued on the socket, say)."""
+        return self._io.receive_errors
 
     def now(self) -> float:
         """The endpoint's clock: what it passes the core as ``now``."""
@@ -197,23 +188,16 @@ class UdtEndpoint:
         self._serving = None
         for transport in list(self._transports.values()):
             transport._break("endpoint closed")
-        udp = self._udp
-        if udp is not None and not udp.is_closing():
-            # One last send: the peers hear our Shutdowns rather than time out.
-            for data, address in self.multiplexer.datagrams_to_send(self._clock()):
-                udp.sendto(data, address)
-            udp.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._owns_socket:
-            self._sock.close()
+        # One last send: the peers hear our Shutdowns rather than time out (what the
+        # kernel does not take at once is dropped).
+        self._io.send_all(self.multiplexer.datagrams_to_send(self._clock()))
+        self._release()
         self._foreign_ready.set()  # receive_foreign raises now
-        if udp is None and not self._closed.done():
+        if not self._closed.done():
             self._closed.set_result(None)
 
     async def wait_closed(self) -> None:
-        """Wait until ``close()`` has finished (the UDP transport is closed)."""
+        """Wait until ``close()`` has finished (the socket is released)."""
         await asyncio.shield(self._closed)
 
     # --- opening connections ------------------------------------------------------------
@@ -338,10 +322,9 @@ class UdtEndpoint:
         """Send one datagram that is not UDT (a STUN request) from this endpoint's socket.
 
         Raises ``ConnectionAbortedError`` once the endpoint is closed."""
-        udp = self._udp
-        if self._closing or udp is None or udp.is_closing():
+        if self._closing:
             raise ConnectionAbortedError("the UdtEndpoint is closed")
-        udp.sendto(data, peer)
+        self._send([(data, peer)])
 
     async def receive_foreign(self) -> tuple[bytes, Endpoint]:
         """The next datagram that was not UDT (only without a ``foreign_datagram`` callback).
@@ -372,34 +355,41 @@ class UdtEndpoint:
         queue.append((data, source))
         self._foreign_ready.set()
 
-    def _datagram_received(self, data: bytes, addr: Any) -> None:
-        """One datagram from the transport, then every other one waiting: one batch."""
+    def _on_readable(self) -> None:
+        """The socket has datagrams: read them all (up to a batch), then answer once."""
         if self._closing:
             return
-        feed = self.multiplexer.receive_datagram
-        foreign = self._foreign or self._queue_foreign
-        clock = self._clock
-        ipv6 = self._ipv6
-        source = (addr[0], addr[1]) if ipv6 else addr
-        if not feed(data, source, clock()):
-            foreign(data, source)
-        # The selector transport reads one datagram per loop iteration; the rest of the
-        # burst is read here, so the core answers a burst once, not every datagram.
-        recvfrom = self._sock.recvfrom
-        size = self.config.mss
-        for _ in range(_RECEIVE_BATCH - 1):
-            try:
-                data, addr = recvfrom(size)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self.errors_received += 1
-                log.debug("udp receive: %s", exc)
-                continue
-            source = (addr[0], addr[1]) if ipv6 else addr
-            if not feed(data, source, clock()):
-                foreign(data, source)
+        try:
+            self._io.receive_all(
+                self.multiplexer.receive_datagram,
+                _RECEIVE_BATCH,
+                self._foreign or self._queue_foreign,
+            )
+        except Exception as exc:  # a bug below us: the endpoint cannot go on
+            self._fail("reading", exc)
+            return
         self._kick()
+
+    def _on_writable(self) -> None:
+        """The kernel takes datagrams again: send what waits, then let the core go on."""
+        if self._closing:
+            return
+        try:
+            self._io.flush()
+        except Exception as exc:
+            self._fail("sending", exc)
+            return
+        if not self._io.pending:
+            self._writer_armed = False
+            self.loop.remove_writer(self._fd)
+            self._kick()
+
+    def _send(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        io = self._io
+        io.send_all(datagrams)
+        if io.pending and not self._writer_armed:
+            self._writer_armed = True
+            self.loop.add_writer(self._fd, self._on_writable)
 
     def _run(self) -> None:
         """Fire the timer if due, hand events out, send the answer, re-arm the timer."""
@@ -428,13 +418,10 @@ class UdtEndpoint:
         self._scheduled = False
         if self._closing:
             return
-        udp = self._udp
-        if not self._writing_paused and udp is not None:
+        if not self._io.pending:
             outgoing = multiplexer.datagrams_to_send(self._clock())
             if outgoing:
-                sendto = udp.sendto
-                for data, address in outgoing:
-                    sendto(data, address)
+                self._send(outgoing)
         self._arm()
 
     def _arm(self) -> None:
@@ -442,7 +429,7 @@ class UdtEndpoint:
         if deadline is None or self._scheduled:
             return  # nothing timed, or a run is queued (it re-arms)
         now = self._clock()
-        if self._writing_paused:
+        if self._io.pending:
             deadline = max(deadline, now + _PAUSED_POLL_SECONDS)
         elif deadline - now < _SPIN_SECONDS:
             self._kick()
@@ -473,18 +460,40 @@ class UdtEndpoint:
         transport.what = "accept from " + ("?" if peer is None else format_endpoint(peer))
         self._accepted.add(transport)
 
+    def _fail(self, doing: str, exc: Exception) -> None:
+        self.loop.call_exception_handler(
+            {"message": f"udt endpoint: {doing} failed", "exception": exc}
+        )
+        self._udp_lost(exc)
+
     def _udp_lost(self, exc: Exception | None) -> None:
+        """The socket cannot be used any more: every connection breaks, the endpoint ends."""
         if not self._closing:
-            why = f"udp transport lost: {exc!r}"
+            why = f"udp socket lost: {exc!r}"
             log.warning("udt endpoint %s: %s", format_endpoint(self.local_address), why)
             for transport in list(self._transports.values()):
                 transport._break(why)
             self._closing = True
-            if self._owns_socket:
-                self._sock.close()
+            self._release()
             self._foreign_ready.set()
         if not self._closed.done():
             self._closed.set_result(None)
+
+    def _release(self) -> None:
+        """Stop watching the socket and the clock; close what is ours to close."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self._fd)
+        if self._writer_armed:
+            self._writer_armed = False
+            self.loop.remove_writer(self._fd)
+        self._io.pending.clear()
+        self._watched.close()
+        if self._owns_socket:
+            self._sock.close()
 
 
 class UdtDatagramPort:
@@ -511,10 +520,12 @@ async def create_udt_endpoint(
     sock: socket.socket | None = None,
     config: UdtConfig | None = None,
     foreign_datagram: Callable[[bytes, Endpoint], None] | None = None,
+    gso: bool = False,
     clock: Callable[[], float] | None = None,
 ) -> UdtEndpoint:
     """An endpoint on a new UDP socket bound to ``local`` (port 0: any free port), or on
-    ``sock`` (handed in, left open at the end). ``async with`` it, or ``close()`` it."""
+    ``sock`` (handed in, left open at the end). ``async with`` it, or ``close()`` it.
+    ``gso``: see ``UdtEndpoint``."""
     if (local is None) == (sock is None):
         raise ValueError("give exactly one of local and sock")
     loop = asyncio.get_running_loop()
@@ -522,18 +533,22 @@ async def create_udt_endpoint(
     if sock is None:
         assert local is not None
         sock = open_udp_socket(local)
+    endpoint: UdtEndpoint | None = None
     try:
         endpoint = UdtEndpoint(
             sock,
             loop=loop,
             config=config,
             foreign_datagram=foreign_datagram,
+            gso=gso,
             clock=clock,
             owns_socket=owns,
         )
         await endpoint._start()
     except BaseException:
-        if owns:
+        if endpoint is not None:
+            endpoint._release()
+        elif owns:
             sock.close()
         raise
     return endpoint
