@@ -108,6 +108,18 @@ class BatchedUdpSocket:
                 foreign(data, source)
         return count
 
+    def release(self, *, closing: bool) -> None:
+        """The endpoint is done with the socket. One it does not close (handed in by
+        the caller, who may read it with a plain ``recvfrom`` next) gets GRO turned
+        off again: a run a GSO peer sends would otherwise arrive as one buffer."""
+        if closing or not self._gro:
+            return
+        self._gro = False
+        try:
+            self.sock.setsockopt(_SOL_UDP, _UDP_GRO, 0)
+        except OSError as exc:  # a socket already closed by its owner
+            log.debug("udp: could not turn GRO off again: %s", exc)
+
     def _receive_runs(
         self, feed: Feed, limit: int, foreign: Callable[[bytes, Endpoint], None]
     ) -> int:

@@ -8,6 +8,7 @@ reads one datagram at a time.
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import struct
@@ -131,3 +132,57 @@ def test_gso_runs_over_loopback_arrive_as_the_same_datagrams_in_order() -> None:
         assert fed.taken == [data for data, _ in datagrams]
         # Loopback hands a GSO batch to a GRO socket whole: fewer reads than datagrams.
         assert incoming.gro_batches >= 1
+
+
+@pytest.mark.parametrize(("closing", "after"), [(False, 0), (True, 1)])
+def test_a_socket_left_to_its_owner_gets_gro_turned_off_again(closing: bool, after: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        io = batched(sock)
+        if not io._gro:
+            pytest.skip("this kernel refuses UDP_GRO (Linux >= 5.0 has it)")
+        assert sock.getsockopt(SOL_UDP, UDP_GRO) == 1
+        io.release(closing=closing)
+        # A socket the endpoint closes is left as it is: nobody reads it again.
+        assert sock.getsockopt(SOL_UDP, UDP_GRO) == after
+
+
+def test_a_handed_in_socket_is_given_back_without_gro_by_every_adapter() -> None:
+    import anyio  # noqa: PLC0415 - each adapter's own runtime, only here
+
+    from wavesync_adapters.anyio.udt import UdtEndpoint as AnyioEndpoint  # noqa: PLC0415
+    from wavesync_adapters.asyncio.udt_endpoint import (  # noqa: PLC0415
+        create_udt_endpoint,
+    )
+    from wavesync_adapters.blocking.udt import UdtEndpoint as BlockingEndpoint  # noqa: PLC0415
+
+    def fresh() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        return sock
+
+    async def anyio_side(sock: socket.socket) -> None:
+        async with AnyioEndpoint(sock):
+            assert sock.getsockopt(SOL_UDP, UDP_GRO) == 1
+
+    async def asyncio_side(sock: socket.socket) -> None:
+        endpoint = await create_udt_endpoint(sock=sock)
+        assert sock.getsockopt(SOL_UDP, UDP_GRO) == 1
+        endpoint.close()
+
+    def on_anyio(sock: socket.socket) -> None:
+        anyio.run(anyio_side, sock)
+
+    def on_asyncio(sock: socket.socket) -> None:
+        asyncio.run(asyncio_side(sock))
+
+    def on_threads(sock: socket.socket) -> None:
+        BlockingEndpoint(sock).close()
+
+    for run in (on_anyio, on_asyncio, on_threads):
+        with fresh() as sock:
+            if not batched(sock)._gro:
+                pytest.skip("this kernel refuses UDP_GRO (Linux >= 5.0 has it)")
+            sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            run(sock)
+            assert sock.fileno() >= 0, "a handed-in socket stays open"
+            assert sock.getsockopt(SOL_UDP, UDP_GRO) == 0

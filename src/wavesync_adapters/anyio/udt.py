@@ -175,6 +175,7 @@ class UdtEndpoint:
             return None
         finally:
             self._stop("endpoint closed")
+            self._io.release(closing=self._owns_socket)
             if self._owns_socket:
                 self._sock.close()
 

@@ -491,6 +491,7 @@ class UdtEndpoint:
             self._writer_armed = False
             self.loop.remove_writer(self._fd)
         self._io.pending.clear()
+        self._io.release(closing=self._owns_socket)
         self._watched.close()
         if self._owns_socket:
             self._sock.close()

@@ -578,6 +578,7 @@ class UdtIoLoop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        self.io.release(closing=self._owns_socket)
         if self._owns_socket:
             # Here, not in the caller's close(): that may run on this very thread (from
             # a foreign-datagram callback), and the loop must not lose its socket mid-turn.
