@@ -298,20 +298,20 @@ def libudt_netcat(binary: Path, mode: str) -> Netcat:
 
 def wavesync_commands(mode: str, runtime: str = "anyio") -> Netcat:
     """wavesync's row: "regular" or "rendezvous" (no sleep: ours must not need one), on
-    the CLI's default runtime (anyio on asyncio), "anyio, GSO" (every endpoint bound
-    ``gso=True``, through ``--child wavesync-gso``) or "asyncio on uvloop" (the asyncio
-    adapter on uvloop's loop, through ``--child wavesync-uvloop``)."""
+    the CLI's default runtime (anyio on asyncio), "anyio, GSO" (the sender with
+    ``--gso``) or "asyncio on uvloop" (the asyncio adapter on uvloop's loop, through
+    ``--child wavesync-uvloop``)."""
     wavesync = [sys.executable, "-m", "wavesync_adapters.cli", "udt"]
     if runtime == "asyncio on uvloop":
         wavesync = python_child("wavesync-uvloop", "--", "udt")
-    elif runtime == "anyio, GSO":
-        wavesync = python_child("wavesync-gso", "--", "udt")
+
     adapter = ["--adapter", "asyncio"] if runtime == "asyncio on uvloop" else []
+    gso = ["--gso"] if runtime == "anyio, GSO" else []
     if mode == "regular":
         port = free_port(socket.SOCK_DGRAM)
         return Netcat(
             [*wavesync, "recv", *adapter, "--listen", f"{LOOPBACK}:{port}"],
-            [*wavesync, "send", *adapter, "--connect", f"{LOOPBACK}:{port}"],
+            [*wavesync, "send", *adapter, *gso, "--connect", f"{LOOPBACK}:{port}"],
             ready="listening on udp",
             ports=(port,),
         )

@@ -15,7 +15,6 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
 
 LOOPBACK = "127.0.0.1"
 #: Bytes per read or write of a child's stdin, stdout or stream.
@@ -113,24 +112,6 @@ def uvloop_wavesync(argv: list[str]) -> int:
     return wavesync_main(argv)
 
 
-def gso_wavesync(argv: list[str]) -> int:
-    """``wavesync`` (anyio) with every UDT endpoint bound ``gso=True``: runs of equal
-    datagrams go out as one ``sendmsg`` with ``UDP_SEGMENT``. The library's default
-    is off (docs/udt.md); GRO on the receiving socket is on by default."""
-    from wavesync_adapters.anyio import udt_cat  # noqa: PLC0415
-    from wavesync_adapters.anyio.udt import UdtEndpoint  # noqa: PLC0415
-    from wavesync_adapters.cli import main as wavesync_main  # noqa: PLC0415
-
-    class GsoEndpoint(UdtEndpoint):
-        @classmethod
-        def bind(cls, local: tuple[str, int], **options: Any) -> UdtEndpoint:
-            return super().bind(local, gso=True, **options)
-
-    # udt_cat binds its endpoint through this name: the netcat itself is unchanged.
-    vars(udt_cat)["UdtEndpoint"] = GsoEndpoint
-    return wavesync_main(argv)
-
-
 def uvloop_missing() -> str | None:
     """Why the uvloop rows cannot run, or None."""
     try:
@@ -143,8 +124,6 @@ def uvloop_missing() -> str | None:
 def child(args: list[str]) -> int:
     if args[:1] == ["wavesync-uvloop"]:
         return uvloop_wavesync(args[args.index("--") + 1 :])
-    if args[:1] == ["wavesync-gso"]:
-        return gso_wavesync(args[args.index("--") + 1 :])
     parser = argparse.ArgumentParser(prog="udt.py --child")
     parser.add_argument("role", choices=["tcp-recv", "tcp-send", "quic-recv", "quic-send"])
     parser.add_argument("port", type=int)

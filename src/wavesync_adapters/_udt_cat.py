@@ -46,6 +46,8 @@ class UdtCatMode:
     connect: Endpoint | None = None
     local: Endpoint | None = None
     peer: Endpoint | None = None
+    #: Send runs of equal datagrams as one ``sendmsg`` with ``UDP_SEGMENT`` (Linux GSO).
+    gso: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

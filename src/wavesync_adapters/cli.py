@@ -291,6 +291,15 @@ def _add_udt_commands(
         ),
     )
     send.add_argument(
+        "--gso",
+        action="store_true",
+        help=(
+            "send runs of equal datagrams as one system call (Linux UDP GSO, >= 4.18);"
+            " about 2 x the goodput to a receiver with GRO (every wavesync one), off by"
+            " default (docs/udt.md)"
+        ),
+    )
+    send.add_argument(
         "--congestion",
         choices=sorted(_CONGESTION),
         default=None,
@@ -403,18 +412,19 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 def _run_udt(args: argparse.Namespace) -> int:
     command = f"udt {args.udt_command}"
+    gso = getattr(args, "gso", False)
     if args.rendezvous:
         if args.local is None or args.peer is None:
             print(f"wavesync {command}: --rendezvous needs --local and --peer", file=sys.stderr)
             return 2
-        mode = UdtCatMode(local=args.local, peer=args.peer)
+        mode = UdtCatMode(local=args.local, peer=args.peer, gso=gso)
     elif args.local is not None or args.peer is not None:
         print(f"wavesync {command}: --local and --peer go with --rendezvous", file=sys.stderr)
         return 2
     elif args.udt_command == "recv":
         mode = UdtCatMode(listen=args.listen)
     else:
-        mode = UdtCatMode(connect=args.connect)
+        mode = UdtCatMode(connect=args.connect, gso=gso)
 
     def announce(line: str) -> None:
         # stdout carries the stream: the address (port 0 picks one) goes to stderr.

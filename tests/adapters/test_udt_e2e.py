@@ -109,6 +109,24 @@ def test_the_sender_takes_either_congestion_control(congestion: str) -> None:
     assert results["recv"][0] == payload
 
 
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_each_runtime_sends_with_gso_and_the_stream_arrives_whole(adapter: str) -> None:
+    payload = os.urandom(4 * 1024 * 1024)
+    results: dict[str, tuple[bytes, bytes]] = {}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    recv = ("recv", "--adapter", adapter, "--listen", "127.0.0.1:0")
+    with wavesync_udt(*recv, **pipes) as receiver:
+        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
+        send = ("send", "--gso", "--adapter", adapter, "--connect", f"127.0.0.1:{port}")
+        with wavesync_udt(*send, **pipes) as sender:
+            reading = communicate_in_thread(receiver, results, "recv")
+            _, send_err = sender.communicate(payload, timeout=WAIT)
+            reading.join(WAIT)
+            assert sender.returncode == 0, send_err
+        assert receiver.wait(WAIT) == 0, results["recv"][1]
+    assert results["recv"][0] == payload
+
+
 def test_an_unknown_congestion_control_is_refused() -> None:
     result = run_wavesync("udt", "send", "--connect", "127.0.0.1:9", "--congestion", "cubic")
     assert result.returncode == 2

@@ -99,7 +99,7 @@ async def send_stream(
 
 
 def _bound(mode: UdtCatMode, config: UdtConfig | None) -> UdtEndpoint:
-    return UdtEndpoint.bind(bind_address(mode), config=config)
+    return UdtEndpoint.bind(bind_address(mode), config=config, gso=mode.gso)
 
 
 async def _open(

@@ -57,7 +57,9 @@ async def receive_stream(
     output = _Descriptor(output_fd)
     try:
         # Leaving the block closes the endpoint, which aborts a connection still open.
-        async with await create_udt_endpoint(bind_address(mode), config=config) as endpoint:
+        async with await create_udt_endpoint(
+            bind_address(mode), config=config, gso=mode.gso
+        ) as endpoint:
             reader, writer = await _open(endpoint, mode, announce)
             transport = _transport(writer)
             started = time.monotonic()
@@ -92,7 +94,9 @@ async def send_stream(
     try:
         # Leaving the block early (an error, Ctrl-C) closes the endpoint, which aborts
         # the connection: the peer must not take a cut stream for a whole one.
-        async with await create_udt_endpoint(bind_address(mode), config=config) as endpoint:
+        async with await create_udt_endpoint(
+            bind_address(mode), config=config, gso=mode.gso
+        ) as endpoint:
             _, writer = await _open(endpoint, mode, announce)
             transport = _transport(writer)
             started = time.monotonic()

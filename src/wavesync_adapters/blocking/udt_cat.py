@@ -40,7 +40,7 @@ def receive_stream(
 
     Every read ends: the core closes a connection whose peer went silent
     (``UdtConfig.idle_timeout``), and the stream's socket then reads EOF."""
-    with UdtEndpoint.bind(bind_address(mode), config=config) as endpoint:
+    with UdtEndpoint.bind(bind_address(mode), config=config, gso=mode.gso) as endpoint:
         sock = _open(endpoint, mode, announce)
         try:
             info = endpoint.stream_info(sock)
@@ -67,7 +67,7 @@ def send_stream(
 
     The wait ends: the core gives up on unacknowledged bytes after ``UdtConfig.linger``
     (or a silent peer after ``idle_timeout``), and the stream's socket then reads EOF."""
-    with UdtEndpoint.bind(bind_address(mode), config=config) as endpoint:
+    with UdtEndpoint.bind(bind_address(mode), config=config, gso=mode.gso) as endpoint:
         sock = _open(endpoint, mode, announce)
         try:
             info = endpoint.stream_info(sock)
