@@ -92,39 +92,32 @@ def test_twenty_megabytes_through_pipes_listen_and_connect() -> None:
     assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
-@pytest.mark.parametrize("congestion", ["native", "rate"])
-def test_the_sender_takes_either_congestion_control(congestion: str) -> None:
-    payload = os.urandom(4 * 1024 * 1024)
+def carried(payload: bytes, recv: tuple[str, ...], send: tuple[str, ...]) -> bytes:
+    """``payload`` from ``udt send *send --connect`` to ``udt recv *recv --listen``:
+    what the receiver wrote, both having exited 0."""
     results: dict[str, tuple[bytes, bytes]] = {}
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    with wavesync_udt("recv", "--listen", "127.0.0.1:0", **pipes) as receiver:
+    with wavesync_udt("recv", *recv, "--listen", "127.0.0.1:0", **pipes) as receiver:
         port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
-        send = ("send", "--connect", f"127.0.0.1:{port}", "--congestion", congestion)
-        with wavesync_udt(*send, **pipes) as sender:
+        with wavesync_udt("send", *send, "--connect", f"127.0.0.1:{port}", **pipes) as sender:
             reading = communicate_in_thread(receiver, results, "recv")
             _, send_err = sender.communicate(payload, timeout=WAIT)
             reading.join(WAIT)
             assert sender.returncode == 0, send_err
         assert receiver.wait(WAIT) == 0, results["recv"][1]
-    assert results["recv"][0] == payload
+    return results["recv"][0]
+
+
+@pytest.mark.parametrize("congestion", ["native", "rate"])
+def test_the_sender_takes_either_congestion_control(congestion: str) -> None:
+    payload = os.urandom(4 * 1024 * 1024)
+    assert carried(payload, (), ("--congestion", congestion)) == payload
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_each_runtime_sends_with_gso_and_the_stream_arrives_whole(adapter: str) -> None:
     payload = os.urandom(4 * 1024 * 1024)
-    results: dict[str, tuple[bytes, bytes]] = {}
-    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    recv = ("recv", "--adapter", adapter, "--listen", "127.0.0.1:0")
-    with wavesync_udt(*recv, **pipes) as receiver:
-        port = int(stderr_line(receiver, r"listening on udp 127\.0\.0\.1:(\d+)")[1])
-        send = ("send", "--gso", "--adapter", adapter, "--connect", f"127.0.0.1:{port}")
-        with wavesync_udt(*send, **pipes) as sender:
-            reading = communicate_in_thread(receiver, results, "recv")
-            _, send_err = sender.communicate(payload, timeout=WAIT)
-            reading.join(WAIT)
-            assert sender.returncode == 0, send_err
-        assert receiver.wait(WAIT) == 0, results["recv"][1]
-    assert results["recv"][0] == payload
+    assert carried(payload, ("--adapter", adapter), ("--gso", "--adapter", adapter)) == payload
 
 
 def test_an_unknown_congestion_control_is_refused() -> None:
