@@ -75,5 +75,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/mediator.py")
     session.run("python", "bench/relay.py")
     session.run("python", "bench/udt.py")
+    session.run("python", "bench/udt_many.py")
     session.run("python", "bench/tunnel.py")
     session.run("python", "bench/adapters.py")

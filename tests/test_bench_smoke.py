@@ -92,3 +92,11 @@ def test_adapters_bench_runs_and_reports_every_row() -> None:
     assert "ERROR" not in output
     assert "Traceback" not in output
     assert len(rows_starting(output, "targets:")) == 1
+
+
+def test_udt_many_bench_runs_and_reports_every_count() -> None:
+    output = run_bench("udt_many.py", "--quick")
+    rows = [line.split("|") for line in output.splitlines() if line.count("|") == 4]
+    assert [row[0].strip() for row in rows] == ["N idle", "0", "100", "1000"]
+    # Every cell of the table is a figure: no count failed to move its bytes.
+    assert all(float(cell) > 0 for row in rows[1:] for cell in row[1:])
