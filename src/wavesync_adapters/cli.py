@@ -300,6 +300,13 @@ def _add_udt_commands(
         ),
     )
     send.add_argument(
+        "--max-bandwidth",
+        type=_bytes_per_second,
+        metavar="BYTES/S",
+        default=None,
+        help="never send faster than this, UDP and IP headers included (UDT_MAXBW)",
+    )
+    send.add_argument(
         "--congestion",
         choices=sorted(_CONGESTION),
         default=None,
@@ -331,6 +338,16 @@ def _add_udt_commands(
             metavar="HOST:PORT",
             help="with --rendezvous: the peer's UDP address",
         )
+
+
+def _bytes_per_second(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive rate")
+    return value
 
 
 def _local_endpoint(text: str) -> tuple[str, int]:
@@ -432,8 +449,9 @@ def _run_udt(args: argparse.Namespace) -> int:
 
     receiving = args.udt_command == "recv"
     config = None
-    if not receiving and args.congestion:
-        config = UdtConfig(congestion=_CONGESTION[args.congestion])
+    if not receiving and (args.congestion or args.max_bandwidth):
+        congestion = _CONGESTION[args.congestion] if args.congestion else None
+        config = UdtConfig(congestion=congestion, max_bandwidth=args.max_bandwidth)
     fd = sys.stdout.fileno() if receiving else sys.stdin.fileno()
     try:
         _run_udt_on(args.adapter, receiving, mode, fd, announce=announce, config=config)

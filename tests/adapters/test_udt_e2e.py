@@ -120,6 +120,20 @@ def test_each_runtime_sends_with_gso_and_the_stream_arrives_whole(adapter: str) 
     assert carried(payload, ("--adapter", adapter), ("--gso", "--adapter", adapter)) == payload
 
 
+def test_the_sender_takes_a_bandwidth_cap() -> None:
+    # How the cap paces is the core's (test_connection_transfer.py); here: the CLI
+    # hands it over and the stream still arrives whole.
+    payload = os.urandom(1024 * 1024)
+    assert carried(payload, (), ("--max-bandwidth", "50000000")) == payload
+
+
+@pytest.mark.parametrize("rate", ["0", "-5", "fast"])
+def test_a_bandwidth_cap_that_is_not_a_positive_whole_number_is_refused(rate: str) -> None:
+    result = run_wavesync("udt", "send", "--connect", "127.0.0.1:9", f"--max-bandwidth={rate}")
+    assert result.returncode == 2
+    assert "--max-bandwidth" in result.stderr
+
+
 def test_an_unknown_congestion_control_is_refused() -> None:
     result = run_wavesync("udt", "send", "--connect", "127.0.0.1:9", "--congestion", "cubic")
     assert result.returncode == 2

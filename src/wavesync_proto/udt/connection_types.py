@@ -64,6 +64,10 @@ class UdtConfig:
     """Seconds a connect or a rendezvous may take; None: 4.11's, 3 s for a regular
     connect and 30 s for a rendezvous. A server agent punching for a client that raced
     other paths shortens its rendezvous to the client's race deadline."""
+    max_bandwidth: int | None = None
+    """Bytes per second the sender never exceeds, UDP and IP headers included (4.11's
+    ``UDT_MAXBW``, which counts whole MSS-sized packets); None: no cap. It bounds the
+    pacing, whatever the congestion control allows: a user's uplink left room."""
     congestion: Callable[..., CongestionControl] | None = None
     """Called with ``initial_sequence_number``, ``max_flow_window``, ``random``, ``now``
     and ``mss``; None means ``DeliveryRateCongestion``, the loss-tolerant control
@@ -87,6 +91,8 @@ class UdtConfig:
             raise LocalProtocolError(f"idle timeout {self.idle_timeout!r} is not positive")
         if not 0.0 <= self.linger < float("inf"):
             raise LocalProtocolError(f"linger {self.linger!r} is not a duration")
+        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
+            raise LocalProtocolError(f"max bandwidth {self.max_bandwidth!r} is not positive")
         if self.connect_timeout is not None and not 0.0 < self.connect_timeout < float("inf"):
             raise LocalProtocolError(f"connect timeout {self.connect_timeout!r} is not positive")
 

@@ -64,6 +64,7 @@ class UdtSender:
         "_capacity",
         "_expiry",
         "_message",
+        "_min_period",
         "_payload_size",
         "_pending",
         "_unacked",
@@ -78,7 +79,9 @@ class UdtSender:
         "slot",
     )
 
-    def __init__(self, *, isn: int, payload_size: int, capacity_bytes: int) -> None:
+    def __init__(
+        self, *, isn: int, payload_size: int, capacity_bytes: int, min_period: float = 0.0
+    ) -> None:
         self.next_seq = isn
         self.last_ack = isn
         #: The last full ACK that acknowledged new data (4.11 ``m_iSndLastDataAck``):
@@ -93,6 +96,9 @@ class UdtSender:
         self.drop_requests_sent = 0
         self._payload_size = payload_size
         self._capacity = capacity_bytes
+        #: The shortest time between packets whatever the congestion control says: a
+        #: bandwidth cap (``UdtConfig.max_bandwidth``, 4.11 ``UDT_MAXBW``); 0: none.
+        self._min_period = min_period
         # Sent, unacknowledged: unwrapped sequence number -> (second header word, payload).
         self._unacked: dict[int, tuple[int, bytes]] = {}
         # Cut into packets, not sent yet: (second header word, payload).
@@ -282,7 +288,8 @@ class UdtSender:
         multiple of 16: the next one follows at once, a probing pair from which the
         receiver measures the link capacity (4.11 ``packData``).
         """
-        period = congestion.packet_send_period
+        floor_period = self._min_period
+        period = max(congestion.packet_send_period, floor_period)
         slot = self.slot
         floor = now - (MAX_BURST_TIME if 2 * period < MAX_BURST_TIME else 2 * period)
         slot = max(slot, floor)
@@ -323,7 +330,8 @@ class UdtSender:
             sent += 1
             sent_bytes += len(payload)
             if not probe:
-                slot += congestion.packet_send_period
+                period = congestion.packet_send_period
+                slot += period if period > floor_period else floor_period
         self.slot = slot
         self.packets_sent += sent
         self.packets_retransmitted += retransmitted

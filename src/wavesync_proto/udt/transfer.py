@@ -111,6 +111,7 @@ class UdtTransfer:
             isn=established.local_isn,
             payload_size=size,
             capacity_bytes=config.send_buffer_bytes,
+            min_period=_cap_period(config.max_bandwidth, established.mss),
         )
         self.sender.slot = now
         self.receiver = UdtReceiver(
@@ -448,3 +449,12 @@ class UdtTransfer:
         counters.acks_sent = receiver.acks_sent
         counters.light_acks_sent = receiver.light_acks_sent
         counters.packets_discarded = receiver.discarded
+
+
+def _cap_period(max_bandwidth: int | None, mss: int) -> float:
+    """Seconds per packet at ``max_bandwidth`` (0.0: no cap). As 4.11 (``CCUpdate``) a
+    packet counts as a whole MSS; stretched by 16/15 because every 16th packet's
+    successor goes at once (the probing pair), so 16 packets take 15 periods."""
+    if max_bandwidth is None:
+        return 0.0
+    return mss / max_bandwidth * 16.0 / 15.0
