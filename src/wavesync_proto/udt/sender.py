@@ -332,7 +332,11 @@ class UdtSender:
             if not probe:
                 period = congestion.packet_send_period
                 slot += period if period > floor_period else floor_period
-        self.slot = slot
+        if sent:
+            # Only a send moves the clock: a call that sent nothing (window full, nothing
+            # to send) must not clamp it to that moment's floor, or how much a sender
+            # may catch up would depend on how often it was asked, not on the time.
+            self.slot = slot
         self.packets_sent += sent
         self.packets_retransmitted += retransmitted
         self.bytes_sent += sent_bytes
