@@ -167,6 +167,8 @@ class Transfer:
             b_endpoint = self.listener
         a_endpoint: object = wrap_a(self.a_connection) if wrap_a else self.a_connection
         self.endpoints = {CLIENT: a_endpoint, SERVER: b_endpoint}
+        #: When B had every byte A sent: the transfer's end, before the close.
+        self.b_done_at: float | None = None
 
     @property
     def b_connection(self) -> UdtConnection | None:
@@ -194,6 +196,8 @@ class Transfer:
             if connection is None:
                 continue
             self._pump(side, other, connection, now)
+        if self.b_done_at is None and self.b.received_bytes >= len(self.a.to_send):
+            self.b_done_at = now
         # A caller that never got through leaves no connection behind the listener.
         b_done = self.b.closed is not None or b_connection is None
         return self.a.closed is not None and b_done
