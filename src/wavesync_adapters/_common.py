@@ -13,13 +13,15 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from wavesync_proto.addresses import Endpoint
 from wavesync_proto.race import PathKind
 from wavesync_proto.tunnel import ProxyConfig, TunnelKind, TunnelMethod
 from wavesync_proto.tunnel.proxy_env import proxy_from_environment
+from wavesync_proto.udt.connection import UdtConnection
+from wavesync_proto.udt.multiplexer import UdtMultiplexer
 
 from .errors import UdtConnectError
 
@@ -33,6 +35,7 @@ __all__ = [
     "environment_proxy",
     "parse_target",
     "parse_tunnel_choice",
+    "ready_wrappers",
 ]
 
 AUTO: Literal["auto"] = "auto"
@@ -128,3 +131,25 @@ def environment_proxy(
     return proxy_from_environment(
         host, port, tls=tls, environ=os.environ if environ is None else environ
     )
+
+
+class _Wrapper(Protocol):
+    """What an adapter keeps per UDT connection: a stream, a transport, a bridge."""
+
+    @property
+    def connection(self) -> UdtConnection: ...
+
+
+_W = TypeVar("_W", bound=_Wrapper)
+
+
+def ready_wrappers(multiplexer: UdtMultiplexer, wrappers: Mapping[int, _W]) -> list[_W]:
+    """The wrappers (by socket id) of the connections ``multiplexer`` names ready since
+    the last call: what a driver turn pumps, O(active) rather than O(all). A socket id
+    now naming another connection (the old one forgotten) is not the wrapper's."""
+    ready = []
+    for connection in multiplexer.ready_connections():
+        wrapper = wrappers.get(connection.socket_id)
+        if wrapper is not None and wrapper.connection is connection:
+            ready.append(wrapper)
+    return ready

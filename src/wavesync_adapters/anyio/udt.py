@@ -32,6 +32,7 @@ from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import ConnectionState, UdtConfig
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
+from .._common import ready_wrappers
 from .._udp_batches import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from ._net import resolve
 from .udt_stream import UdtConnectError, UdtStream
@@ -310,11 +311,8 @@ class UdtEndpoint:
                 self._take_accepted(event.connection)
         # Only the streams whose connection did something (O(active), not O(all)): what
         # a stream's own calls change (a read that frees buffer, a close) it pumps itself.
-        streams = self._streams
-        for connection in multiplexer.ready_connections():
-            stream = streams.get(connection.socket_id)
-            if stream is not None and stream.connection is connection:
-                stream._pump()
+        for stream in ready_wrappers(multiplexer, self._streams):
+            stream._pump()
 
     def _take_accepted(self, connection: UdtConnection) -> None:
         stream = self._adopt(connection)

@@ -38,6 +38,7 @@ from wavesync_proto.udt.connection import UdtConnection
 from wavesync_proto.udt.connection_types import CloseReason, UdtConfig
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
+from .._common import ready_wrappers
 from .._udp_batches import BatchedUdpSocket, open_udp_socket, tune_udp_socket
 from .udt_transport import UdtConnectError, UdtTransport
 
@@ -408,11 +409,8 @@ class UdtEndpoint:
         # Only the transports whose connection did something (O(active), not O(all)).
         wanted = self._wanted
         self._wanted = {}
-        transports = self._transports
-        for connection in multiplexer.ready_connections():
-            transport = transports.get(connection.socket_id)
-            if transport is not None and transport.connection is connection:
-                wanted[connection.socket_id] = transport
+        for transport in ready_wrappers(multiplexer, self._transports):
+            wanted[transport.connection.socket_id] = transport
         for transport in wanted.values():
             transport._pump()
         self._scheduled = False

@@ -1,6 +1,6 @@
 """``UdtTransport``: one UDT connection of a ``UdtEndpoint`` as an ``asyncio.Transport``.
 
-The endpoint's datagram protocol hands each connection's events to its transport
+The endpoint hands each connection's events to its transport
 (``_pump``), which calls its ``asyncio.Protocol``: ``connection_made`` once the
 handshake is done, ``data_received`` for the bytes in order, ``connection_lost``
 at the end (``None`` for a clean close, ``UdtConnectionResetError`` for a reset). It

@@ -43,6 +43,7 @@ from wavesync_proto.udt.connection_types import (
 )
 from wavesync_proto.udt.multiplexer import ConnectionAccepted, UdtMultiplexer
 
+from .._common import ready_wrappers
 from .._udp_batches import BatchedUdpSocket
 from ..errors import UdtConnectError
 
@@ -441,10 +442,8 @@ class UdtIoLoop:
                     self._accepted(event.connection)
             active = self._active
             self._active = {}
-            for connection in multiplexer.ready_connections():
-                bridge = bridges.get(connection.socket_id)
-                if bridge is not None and bridge.connection is connection:
-                    active[connection.socket_id] = bridge
+            for bridge in ready_wrappers(multiplexer, bridges):
+                active[bridge.connection.socket_id] = bridge
             for socket_id, bridge in active.items():
                 bridge.pump()
                 self._watch(bridge)
