@@ -20,23 +20,13 @@ from typing import Any, cast
 
 import pytest
 
+from tests.adapters.test_udt_blocking import receive_exactly
 from wavesync_adapters.blocking.udt import UdtEndpoint
 from wavesync_proto.addresses import Endpoint
 
 WAIT = 30.0  # seconds any one step may take before the test fails
 LOOPBACK: Endpoint = ("127.0.0.1", 0)
 SOL_UDP, UDP_GRO = 17, 104
-
-
-def receive_exactly(sock: socket.socket, size: int) -> bytes:
-    sock.settimeout(WAIT)
-    received = bytearray()
-    while len(received) < size:
-        chunk = sock.recv(min(size - len(received), 1 << 20))
-        if not chunk:
-            raise EOFError(f"EOF after {len(received)} of {size} bytes")
-        received += chunk
-    return bytes(received)
 
 
 def send_in_background(sock: socket.socket, payload: bytes) -> Callable[[], None]:

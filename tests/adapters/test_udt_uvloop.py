@@ -1,6 +1,6 @@
 """The asyncio adapter's UDT on uvloop: its clock, and a transfer byte-exact.
 
-uvloop's ``loop.time()`` is libuv's millisecond, read once per loop turn. The core is
+uvloop's ``loop.time()`` counts libuv's whole milliseconds. The core is
 given ``now`` for a 0.2 ms loopback RTT and for pacing periods of microseconds, so
 the endpoint's default clock is ``time.monotonic`` on every loop (skipped, saying
 so, where uvloop is not installed).
@@ -9,23 +9,17 @@ so, where uvloop is not installed).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 
-from wavesync_adapters.asyncio.udt import (
-    create_udt_endpoint,
-    open_udt_connection,
-    start_udt_server,
-)
+from tests.adapters.test_udt_asyncio_batches import transfer
+from wavesync_adapters.asyncio.udt import create_udt_endpoint
 from wavesync_proto.addresses import Endpoint
 
 uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed here")
-WAIT = 30.0
 LOOPBACK: Endpoint = ("127.0.0.1", 0)
 
 
@@ -54,28 +48,11 @@ def test_the_endpoints_clock_resolves_less_than_uvloops_millisecond() -> None:
 
 
 def test_four_megabytes_byte_exact_on_uvloop() -> None:
-    payload = os.urandom(4 * 1024 * 1024)
-    digests: list[str] = []
-
     async def main() -> None:
-        got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            data = await reader.readexactly(len(payload))
-            got.set_result(hashlib.sha256(data).hexdigest())
-            writer.close()
-
-        async with asyncio.timeout(WAIT):
-            server = await start_udt_server(handle, LOOPBACK)
-            try:
-                _reader, writer = await open_udt_connection(server.local_address)
-                writer.write(payload)
-                await writer.drain()
-                digests.append(await got)
-                writer.close()
-                await writer.wait_closed()
-            finally:
-                server.close()
+        async with (
+            await create_udt_endpoint(LOOPBACK) as server,
+            await create_udt_endpoint(LOOPBACK) as client,
+        ):
+            await transfer(server, client, 4 * 1024 * 1024)  # asserts the bytes' hash
 
     on_uvloop(main())
-    assert digests == [hashlib.sha256(payload).hexdigest()]

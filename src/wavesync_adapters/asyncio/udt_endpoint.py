@@ -82,9 +82,8 @@ class UdtEndpoint:
     default there too. Linux GRO is asked for on every socket (the kernel hands a run
     over in one read; ``BatchedUdpSocket`` cuts it back into datagrams).
     ``clock`` is what the core is given as ``now`` (``time.monotonic`` by default: the
-    stdlib loop's own clock, and on uvloop, whose ``loop.time()`` is libuv's
-    millisecond, read once per loop turn, the resolution a 0.2 ms RTT and a pacing
-    period of microseconds need).
+    stdlib loop's own clock; uvloop's ``loop.time()`` counts libuv's whole
+    milliseconds, too coarse for a 0.2 ms RTT and pacing periods of microseconds).
     """
 
     def __init__(
