@@ -288,8 +288,8 @@ class UdtSender:
         multiple of 16: the next one follows at once, a probing pair from which the
         receiver measures the link capacity (4.11 ``packData``).
         """
-        floor_period = self._min_period
-        period = max(congestion.packet_send_period, floor_period)
+        min_period = self._min_period
+        period = max(congestion.packet_send_period, min_period)
         slot = self.slot
         floor = now - (MAX_BURST_TIME if 2 * period < MAX_BURST_TIME else 2 * period)
         slot = max(slot, floor)
@@ -331,7 +331,7 @@ class UdtSender:
             sent_bytes += len(payload)
             if not probe:
                 period = congestion.packet_send_period
-                slot += period if period > floor_period else floor_period
+                slot += period if period > min_period else min_period
         if sent:
             # Only a send moves the clock: a call that sent nothing (window full, nothing
             # to send) must not clamp it to that moment's floor, or how much a sender
